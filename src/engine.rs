@@ -1,0 +1,137 @@
+//! The gradient engine: model + probe → per-sample gradients, logits and the column layout.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use ndarray::{ArrayD, Axis, IxDyn};
+
+use crate::grad::analysis::Analysis;
+use crate::grad::builder::{GradGraph, GradGraphBuilder};
+use crate::grad::GradOptions;
+use crate::onnx::{HostTensor, Model};
+use crate::probe::Probe;
+use crate::runtime;
+
+/// One block of gradient columns: a parameter, flattened row-major in its ONNX shape.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LayoutEntry {
+    pub name: String,
+    pub op_type: String,
+    pub node: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    pub numel: usize,
+}
+
+/// Per-sample gradients of the probe: `grads` is `[N, P]` with columns described by `layout`.
+pub struct PerSampleGrads {
+    pub layout: Vec<LayoutEntry>,
+    /// float32, or float64 under `--precision f64`.
+    pub grads: HostTensor,
+    pub logits: HostTensor,
+    pub labels: ndarray::Array1<i64>,
+    pub notes: Vec<String>,
+    pub runtime: &'static str,
+    pub build_seconds: f64,
+    pub run_seconds: f64,
+}
+
+/// Whether the shipped CIFAR-10 probe fits the model's declared input.
+pub fn model_takes_cifar10(model: &Model) -> bool {
+    match model.inputs.as_slice() {
+        [one] => match &one.dims {
+            Some(d) => {
+                d.len() == 4
+                    && d[1..]
+                        .iter()
+                        .zip([3, 32, 32])
+                        .all(|(a, b)| a.is_none_or(|v| v == b))
+            }
+            None => true,
+        },
+        _ => false,
+    }
+}
+
+pub fn build_graph(
+    model: &Model,
+    sample_shape: &[usize],
+    n: usize,
+    opts: GradOptions,
+) -> Result<(Analysis, GradGraph)> {
+    let mut shape = vec![n];
+    shape.extend(sample_shape);
+    let an = Analysis::new(model, &shape, opts)?;
+    let gg = GradGraphBuilder::new(&an).build()?;
+    Ok((an, gg))
+}
+
+pub fn per_sample_grads(
+    model: &Model,
+    probe: &Probe,
+    opts: GradOptions,
+    shipped_probe: bool,
+) -> Result<PerSampleGrads> {
+    let t0 = Instant::now();
+    let (an, gg) = build_graph(model, probe.sample_shape(), probe.len(), opts)?;
+    if shipped_probe && an.num_classes != 10 {
+        bail!(
+            "the model has {} outputs, so the shipped 10-class CIFAR-10 probe does not fit: pass --data X.npy --labels Y.npy",
+            an.num_classes
+        );
+    }
+    probe.check_labels(an.num_classes)?;
+    let runner = runtime::load(&gg.model)?;
+    let build_seconds = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let images = probe.images_tensor().cast(an.float);
+    let outs = runner.run(&images, &probe.labels)?;
+    let run_seconds = t1.elapsed().as_secs_f64();
+
+    let n = probe.len();
+    let mut layout = vec![];
+    let mut offset = 0;
+    let mut blocks: Vec<ArrayD<f64>> = vec![];
+    let mut out_i = 1; // output 0 is the logits
+    for g in &gg.grads {
+        let p = &an.params[g.param];
+        let numel = p.numel();
+        layout.push(LayoutEntry {
+            name: p.name.clone(),
+            op_type: p.op_type.clone(),
+            node: p.node.clone(),
+            shape: p.shape.clone(),
+            offset,
+            numel,
+        });
+        offset += numel;
+        match &g.output {
+            Some(_) => {
+                blocks.push(
+                    outs[out_i]
+                        .to_f64()
+                        .into_shape_with_order(IxDyn(&[n, numel]))?,
+                );
+                out_i += 1;
+            }
+            None => blocks.push(ArrayD::zeros(IxDyn(&[n, numel]))),
+        }
+    }
+    let views: Vec<_> = blocks.iter().map(|b| b.view()).collect();
+    let all = if views.is_empty() {
+        ArrayD::zeros(IxDyn(&[n, 0]))
+    } else {
+        ndarray::concatenate(Axis(1), &views)?
+    };
+    let grads = HostTensor::F64(all).cast(an.float);
+    Ok(PerSampleGrads {
+        layout,
+        grads,
+        logits: outs[0].clone(),
+        labels: probe.labels.clone(),
+        notes: an.notes.clone(),
+        runtime: runner.name(),
+        build_seconds,
+        run_seconds,
+    })
+}

@@ -1,0 +1,458 @@
+//! Lowering and static analysis of the forward model for a fixed probe shape: every tensor gets
+//! a shape, a dtype and a [`Kind`]; shape chains are folded to constants; composite ops
+//! (BatchNormalization, LayerNormalization, Gelu, Split, ...) are rewritten into primitives so
+//! that the backward pass only needs rules for primitives.
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::{GradOptions, Info, Kind, ParamSelect};
+use crate::onnx::{DType, HostTensor, Model, Node};
+use crate::ops;
+
+/// A trainable parameter (a float initializer that can receive a gradient).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Param {
+    pub name: String,
+    /// Op type of the first node that consumes it.
+    pub op_type: String,
+    /// Name of that node.
+    pub node: String,
+    pub shape: Vec<usize>,
+    /// Feeds the weight input of Conv/ConvTranspose/Gemm/MatMul.
+    #[serde(skip)]
+    pub is_weight: bool,
+}
+
+impl Param {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+pub struct Analysis {
+    pub n: usize,
+    pub float: DType,
+    pub opts: GradOptions,
+    /// Primitive nodes in topological order (folded constants removed).
+    pub nodes: Vec<Node>,
+    pub infos: HashMap<String, Info>,
+    /// Every trainable parameter, in `graph.initializer` order.
+    pub params: Vec<Param>,
+    /// Values of the parameters, in the graph's float type.
+    pub param_values: HashMap<String, HostTensor>,
+    /// Parameters whose gradients are requested (by `--params`), in initializer order.
+    pub selected: Vec<usize>,
+    pub input: String,
+    pub logits: String,
+    pub num_classes: usize,
+    /// Things the user should know (stripped softmax, ignored outputs, ...).
+    pub notes: Vec<String>,
+}
+
+/// State while lowering: receives primitive nodes one at a time.
+pub struct Lowering<'a> {
+    pub infos: &'a mut HashMap<String, Info>,
+    pub out: Vec<Node>,
+    pub opts: GradOptions,
+    pub float: DType,
+    pub n: usize,
+    /// Batch size fixed in the exported model's input, if any (for `Reshape` constants that
+    /// baked it in).
+    pub export_batch: Option<usize>,
+    pub opset: i64,
+    counter: usize,
+}
+
+impl<'a> Lowering<'a> {
+    pub fn info(&self, name: &str) -> Result<&Info> {
+        self.infos
+            .get(name)
+            .ok_or_else(|| anyhow!("tensor '{name}' has no known shape"))
+    }
+    pub fn input_info(&self, node: &Node, i: usize) -> Result<&Info> {
+        let name = node
+            .input(i)
+            .ok_or_else(|| anyhow!("{}: input {i} is required but missing", node.describe()))?;
+        self.info(name)
+    }
+    /// The constant value of input `i`, or an error saying it must be constant.
+    pub fn const_input(&self, node: &Node, i: usize) -> Result<Option<HostTensor>> {
+        let Some(name) = node.input(i) else {
+            return Ok(None);
+        };
+        let info = self.info(name)?;
+        match &info.value {
+            Some(v) => Ok(Some(v.clone())),
+            None => bail!(
+                "{}: input {i} ('{name}') must be a constant (an initializer or a foldable shape \
+                 computation) for gradalign to know the shapes",
+                node.describe()
+            ),
+        }
+    }
+    pub fn fresh(&mut self, hint: &str) -> String {
+        self.counter += 1;
+        format!("ga.low.{hint}.{}", self.counter)
+    }
+    /// Register a constant tensor under a fresh name.
+    pub fn konst(&mut self, t: HostTensor) -> String {
+        let name = self.fresh("const");
+        self.infos.insert(
+            name.clone(),
+            Info {
+                shape: t.shape(),
+                dtype: t.dtype(),
+                kind: Kind::Const,
+                value: Some(t),
+            },
+        );
+        name
+    }
+    pub fn scalar(&mut self, v: f64) -> String {
+        let t =
+            HostTensor::F64(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), v)).cast(self.float);
+        self.konst(t)
+    }
+    pub fn set_const(&mut self, name: &str, t: HostTensor) {
+        self.infos.insert(
+            name.to_string(),
+            Info {
+                shape: t.shape(),
+                dtype: t.dtype(),
+                kind: Kind::Const,
+                value: Some(t),
+            },
+        );
+    }
+
+    /// Infer a primitive node's outputs, fold it if all its inputs are known constants, and
+    /// otherwise keep it.
+    pub fn add(&mut self, node: Node) -> Result<()> {
+        let ins: Vec<Option<&Info>> = node
+            .inputs
+            .iter()
+            .map(|s| {
+                if s.is_empty() {
+                    Ok(None)
+                } else {
+                    self.info(s).map(Some)
+                }
+            })
+            .collect::<Result<_>>()?;
+        let kind = if ins.iter().flatten().any(|i| i.kind == Kind::Batched) {
+            Kind::Batched
+        } else if ins.iter().flatten().any(|i| i.kind == Kind::Param) {
+            Kind::Param
+        } else {
+            Kind::Const
+        };
+        // Shape is known statically whatever its input depends on.
+        if node.op == "Shape" {
+            let shape = &ins[0]
+                .ok_or_else(|| anyhow!("{}: missing input", node.describe()))?
+                .shape;
+            let start = node.attr_i("start").unwrap_or(0);
+            let end = node.attr_i("end").unwrap_or(shape.len() as i64);
+            let r = shape.len() as i64;
+            let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+            let dims: Vec<i64> = shape[clamp(start)..clamp(end).max(clamp(start))]
+                .iter()
+                .map(|&d| d as i64)
+                .collect();
+            self.set_const(&node.outputs[0], HostTensor::i64_vec(&dims));
+            return Ok(());
+        }
+        let all_known = ins.iter().flatten().all(|i| i.value.is_some());
+        if kind == Kind::Const && all_known {
+            let vals: Vec<Option<&HostTensor>> = ins
+                .iter()
+                .map(|i| i.and_then(|i| i.value.as_ref()))
+                .collect();
+            if let Some(res) = ops::eval(&node, &vals) {
+                let outs = res.with_context(|| format!("while folding {}", node.describe()))?;
+                for (name, t) in node.outputs.iter().zip(outs) {
+                    if !name.is_empty() {
+                        self.set_const(name, t);
+                    }
+                }
+                return Ok(());
+            }
+        }
+        let shapes = ops::infer(&node, &ins, self.n)?;
+        for (name, (shape, dtype)) in node.outputs.iter().zip(shapes) {
+            if !name.is_empty() {
+                self.infos.insert(
+                    name.clone(),
+                    Info {
+                        shape,
+                        dtype,
+                        kind,
+                        value: None,
+                    },
+                );
+            }
+        }
+        self.out.push(node);
+        Ok(())
+    }
+}
+
+/// Ops whose initializer input at the given slot is a "weight" (`--params weights`).
+fn weight_slot(op: &str, slot: usize) -> bool {
+    matches!(
+        (op, slot),
+        ("Conv", 1)
+            | ("ConvTranspose", 1)
+            | ("Gemm", 0)
+            | ("Gemm", 1)
+            | ("MatMul", 0)
+            | ("MatMul", 1)
+    )
+}
+
+/// Initializer slots that hold statistics or hyper-parameters rather than trainable values.
+fn non_trainable_slot(op: &str, slot: usize) -> bool {
+    match op {
+        "BatchNormalization" => slot >= 3,
+        "Reshape" | "Expand" | "Tile" | "ConstantOfShape" | "Range" => slot >= 1,
+        "Slice" | "Pad" | "Squeeze" | "Unsqueeze" | "Split" | "Resize" | "TopK" => slot >= 1,
+        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" => slot >= 1,
+        "Clip" => slot >= 1,
+        "Gather" => slot >= 1,
+        "Shape" | "Size" => true,
+        _ => false,
+    }
+}
+
+fn trainable_params(model: &Model) -> Vec<Param> {
+    let mut first_use: HashMap<&str, (usize, usize)> = HashMap::new();
+    let mut weight: HashSet<&str> = HashSet::new();
+    let mut trainable_use: HashSet<&str> = HashSet::new();
+    for (ni, node) in model.nodes.iter().enumerate() {
+        for (slot, inp) in node.inputs.iter().enumerate() {
+            first_use.entry(inp.as_str()).or_insert((ni, slot));
+            if weight_slot(&node.op, slot) {
+                weight.insert(inp.as_str());
+            }
+            if !non_trainable_slot(&node.op, slot) {
+                trainable_use.insert(inp.as_str());
+            }
+        }
+    }
+    let mut params = vec![];
+    for (name, t) in &model.initializers {
+        if !t.dtype().is_float() || !trainable_use.contains(name.as_str()) {
+            continue;
+        }
+        let is_weight = weight.contains(name.as_str());
+        // A float scalar multiplying or adding is a constant of the architecture (`x * 0`),
+        // not a parameter.
+        if t.len() <= 1 && !is_weight {
+            continue;
+        }
+        let (ni, _) = first_use[name.as_str()];
+        params.push(Param {
+            name: name.clone(),
+            op_type: model.nodes[ni].op.clone(),
+            node: model.nodes[ni].name.clone(),
+            shape: t.shape(),
+            is_weight,
+        });
+    }
+    params
+}
+
+impl Analysis {
+    /// Analyse `model` for a probe of shape `input_shape` (sample axis first).
+    pub fn new(model: &Model, input_shape: &[usize], opts: GradOptions) -> Result<Analysis> {
+        Self::new_inner(model, input_shape, opts)
+            .with_context(|| format!("cannot differentiate {}", model.source))
+    }
+
+    fn new_inner(model: &Model, input_shape: &[usize], opts: GradOptions) -> Result<Analysis> {
+        let float = opts.precision.dtype();
+        let n = input_shape[0];
+        if n == 0 {
+            bail!("the probe batch is empty (0 samples)");
+        }
+        let input = match model.inputs.as_slice() {
+            [one] => one,
+            [] => bail!("the model has no graph input (besides initializers)"),
+            many => bail!(
+                "the model has {} inputs ({}); gradalign needs exactly one image input",
+                many.len(),
+                many.iter()
+                    .map(|i| i.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        if !matches!(DType::from_onnx(input.elem_type), Some(d) if d.is_float()) {
+            bail!(
+                "input '{}' has type {}; a float image input is required",
+                input.name,
+                crate::onnx::tensor::onnx_type_name(input.elem_type)
+            );
+        }
+        let mut export_batch = None;
+        if let Some(dims) = &input.dims {
+            if dims.len() != input_shape.len() {
+                bail!(
+                    "input '{}' has rank {} but the probe has shape {:?}",
+                    input.name,
+                    dims.len(),
+                    input_shape
+                );
+            }
+            for (i, (d, &p)) in dims.iter().zip(input_shape).enumerate().skip(1) {
+                if let Some(d) = d {
+                    if *d as usize != p {
+                        bail!(
+                            "input '{}' expects dimension {i} = {d} but the probe has shape {:?}",
+                            input.name,
+                            input_shape
+                        );
+                    }
+                }
+            }
+            if let Some(b) = dims[0] {
+                if b as usize != n {
+                    export_batch = Some(b as usize);
+                }
+            }
+        }
+
+        let params = trainable_params(model);
+        let param_names: HashSet<&str> = params.iter().map(|p| p.name.as_str()).collect();
+        let mut infos: HashMap<String, Info> = HashMap::new();
+        for (name, t) in &model.initializers {
+            let t = if t.dtype().is_float() {
+                t.cast(float)
+            } else {
+                t.clone()
+            };
+            let kind = if param_names.contains(name.as_str()) {
+                Kind::Param
+            } else {
+                Kind::Const
+            };
+            let value = Some(t.clone());
+            infos.insert(
+                name.clone(),
+                Info {
+                    shape: t.shape(),
+                    dtype: t.dtype(),
+                    kind,
+                    value,
+                },
+            );
+        }
+        // Parameters are never folded: move their value out so folding stops at them.
+        let mut param_values = HashMap::new();
+        for p in &params {
+            let v = infos.get_mut(&p.name).unwrap().value.take().unwrap();
+            param_values.insert(p.name.clone(), v);
+        }
+        infos.insert(
+            input.name.clone(),
+            Info {
+                shape: input_shape.to_vec(),
+                dtype: float,
+                kind: Kind::Batched,
+                value: None,
+            },
+        );
+
+        let mut lw = Lowering {
+            infos: &mut infos,
+            out: vec![],
+            opts,
+            float,
+            n,
+            export_batch,
+            opset: model.opset,
+            counter: 0,
+        };
+        for node in &model.nodes {
+            ops::lower(&mut lw, node.clone()).with_context(|| format!("at {}", node.describe()))?;
+        }
+        let mut nodes = lw.out;
+
+        let mut notes = vec![];
+        if model.outputs.len() > 1 {
+            notes.push(format!(
+                "the model has {} outputs; using the first ('{}') as logits",
+                model.outputs.len(),
+                model.outputs[0]
+            ));
+        }
+        let mut logits = model.outputs[0].clone();
+        // Logits are taken before a final Softmax/LogSoftmax: the loss applies its own.
+        if let Some(pos) = nodes
+            .iter()
+            .position(|n| n.outputs.first() == Some(&logits))
+        {
+            let op = nodes[pos].op.clone();
+            if op == "Softmax" || op == "LogSoftmax" {
+                let before = nodes[pos].inputs[0].clone();
+                notes.push(format!(
+                    "the model ends in {op} ({}); its input '{before}' is used as logits",
+                    nodes[pos].name
+                ));
+                logits = before;
+            }
+        }
+        let li = infos
+            .get(&logits)
+            .ok_or_else(|| anyhow!("output '{logits}' has no known shape"))?;
+        if li.kind != Kind::Batched || li.shape.len() != 2 || li.shape[0] != n {
+            bail!(
+                "the output '{logits}' must be logits of shape [N, classes] computed from the input; got {:?}",
+                li.shape
+            );
+        }
+        if !li.dtype.is_float() {
+            bail!("the output '{logits}' is not a float tensor");
+        }
+        let num_classes = li.shape[1];
+
+        // Keep only what the logits need.
+        let mut live: HashSet<String> = HashSet::from([logits.clone()]);
+        let mut keep = vec![false; nodes.len()];
+        for (i, node) in nodes.iter().enumerate().rev() {
+            if node.outputs.iter().any(|o| live.contains(o)) {
+                keep[i] = true;
+                live.extend(node.inputs.iter().filter(|s| !s.is_empty()).cloned());
+            }
+        }
+        let mut k = keep.into_iter();
+        nodes.retain(|_| k.next().unwrap());
+
+        let selected = params
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| opts.params == ParamSelect::All || p.is_weight)
+            .map(|(i, _)| i)
+            .collect();
+        Ok(Analysis {
+            n,
+            float,
+            opts,
+            nodes,
+            infos,
+            params,
+            param_values,
+            selected,
+            input: input.name.clone(),
+            logits,
+            num_classes,
+            notes,
+        })
+    }
+
+    pub fn info(&self, name: &str) -> &Info {
+        &self.infos[name]
+    }
+}

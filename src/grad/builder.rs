@@ -1,0 +1,220 @@
+//! `GradGraphBuilder`: forward model + options → an ONNX training graph whose outputs are the
+//! logits and, per selected parameter, the per-sample gradients `[N, numel]` of the
+//! softmax cross-entropy of each sample.
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::{Context, Result};
+use ndarray::{ArrayD, IxDyn};
+
+use super::analysis::Analysis;
+use super::backward::Backward;
+use super::emit::{Emitter, OPSET};
+use super::Kind;
+use crate::onnx::{attr, pb, DType, HostTensor};
+use crate::ops;
+
+pub const INPUT_LABELS: &str = "labels";
+
+/// One gradient output of the training graph.
+#[derive(Clone, Debug)]
+pub struct GradOutput {
+    /// Index into `Analysis::params`.
+    pub param: usize,
+    /// Graph output name, `None` when the parameter cannot reach the loss (gradient is zero).
+    pub output: Option<String>,
+}
+
+pub struct GradGraph {
+    pub model: pb::ModelProto,
+    pub input: String,
+    pub labels: String,
+    pub logits: String,
+    /// One entry per selected parameter, in initializer order.
+    pub grads: Vec<GradOutput>,
+}
+
+pub struct GradGraphBuilder<'a> {
+    an: &'a Analysis,
+}
+
+fn value_info(name: &str, dtype: DType, shape: &[usize]) -> pb::ValueInfoProto {
+    use pb::tensor_shape_proto::{dimension::Value, Dimension};
+    pb::ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: dtype.onnx_code(),
+                shape: Some(pb::TensorShapeProto {
+                    dim: shape
+                        .iter()
+                        .map(|&d| Dimension {
+                            value: Some(Value::DimValue(d as i64)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+impl<'a> GradGraphBuilder<'a> {
+    pub fn new(an: &'a Analysis) -> Self {
+        GradGraphBuilder { an }
+    }
+
+    /// Tensors on a path from a selected parameter to the logits.
+    fn needs_grad(&self) -> HashSet<String> {
+        let an = self.an;
+        let mut reach: HashSet<String> = an
+            .selected
+            .iter()
+            .map(|&i| an.params[i].name.clone())
+            .collect();
+        for node in &an.nodes {
+            if node.inputs.iter().any(|i| reach.contains(i)) && ops::differentiable(node) {
+                reach.extend(node.outputs.iter().filter(|o| !o.is_empty()).cloned());
+            }
+        }
+        // Restrict to tensors that also lead to the logits.
+        let mut leads: HashSet<String> = HashSet::from([an.logits.clone()]);
+        for node in an.nodes.iter().rev() {
+            if node.outputs.iter().any(|o| leads.contains(o)) {
+                leads.extend(node.inputs.iter().filter(|s| !s.is_empty()).cloned());
+            }
+        }
+        reach.retain(|t| leads.contains(t));
+        reach
+    }
+
+    pub fn build(&self) -> Result<GradGraph> {
+        let an = self.an;
+        let mut em = Emitter::new(an.float);
+
+        // Forward: primitives, with constants and parameters as initializers.
+        let mut emitted: HashSet<String> = HashSet::new();
+        for node in &an.nodes {
+            for inp in node.inputs.iter().filter(|s| !s.is_empty()) {
+                let info = &an.infos[inp];
+                if inp != &an.input && info.kind != Kind::Batched && !emitted.contains(inp) {
+                    if let Some(v) = info.value.as_ref().or_else(|| an.param_values.get(inp)) {
+                        em.initializer(inp, v);
+                        emitted.insert(inp.clone());
+                    }
+                }
+            }
+            em.copy_node(node);
+        }
+        // Loss gradient: d CE(z_i, y_i) / d z_i = softmax(z_i) - onehot(y_i), per sample.
+        let k = an.num_classes;
+        let classes = em.konst(HostTensor::I64(
+            ArrayD::from_shape_vec(IxDyn(&[1, k]), (0..k as i64).collect()).unwrap(),
+        ));
+        let lab2 = em.reshape(INPUT_LABELS, &[an.n, 1]);
+        let eq = em.op("Equal", &[&lab2, &classes], vec![]);
+        let onehot = em.cast_float(&eq);
+        let probs = em.op("Softmax", &[&an.logits], vec![attr::i("axis", 1)]);
+        let dlogits = em.sub(&probs, &onehot);
+
+        // Backward.
+        let needs = self.needs_grad();
+        let mut grads: HashMap<String, String> = HashMap::new();
+        if needs.contains(&an.logits) {
+            grads.insert(an.logits.clone(), dlogits);
+        }
+        {
+            let mut b = Backward {
+                em: &mut em,
+                infos: &an.infos,
+                needs: &needs,
+                n: an.n,
+            };
+            for node in an.nodes.iter().rev() {
+                let dys: Vec<Option<String>> =
+                    node.outputs.iter().map(|o| grads.get(o).cloned()).collect();
+                if dys.iter().all(|d| d.is_none()) {
+                    continue;
+                }
+                if !node.inputs.iter().any(|i| needs.contains(i)) {
+                    continue;
+                }
+                let dxs = ops::backward(&mut b, node, &dys)
+                    .with_context(|| format!("differentiating {}", node.describe()))?;
+                for (i, dx) in dxs.into_iter().enumerate() {
+                    let (Some(dx), Some(name)) = (dx, node.input(i)) else {
+                        continue;
+                    };
+                    if !needs.contains(name) {
+                        continue;
+                    }
+                    let acc = match grads.remove(name) {
+                        Some(prev) => b.em.add(&prev, &dx),
+                        None => dx,
+                    };
+                    grads.insert(name.to_string(), acc);
+                }
+            }
+        }
+
+        // Outputs.
+        let mut outputs = vec![value_info(
+            &an.logits,
+            an.float,
+            &an.infos[&an.logits].shape,
+        )];
+        let mut grad_outputs = vec![];
+        for &pi in &an.selected {
+            let p = &an.params[pi];
+            let output = match grads.get(&p.name) {
+                Some(g) => {
+                    let flat = em.reshape(g, &[an.n, p.numel()]);
+                    let name = format!("grad:{}", p.name);
+                    em.nodes.push(pb::NodeProto {
+                        input: vec![flat],
+                        output: vec![name.clone()],
+                        name: format!("ga.out.{}", p.name),
+                        op_type: "Identity".into(),
+                        ..Default::default()
+                    });
+                    outputs.push(value_info(&name, an.float, &[an.n, p.numel()]));
+                    Some(name)
+                }
+                None => None,
+            };
+            grad_outputs.push(GradOutput { param: pi, output });
+        }
+
+        let graph = pb::GraphProto {
+            name: "gradalign_training_graph".into(),
+            node: em.nodes,
+            initializer: em.initializers,
+            input: vec![
+                value_info(&an.input, an.float, &an.infos[&an.input].shape),
+                value_info(INPUT_LABELS, DType::I64, &[an.n]),
+            ],
+            output: outputs,
+            ..Default::default()
+        };
+        let model = pb::ModelProto {
+            ir_version: 8,
+            producer_name: "gradalign".into(),
+            producer_version: env!("CARGO_PKG_VERSION").into(),
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: OPSET,
+            }],
+            graph: Some(graph),
+            ..Default::default()
+        };
+        Ok(GradGraph {
+            model,
+            input: an.input.clone(),
+            labels: INPUT_LABELS.into(),
+            logits: an.logits.clone(),
+            grads: grad_outputs,
+        })
+    }
+}

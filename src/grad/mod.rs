@@ -1,0 +1,100 @@
+//! The gradient-graph builder: lowers a forward ONNX model to primitive ops with static shapes
+//! (`analysis`), then differentiates it in reverse mode into standard ONNX ops that output
+//! per-sample parameter gradients for the whole probe batch at once (`builder`).
+
+pub mod analysis;
+pub mod backward;
+pub mod builder;
+pub mod emit;
+
+use crate::onnx::{DType, HostTensor};
+
+/// How a tensor depends on the probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Depends on the probe images; axis 0 is the sample axis.
+    Batched,
+    /// Depends on trainable parameters but not on the probe. Its gradient carries an extra
+    /// leading sample axis.
+    Param,
+    /// Depends on neither.
+    Const,
+}
+
+#[derive(Clone, Debug)]
+pub struct Info {
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub kind: Kind,
+    /// Known value, for folded constants.
+    pub value: Option<HostTensor>,
+}
+
+impl Info {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum BnMode {
+    /// Normalise each sample with its own spatial statistics (PyTorch `train()`, batch of one).
+    #[default]
+    Sample,
+    /// Normalise with the stored running statistics.
+    Eval,
+}
+
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamSelect {
+    /// Weights of Conv, ConvTranspose, Gemm and MatMul.
+    #[default]
+    Weights,
+    /// Every float initializer that receives a gradient (adds biases and normalisation affines).
+    All,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Precision {
+    #[default]
+    F32,
+    F64,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::F64 => DType::F64,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GradOptions {
+    pub bn: BnMode,
+    pub params: ParamSelect,
+    pub precision: Precision,
+}

@@ -1,0 +1,10 @@
+//! gradalign: exact per-sample gradients of ONNX models at initialisation, for training-free
+//! neural architecture search.
+
+pub mod engine;
+pub mod grad;
+pub mod npy;
+pub mod onnx;
+pub mod ops;
+pub mod probe;
+pub mod runtime;

@@ -1,0 +1,216 @@
+//! The `gradalign` command line: a thin layer over the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use gradalign::engine::{self, model_takes_cifar10};
+use gradalign::grad::{BnMode, GradOptions, ParamSelect, Precision};
+use gradalign::npy;
+use gradalign::onnx::Model;
+use gradalign::probe::Probe;
+
+#[derive(Parser)]
+#[command(
+    name = "gradalign",
+    version,
+    about = "Exact per-sample gradients of ONNX models at initialisation, for training-free NAS"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct ProbeArgs {
+    /// Probe images: a CIFAR-10 binary file (.bin) or a float32 N×C×H×W .npy (already normalised).
+    /// Default: the shipped CIFAR-10 probe, for models taking 3×32×32 images with 10 outputs.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// int64 labels (.npy), one per image; required with --data X.npy.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Number of probe samples (class-balanced for CIFAR-10; the first N rows of a .npy).
+    /// Default: 64 for CIFAR-10, every row of a .npy.
+    #[arg(long)]
+    n: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+struct GradArgs {
+    /// BatchNormalization statistics: per sample (PyTorch train() with a batch of one) or the
+    /// stored running statistics.
+    #[arg(long, value_enum, default_value_t = BnMode::Sample)]
+    bn: BnMode,
+    /// Which parameters get gradient columns.
+    #[arg(long, value_enum, default_value_t = ParamSelect::Weights)]
+    params: ParamSelect,
+    /// Arithmetic of the gradient graph; f64 gives reference-exact gradients (slower).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
+}
+
+impl GradArgs {
+    fn options(&self) -> GradOptions {
+        GradOptions {
+            bn: self.bn,
+            params: self.params,
+            precision: self.precision,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Per-sample gradients of the softmax cross-entropy, one row per probe sample.
+    Grads {
+        /// The model, exported to ONNX at initialisation.
+        model: PathBuf,
+        #[command(flatten)]
+        probe: ProbeArgs,
+        #[command(flatten)]
+        grad: GradArgs,
+        /// Where to write the N×P gradient matrix (.npy, float32; float64 with --precision f64).
+        #[arg(long)]
+        out: PathBuf,
+        /// Where to write the column layout (JSON list of {name, op_type, node, shape, offset, numel}).
+        #[arg(long)]
+        layout: Option<PathBuf>,
+        /// Where to write the N×classes logits (.npy).
+        #[arg(long)]
+        logits: Option<PathBuf>,
+    },
+    /// Write the training graph (per-sample gradients as outputs) as a standalone ONNX file.
+    ExportGradGraph {
+        model: PathBuf,
+        /// Output file.
+        #[arg(short = 'o', long = "out")]
+        out: PathBuf,
+        /// Probe batch size the graph is built for.
+        #[arg(long, default_value_t = 64)]
+        n: usize,
+        #[command(flatten)]
+        grad: GradArgs,
+    },
+}
+
+fn load_probe(model: &Model, p: &ProbeArgs) -> Result<(Probe, bool)> {
+    let shipped = p.data.is_none();
+    let probe = Probe::from_options(
+        p.data.as_deref(),
+        p.labels.as_deref(),
+        p.n,
+        model_takes_cifar10(model),
+    )?;
+    Ok((probe, shipped))
+}
+
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let tmp = path.with_extension("json.partial");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn grads(
+    model: &Path,
+    probe: &ProbeArgs,
+    grad: &GradArgs,
+    out: &Path,
+    layout: Option<&Path>,
+    logits: Option<&Path>,
+) -> Result<()> {
+    let m = Model::load(model)?;
+    let (probe, shipped) = load_probe(&m, probe)?;
+    let g = engine::per_sample_grads(&m, &probe, grad.options(), shipped)?;
+    for note in &g.notes {
+        eprintln!("note: {note}");
+    }
+    npy::write(out, &g.grads)?;
+    if let Some(l) = layout {
+        write_json(l, &g.layout)?;
+    }
+    if let Some(z) = logits {
+        npy::write(z, &g.logits)?;
+    }
+    let p: usize = g.layout.iter().map(|e| e.numel).sum();
+    eprintln!(
+        "wrote {} ({} samples × {} parameters, {} tensors) — runtime {}, probe {}, build {:.2}s, run {:.2}s",
+        out.display(),
+        probe.len(),
+        p,
+        g.layout.len(),
+        g.runtime,
+        probe.source,
+        g.build_seconds,
+        g.run_seconds
+    );
+    Ok(())
+}
+
+fn export(model: &Path, out: &Path, n: usize, grad: &GradArgs) -> Result<()> {
+    let m = Model::load(model)?;
+    let sample: Vec<usize> = match m.inputs.first().and_then(|i| i.dims.clone()) {
+        Some(d) if d[1..].iter().all(|x| x.is_some()) => {
+            d[1..].iter().map(|x| x.unwrap() as usize).collect()
+        }
+        _ => anyhow::bail!(
+            "{}: the input's non-batch dimensions must be fixed to export a training graph",
+            model.display()
+        ),
+    };
+    let (_, gg) = engine::build_graph(&m, &sample, n, grad.options())?;
+    use prost::Message;
+    let tmp = out.with_extension("onnx.partial");
+    std::fs::write(&tmp, gg.model.encode_to_vec())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, out)?;
+    eprintln!(
+        "wrote {} (inputs '{}', '{}'; outputs '{}' and {} gradients)",
+        out.display(),
+        gg.input,
+        gg.labels,
+        gg.logits,
+        gg.grads.iter().filter(|g| g.output.is_some()).count()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match &cli.cmd {
+        Cmd::Grads {
+            model,
+            probe,
+            grad,
+            out,
+            layout,
+            logits,
+        } => grads(
+            model,
+            probe,
+            grad,
+            out,
+            layout.as_deref(),
+            logits.as_deref(),
+        ),
+        Cmd::ExportGradGraph {
+            model,
+            out,
+            n,
+            grad,
+        } => export(model, out, *n, grad),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

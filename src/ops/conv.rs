@@ -1,0 +1,305 @@
+//! Conv (any spatial rank, strides, pads incl. auto_pad, dilations, groups).
+//!
+//! Gradients:
+//! - input: `ConvTranspose(dY, W)` with the same strides/pads/dilations/groups, zero-padded at
+//!   the end for rows the forward stride skipped;
+//! - weight, per sample: im2col with one strided `Slice` of the padded input per kernel offset,
+//!   stacked to `[N, g, Cin/g·K, P]`, then one batched `MatMul` with `dY` as `[N, g, Cout/g, P]`;
+//! - bias, per sample: `ReduceSum(dY)` over the spatial axes.
+
+use anyhow::{bail, Result};
+
+use super::{input_info, Shapes};
+use crate::grad::analysis::Lowering;
+use crate::grad::backward::Backward;
+use crate::grad::{Info, Kind};
+use crate::onnx::{attr, Node};
+
+#[derive(Clone, Debug)]
+pub struct ConvGeom {
+    pub kernel: Vec<usize>,
+    pub strides: Vec<usize>,
+    pub dilations: Vec<usize>,
+    /// Begin pads then end pads, one per spatial axis.
+    pub pads: Vec<usize>,
+    pub group: usize,
+}
+
+impl ConvGeom {
+    pub fn without_end_pads(&self) -> ConvGeom {
+        let d = self.spatial();
+        let mut g = self.clone();
+        for i in 0..d {
+            g.pads[i + d] = 0;
+        }
+        g
+    }
+    pub fn spatial(&self) -> usize {
+        self.kernel.len()
+    }
+    pub fn out_dim(&self, i: usize, input: usize, ceil: bool) -> Option<usize> {
+        let d = self.spatial();
+        let eff = (self.kernel[i] - 1) * self.dilations[i] + 1;
+        let padded = input + self.pads[i] + self.pads[i + d];
+        if padded < eff {
+            return None;
+        }
+        let q = padded - eff;
+        let s = self.strides[i];
+        Some(if ceil { q.div_ceil(s) } else { q / s } + 1)
+    }
+}
+
+/// Read (and normalise) the geometry of a Conv or pooling node with `kernel` spatial sizes.
+pub fn geometry(
+    node: &Node,
+    input_spatial: &[usize],
+    kernel: Vec<usize>,
+    group: usize,
+) -> Result<ConvGeom> {
+    let d = kernel.len();
+    if input_spatial.len() != d {
+        bail!(
+            "{}: kernel has {d} spatial dims but the input has {}",
+            node.describe(),
+            input_spatial.len()
+        );
+    }
+    let get = |name: &str, default: usize| -> Result<Vec<usize>> {
+        match node.attr_ints(name) {
+            Some(v) if v.len() == d && v.iter().all(|&x| x >= 1) => {
+                Ok(v.iter().map(|&x| x as usize).collect())
+            }
+            Some(v) => bail!(
+                "{}: attribute {name}={v:?} is invalid for {d} spatial dims",
+                node.describe()
+            ),
+            None => Ok(vec![default; d]),
+        }
+    };
+    let strides = get("strides", 1)?;
+    let dilations = get("dilations", 1)?;
+    let auto_pad = node.attr_s("auto_pad").unwrap_or_else(|| "NOTSET".into());
+    let pads: Vec<usize> = match auto_pad.as_str() {
+        "NOTSET" | "" => match node.attr_ints("pads") {
+            Some(p) if p.len() == 2 * d && p.iter().all(|&x| x >= 0) => {
+                p.iter().map(|&x| x as usize).collect()
+            }
+            Some(p) => bail!(
+                "{}: pads {p:?} invalid for {d} spatial dims",
+                node.describe()
+            ),
+            None => vec![0; 2 * d],
+        },
+        "VALID" => vec![0; 2 * d],
+        "SAME_UPPER" | "SAME_LOWER" => {
+            let mut p = vec![0; 2 * d];
+            for i in 0..d {
+                let out = input_spatial[i].div_ceil(strides[i]);
+                let eff = (kernel[i] - 1) * dilations[i] + 1;
+                let total = ((out - 1) * strides[i] + eff).saturating_sub(input_spatial[i]);
+                let (small, big) = (total / 2, total - total / 2);
+                if auto_pad == "SAME_UPPER" {
+                    p[i] = small;
+                    p[i + d] = big;
+                } else {
+                    p[i] = big;
+                    p[i + d] = small;
+                }
+            }
+            p
+        }
+        other => bail!("{}: unknown auto_pad '{other}'", node.describe()),
+    };
+    Ok(ConvGeom {
+        kernel,
+        strides,
+        dilations,
+        pads,
+        group,
+    })
+}
+
+pub fn geom_attrs(g: &ConvGeom) -> Vec<crate::onnx::pb::AttributeProto> {
+    let v = |x: &[usize]| x.iter().map(|&d| d as i64).collect::<Vec<_>>();
+    vec![
+        attr::ints("kernel_shape", &v(&g.kernel)),
+        attr::ints("strides", &v(&g.strides)),
+        attr::ints("dilations", &v(&g.dilations)),
+        attr::ints("pads", &v(&g.pads)),
+    ]
+}
+
+pub fn lower(lw: &mut Lowering, node: Node) -> Result<()> {
+    let x = lw.input_info(&node, 0)?.clone();
+    let w = lw.input_info(&node, 1)?.clone();
+    if x.shape.len() < 3 || w.shape.len() != x.shape.len() {
+        bail!(
+            "{}: Conv needs input [N, C, ...] and weight of the same rank, got {:?} and {:?}",
+            node.describe(),
+            x.shape,
+            w.shape
+        );
+    }
+    let group = node.attr_i("group").unwrap_or(1).max(1) as usize;
+    let kernel = w.shape[2..].to_vec();
+    if let Some(ks) = node.attr_ints("kernel_shape") {
+        if ks.iter().map(|&k| k as usize).collect::<Vec<_>>() != kernel {
+            bail!(
+                "{}: kernel_shape {ks:?} disagrees with the weight shape {:?}",
+                node.describe(),
+                w.shape
+            );
+        }
+    }
+    let g = geometry(&node, &x.shape[2..], kernel, group)?;
+    let mut out = Node::new(
+        node.name.clone(),
+        "Conv",
+        node.inputs.clone(),
+        node.outputs.clone(),
+    );
+    for a in geom_attrs(&g) {
+        out = out.with_attr(a);
+    }
+    out = out.with_attr(attr::i("group", group as i64));
+    lw.add(out)
+}
+
+pub fn read_geom(node: &Node, x: &Info, w: &Info) -> Result<ConvGeom> {
+    geometry(
+        node,
+        &x.shape[2..],
+        w.shape[2..].to_vec(),
+        node.attr_i("group").unwrap_or(1) as usize,
+    )
+}
+
+pub fn infer(node: &Node, ins: &[Option<&Info>]) -> Result<Shapes> {
+    let x = input_info(node, ins, 0)?;
+    let w = input_info(node, ins, 1)?;
+    let g = read_geom(node, x, w)?;
+    let (cin, cout) = (x.shape[1], w.shape[0]);
+    if cin % g.group != 0 || cout % g.group != 0 || w.shape[1] * g.group != cin {
+        bail!(
+            "{}: weight {:?} with group={} does not fit input channels {cin}",
+            node.describe(),
+            w.shape,
+            g.group
+        );
+    }
+    if w.kind == Kind::Batched {
+        bail!(
+            "{}: a probe-dependent Conv weight is not supported",
+            node.describe()
+        );
+    }
+    if let Some(b) = ins.get(2).copied().flatten() {
+        if b.shape != [cout] {
+            bail!(
+                "{}: bias shape {:?} should be [{cout}]",
+                node.describe(),
+                b.shape
+            );
+        }
+    }
+    let mut out = vec![x.shape[0], cout];
+    for i in 0..g.spatial() {
+        out.push(g.out_dim(i, x.shape[2 + i], false).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: kernel larger than the padded input {:?}",
+                node.describe(),
+                x.shape
+            )
+        })?);
+    }
+    Ok(vec![(out, x.dtype)])
+}
+
+/// All kernel offsets in row-major order.
+pub fn kernel_offsets(kernel: &[usize]) -> Vec<Vec<usize>> {
+    let mut out = vec![vec![]];
+    for &k in kernel {
+        out = out
+            .into_iter()
+            .flat_map(|p| (0..k).map(move |i| [p.clone(), vec![i]].concat()))
+            .collect();
+    }
+    out
+}
+
+pub fn backward(
+    b: &mut Backward,
+    node: &Node,
+    dys: &[Option<String>],
+) -> Result<Vec<Option<String>>> {
+    let Some(dy) = dys[0].clone() else {
+        return Ok(vec![]);
+    };
+    let (x, w) = (node.inputs[0].clone(), node.inputs[1].clone());
+    let (ix, iw) = (b.info(&x).clone(), b.info(&w).clone());
+    if ix.kind != Kind::Batched {
+        bail!("{}: Conv input must depend on the probe", node.describe());
+    }
+    let g = read_geom(node, &ix, &iw)?;
+    let d = g.spatial();
+    let y_shape = b.shape(&node.outputs[0]);
+    let n = b.n;
+    let mut dx = vec![None; node.inputs.len()];
+
+    if b.needs_input(node, 0) {
+        let mut attrs = geom_attrs(&g.without_end_pads());
+        attrs.push(attr::i("group", g.group as i64));
+        let t = b.em.op("ConvTranspose", &[&dy, &w], attrs);
+        dx[0] = Some(super::pool::fit_scatter(
+            b,
+            &g,
+            &t,
+            &ix.shape[2..],
+            &y_shape[2..],
+        ));
+    }
+    if b.needs_input(node, 1) {
+        let cin = ix.shape[1];
+        let cout = iw.shape[0];
+        let p: usize = y_shape[2..].iter().product();
+        let offsets = kernel_offsets(&g.kernel);
+        let k = offsets.len();
+        let mut pads = vec![0i64; 2 * (d + 2)];
+        for i in 0..d {
+            pads[2 + i] = g.pads[i] as i64;
+            pads[d + 2 + 2 + i] = g.pads[i + d] as i64;
+        }
+        let xp = b.em.pad(&x, &pads, 0.0);
+        let trivial = k == 1
+            && g.strides.iter().all(|&s| s == 1)
+            && (0..d).all(|i| ix.shape[2 + i] + g.pads[i] + g.pads[i + d] == y_shape[2 + i]);
+        let cols = if trivial {
+            b.em.reshape(&xp, &[n, g.group, cin / g.group, p])
+        } else {
+            let axes: Vec<i64> = (2..2 + d as i64).collect();
+            let mut parts = vec![];
+            for off in &offsets {
+                let starts: Vec<i64> = (0..d).map(|i| (off[i] * g.dilations[i]) as i64).collect();
+                let ends: Vec<i64> = (0..d)
+                    .map(|i| starts[i] + ((y_shape[2 + i] - 1) * g.strides[i]) as i64 + 1)
+                    .collect();
+                let steps: Vec<i64> = g.strides.iter().map(|&s| s as i64).collect();
+                let s = b.em.slice(&xp, &starts, &ends, &axes, &steps);
+                parts.push(b.em.reshape(&s, &[n, cin, 1, p]));
+            }
+            let stacked = b.em.concat(&parts, 2);
+            b.em.reshape(&stacked, &[n, g.group, cin / g.group * k, p])
+        };
+        let colst = b.em.transpose(&cols, &[0, 1, 3, 2]);
+        let dyr = b.em.reshape(&dy, &[n, g.group, cout / g.group, p]);
+        let gw = b.em.matmul(&dyr, &colst);
+        let want = b.grad_shape(&w);
+        dx[1] = Some(b.em.reshape(&gw, &want));
+    }
+    if b.needs_input(node, 2) {
+        let axes: Vec<usize> = (2..2 + d).collect();
+        dx[2] = Some(b.em.reduce_sum(&dy, &axes, false));
+    }
+    Ok(dx)
+}

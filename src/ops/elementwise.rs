@@ -1,0 +1,453 @@
+//! Elementwise ops with numpy broadcasting: Add, Sub, Mul, Div, Pow (constant exponent), the
+//! activations (Relu, LeakyRelu, Sigmoid, Tanh, Erf, Gelu → Erf/Tanh, Clip), Sqrt, Exp, Neg,
+//! Abs, Reciprocal, Where and the comparisons (no gradient).
+//!
+//! Every rule forms the local gradient at the broadcast shape and then reduces it to the
+//! operand with [`Backward::unbroadcast`], which keeps the sample axis for parameter operands.
+
+use anyhow::{anyhow, bail, Result};
+use ndarray::{ArrayD, IxDyn, Zip};
+
+use super::{broadcast, check_batched_broadcast, input_info, Shapes};
+use crate::grad::analysis::Lowering;
+use crate::grad::backward::Backward;
+use crate::grad::Info;
+use crate::onnx::{attr, DType, HostTensor, Node};
+
+pub const OPS: &[&str] = &[
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Relu",
+    "LeakyRelu",
+    "Sigmoid",
+    "Tanh",
+    "Erf",
+    "Sqrt",
+    "Exp",
+    "Neg",
+    "Abs",
+    "Reciprocal",
+    "Clip",
+    "Where",
+    "Equal",
+    "Greater",
+    "Less",
+    "Max",
+];
+
+const BINARY: &[&str] = &[
+    "Add", "Sub", "Mul", "Div", "Pow", "Equal", "Greater", "Less", "Max",
+];
+
+/// tract has no f64 Sigmoid or Erf kernels: in f64 graphs Sigmoid becomes the exact
+/// `0.5·(1 + tanh(x/2))`, and Erf is evaluated in f32 between casts (noted to the user).
+pub fn lower_f64_fallbacks(lw: &mut Lowering, node: Node) -> Result<()> {
+    if lw.float != DType::F64 {
+        return lw.add(node);
+    }
+    let x = node.inputs[0].clone();
+    let y = node.outputs[0].clone();
+    let mut k = 0;
+    let mut step = |lw: &mut Lowering,
+                    op: &str,
+                    ins: Vec<String>,
+                    out: Option<String>,
+                    attrs: Vec<crate::onnx::pb::AttributeProto>|
+     -> Result<String> {
+        k += 1;
+        let o = out.unwrap_or_else(|| lw.fresh("f64"));
+        let mut n = Node::new(format!("{}/{op}{k}", node.name), op, ins, vec![o.clone()]);
+        for a in attrs {
+            n = n.with_attr(a);
+        }
+        lw.add(n)?;
+        Ok(o)
+    };
+    if node.op == "Sigmoid" {
+        let half = lw.scalar(0.5);
+        let one = lw.scalar(1.0);
+        let hx = step(lw, "Mul", vec![x, half.clone()], None, vec![])?;
+        let t = step(lw, "Tanh", vec![hx], None, vec![])?;
+        let p = step(lw, "Add", vec![t, one], None, vec![])?;
+        step(lw, "Mul", vec![p, half], Some(y), vec![])?;
+    } else {
+        let to32 = step(
+            lw,
+            "Cast",
+            vec![x],
+            None,
+            vec![attr::i("to", DType::F32.onnx_code() as i64)],
+        )?;
+        let e = step(lw, "Erf", vec![to32], None, vec![])?;
+        step(
+            lw,
+            "Cast",
+            vec![e],
+            Some(y),
+            vec![attr::i("to", DType::F64.onnx_code() as i64)],
+        )?;
+    }
+    Ok(())
+}
+
+pub fn lower_gelu(lw: &mut Lowering, node: Node) -> Result<()> {
+    let x = node.inputs[0].clone();
+    let y = node.outputs[0].clone();
+    let approx = node.attr_s("approximate").unwrap_or_else(|| "none".into());
+    let half = lw.scalar(0.5);
+    let one = lw.scalar(1.0);
+    let mut k = 0;
+    let mut n =
+        |lw: &mut Lowering, op: &str, ins: Vec<String>, out: Option<String>| -> Result<String> {
+            k += 1;
+            let o = out.unwrap_or_else(|| lw.fresh("gelu"));
+            lw.add(Node::new(
+                format!("{}/{op}{k}", node.name),
+                op,
+                ins,
+                vec![o.clone()],
+            ))?;
+            Ok(o)
+        };
+    let inner = if approx == "tanh" {
+        let c = lw.scalar((2.0 / std::f64::consts::PI).sqrt());
+        let k = lw.scalar(0.044715);
+        let x2 = n(lw, "Mul", vec![x.clone(), x.clone()], None)?;
+        let x3 = n(lw, "Mul", vec![x2, x.clone()], None)?;
+        let kx3 = n(lw, "Mul", vec![x3, k], None)?;
+        let s = n(lw, "Add", vec![x.clone(), kx3], None)?;
+        let cs = n(lw, "Mul", vec![s, c], None)?;
+        n(lw, "Tanh", vec![cs], None)?
+    } else {
+        let r2 = lw.scalar(std::f64::consts::FRAC_1_SQRT_2);
+        let xs = n(lw, "Mul", vec![x.clone(), r2], None)?;
+        n(lw, "Erf", vec![xs], None)?
+    };
+    let p = n(lw, "Add", vec![inner, one], None)?;
+    let hx = n(lw, "Mul", vec![x.clone(), half], None)?;
+    n(lw, "Mul", vec![hx, p], Some(y))?;
+    Ok(())
+}
+
+pub fn lower_clip(lw: &mut Lowering, node: Node) -> Result<()> {
+    let x = lw.input_info(&node, 0)?.clone();
+    let (lo, hi) = if node.has_attr("min") || node.has_attr("max") {
+        (
+            node.attr_f("min").map(|v| v as f64),
+            node.attr_f("max").map(|v| v as f64),
+        )
+    } else {
+        (
+            lw.const_input(&node, 1)?.and_then(|t| t.scalar_f64()),
+            lw.const_input(&node, 2)?.and_then(|t| t.scalar_f64()),
+        )
+    };
+    let lo = lw.konst(
+        HostTensor::F64(ArrayD::from_elem(IxDyn(&[]), lo.unwrap_or(f32::MIN as f64))).cast(x.dtype),
+    );
+    let hi = lw.konst(
+        HostTensor::F64(ArrayD::from_elem(IxDyn(&[]), hi.unwrap_or(f32::MAX as f64))).cast(x.dtype),
+    );
+    lw.add(Node::new(
+        node.name.clone(),
+        "Clip",
+        vec![node.inputs[0].clone(), lo, hi],
+        vec![node.outputs[0].clone()],
+    ))
+}
+
+pub fn infer(node: &Node, ins: &[Option<&Info>]) -> Result<Shapes> {
+    let x = input_info(node, ins, 0)?;
+    let op = node.op.as_str();
+    if BINARY.contains(&op) || op == "Where" {
+        let mut out = x.shape.clone();
+        for i in ins.iter().flatten().skip(1) {
+            out = broadcast(node, &out, &i.shape)?;
+        }
+        check_batched_broadcast(node, ins, &out)?;
+        let dt = match op {
+            "Equal" | "Greater" | "Less" => DType::Bool,
+            "Where" => input_info(node, ins, 1)?.dtype,
+            _ => x.dtype,
+        };
+        return Ok(vec![(out, dt)]);
+    }
+    Ok(vec![(x.shape.clone(), x.dtype)])
+}
+
+fn binary_f64(op: &str, a: f64, b: f64) -> f64 {
+    match op {
+        "Add" => a + b,
+        "Sub" => a - b,
+        "Mul" => a * b,
+        "Div" => a / b,
+        "Pow" => a.powf(b),
+        "Equal" => (a == b) as u8 as f64,
+        "Greater" => (a > b) as u8 as f64,
+        "Less" => (a < b) as u8 as f64,
+        "Max" => a.max(b),
+        _ => unreachable!(),
+    }
+}
+
+fn binary_i64(op: &str, a: i64, b: i64) -> Option<i64> {
+    Some(match op {
+        "Add" => a.wrapping_add(b),
+        "Sub" => a.wrapping_sub(b),
+        "Mul" => a.wrapping_mul(b),
+        "Div" => a.checked_div(b)?,
+        "Equal" => (a == b) as i64,
+        "Greater" => (a > b) as i64,
+        "Less" => (a < b) as i64,
+        "Max" => a.max(b),
+        _ => return None,
+    })
+}
+
+pub fn eval(node: &Node, vals: &[Option<&HostTensor>]) -> Option<Result<Vec<HostTensor>>> {
+    let op = node.op.as_str();
+    let a = vals.first().copied().flatten()?;
+    if BINARY.contains(&op) {
+        let b = vals.get(1).copied().flatten()?;
+        let shape = match broadcast(node, &a.shape(), &b.shape()) {
+            Ok(s) => s,
+            Err(e) => return Some(Err(e)),
+        };
+        let cmp = matches!(op, "Equal" | "Greater" | "Less");
+        let res = if a.dtype() == DType::I64 && b.dtype() == DType::I64 && op != "Pow" {
+            let (HostTensor::I64(x), HostTensor::I64(y)) = (a, b) else {
+                unreachable!()
+            };
+            let (x, y) = (x.broadcast(IxDyn(&shape))?, y.broadcast(IxDyn(&shape))?);
+            let mut bad = false;
+            let out = Zip::from(&x).and(&y).map_collect(|&p, &q| {
+                binary_i64(op, p, q).unwrap_or_else(|| {
+                    bad = true;
+                    0
+                })
+            });
+            if bad {
+                return Some(Err(anyhow!(
+                    "{}: integer division by zero while folding",
+                    node.describe()
+                )));
+            }
+            if cmp {
+                HostTensor::I64(out).cast(DType::Bool)
+            } else {
+                HostTensor::I64(out)
+            }
+        } else {
+            let (x, y) = (a.to_f64(), b.to_f64());
+            let (x, y) = (x.broadcast(IxDyn(&shape))?, y.broadcast(IxDyn(&shape))?);
+            let out = HostTensor::F64(
+                Zip::from(&x)
+                    .and(&y)
+                    .map_collect(|&p, &q| binary_f64(op, p, q)),
+            );
+            if cmp {
+                out.cast(DType::Bool)
+            } else {
+                out.cast(a.dtype())
+            }
+        };
+        return Some(Ok(vec![res]));
+    }
+    let f: fn(f64) -> f64 = match op {
+        "Neg" => |v| -v,
+        "Sqrt" => f64::sqrt,
+        "Exp" => f64::exp,
+        "Abs" => f64::abs,
+        "Reciprocal" => |v| 1.0 / v,
+        "Relu" => |v| v.max(0.0),
+        _ => return None,
+    };
+    Some(Ok(
+        vec![HostTensor::F64(a.to_f64().mapv(f)).cast(a.dtype())],
+    ))
+}
+
+pub fn backward(
+    b: &mut Backward,
+    node: &Node,
+    dys: &[Option<String>],
+) -> Result<Vec<Option<String>>> {
+    let Some(dy) = dys[0].clone() else {
+        return Ok(vec![]);
+    };
+    let op = node.op.as_str();
+    let y = node.outputs[0].clone();
+    let out_shape = b.grad_shape(&y);
+    let x = node.inputs[0].clone();
+    let (n0, n1, n2) = (
+        b.needs_input(node, 0),
+        b.needs_input(node, 1),
+        b.needs_input(node, 2),
+    );
+    let mut dx: Vec<Option<String>> = vec![None; node.inputs.len()];
+    match op {
+        "Add" | "Sub" => {
+            if n0 {
+                dx[0] = Some(b.unbroadcast(&dy, &out_shape, &x)?);
+            }
+            if n1 {
+                let g = if op == "Sub" {
+                    b.em.neg(&dy)
+                } else {
+                    dy.clone()
+                };
+                dx[1] = Some(b.unbroadcast(&g, &out_shape, &node.inputs[1])?);
+            }
+        }
+        "Mul" => {
+            if n0 {
+                let g = b.em.mul(&dy, &node.inputs[1]);
+                dx[0] = Some(b.unbroadcast(&g, &out_shape, &x)?);
+            }
+            if n1 {
+                let g = b.em.mul(&dy, &x);
+                dx[1] = Some(b.unbroadcast(&g, &out_shape, &node.inputs[1])?);
+            }
+        }
+        "Div" => {
+            let d = node.inputs[1].clone();
+            if n0 {
+                let g = b.em.div(&dy, &d);
+                dx[0] = Some(b.unbroadcast(&g, &out_shape, &x)?);
+            }
+            if n1 {
+                let t = b.em.mul(&dy, &y);
+                let t = b.em.div(&t, &d);
+                let g = b.em.neg(&t);
+                dx[1] = Some(b.unbroadcast(&g, &out_shape, &d)?);
+            }
+        }
+        "Pow" => {
+            if n1 {
+                bail!(
+                    "{}: gradients through a Pow exponent are not supported",
+                    node.describe()
+                );
+            }
+            let e = b
+                .info(&node.inputs[1])
+                .value
+                .as_ref()
+                .and_then(|t| t.scalar_f64())
+                .ok_or_else(|| {
+                    anyhow!("{}: Pow needs a constant scalar exponent", node.describe())
+                })?;
+            if n0 {
+                let local = if e == 2.0 {
+                    b.em.mul_scalar(&x, 2.0)
+                } else {
+                    let em1 = b.em.scalar(e - 1.0);
+                    let p = b.em.op("Pow", &[&x, &em1], vec![]);
+                    b.em.mul_scalar(&p, e)
+                };
+                let g = b.em.mul(&dy, &local);
+                dx[0] = Some(b.unbroadcast(&g, &out_shape, &x)?);
+            }
+        }
+        "Where" => {
+            let c = node.inputs[0].clone();
+            let z = b.em.scalar(0.0);
+            if n1 {
+                let g = b.em.where_(&c, &dy, &z);
+                dx[1] = Some(b.unbroadcast(&g, &out_shape, &node.inputs[1])?);
+            }
+            if n2 {
+                let g = b.em.where_(&c, &z, &dy);
+                dx[2] = Some(b.unbroadcast(&g, &out_shape, &node.inputs[2])?);
+            }
+        }
+        "Max" => {
+            // The gradient goes to the larger operand (the first on ties, as PyTorch's maximum
+            // splits it; our only use has no ties).
+            let (a, c) = (x.clone(), node.inputs[1].clone());
+            let z = b.em.scalar(0.0);
+            let lt = b.em.op("Less", &[&a, &c], vec![]);
+            if n0 {
+                let g = b.em.where_(&lt, &z, &dy);
+                dx[0] = Some(b.unbroadcast(&g, &out_shape, &a)?);
+            }
+            if n1 {
+                let g = b.em.where_(&lt, &dy, &z);
+                dx[1] = Some(b.unbroadcast(&g, &out_shape, &c)?);
+            }
+        }
+        "Equal" | "Greater" | "Less" => {}
+        _ if n0 => {
+            let g = match op {
+                "Relu" => {
+                    let z = b.em.scalar(0.0);
+                    let m = b.em.op("Greater", &[&x, &z], vec![]);
+                    b.em.where_(&m, &dy, &z)
+                }
+                "LeakyRelu" => {
+                    let alpha = node.attr_f("alpha").unwrap_or(0.01) as f64;
+                    let z = b.em.scalar(0.0);
+                    let m = b.em.op("Greater", &[&x, &z], vec![]);
+                    let s = b.em.mul_scalar(&dy, alpha);
+                    b.em.where_(&m, &dy, &s)
+                }
+                "Clip" => {
+                    let (lo, hi) = (node.inputs[1].clone(), node.inputs[2].clone());
+                    let a = b.em.op("Greater", &[&x, &lo], vec![]);
+                    let c = b.em.op("Less", &[&x, &hi], vec![]);
+                    let m = b.em.op("And", &[&a, &c], vec![]);
+                    let z = b.em.scalar(0.0);
+                    b.em.where_(&m, &dy, &z)
+                }
+                "Sigmoid" => {
+                    let one = b.em.scalar(1.0);
+                    let om = b.em.sub(&one, &y);
+                    let t = b.em.mul(&y, &om);
+                    b.em.mul(&dy, &t)
+                }
+                "Tanh" => {
+                    let one = b.em.scalar(1.0);
+                    let y2 = b.em.mul(&y, &y);
+                    let t = b.em.sub(&one, &y2);
+                    b.em.mul(&dy, &t)
+                }
+                "Erf" => {
+                    // Gradients are always in the graph's float type, even around the f32
+                    // Erf of an f64 graph.
+                    let x = if b.info(&x).dtype != b.em.float {
+                        b.em.cast_float(&x)
+                    } else {
+                        x.clone()
+                    };
+                    let x2 = b.em.mul(&x, &x);
+                    let nx2 = b.em.neg(&x2);
+                    let e = b.em.op("Exp", &[&nx2], vec![]);
+                    let t = b.em.mul_scalar(&e, 2.0 / std::f64::consts::PI.sqrt());
+                    b.em.mul(&dy, &t)
+                }
+                "Sqrt" => {
+                    let t = b.em.div(&dy, &y);
+                    b.em.mul_scalar(&t, 0.5)
+                }
+                "Exp" => b.em.mul(&dy, &y),
+                "Neg" => b.em.neg(&dy),
+                "Abs" => {
+                    let s = b.em.op("Sign", &[&x], vec![]);
+                    b.em.mul(&dy, &s)
+                }
+                "Reciprocal" => {
+                    let y2 = b.em.mul(&y, &y);
+                    let t = b.em.mul(&dy, &y2);
+                    b.em.neg(&t)
+                }
+                _ => bail!("no gradient rule for {}", node.describe()),
+            };
+            dx[0] = Some(g);
+        }
+        _ => {}
+    }
+    Ok(dx)
+}

@@ -1,0 +1,281 @@
+//! AveragePool (count_include_pad 0/1, ceil_mode), MaxPool, GlobalAveragePool.
+//!
+//! Gradients scatter `dY` back with a `ConvTranspose` whose kernel is all ones (average: after
+//! dividing by the host-computed count of each window) or one-hot per kernel offset (max: the
+//! first maximal position of each window, as PyTorch picks it, found with strided `Slice` +
+//! `Equal`). tract has no `MaxUnpool`, so this stays in standard ops.
+
+use anyhow::{bail, Result};
+use ndarray::{ArrayD, IxDyn};
+
+use super::conv::{geom_attrs, geometry, kernel_offsets, ConvGeom};
+use super::{input_info, Shapes};
+use crate::grad::analysis::Lowering;
+use crate::grad::backward::Backward;
+use crate::grad::Info;
+use crate::onnx::{attr, Node};
+
+fn pool_geom(node: &Node, x: &Info) -> Result<ConvGeom> {
+    let kernel: Vec<usize> = match node.attr_ints("kernel_shape") {
+        Some(k) if k.iter().all(|&v| v >= 1) => k.iter().map(|&v| v as usize).collect(),
+        _ => bail!("{}: missing or invalid kernel_shape", node.describe()),
+    };
+    if x.shape.len() != kernel.len() + 2 {
+        bail!(
+            "{}: input {:?} does not match kernel {:?}",
+            node.describe(),
+            x.shape,
+            kernel
+        );
+    }
+    geometry(node, &x.shape[2..], kernel, 1)
+}
+
+fn ceil_mode(node: &Node) -> bool {
+    node.attr_i("ceil_mode").unwrap_or(0) == 1
+}
+
+/// Output size, with PyTorch/ONNX's rule that a ceil-mode window must start inside the input
+/// or its begin padding.
+fn out_dims(node: &Node, g: &ConvGeom, x: &Info) -> Result<Vec<usize>> {
+    let d = g.spatial();
+    let mut out = vec![];
+    for i in 0..d {
+        let mut o = g
+            .out_dim(i, x.shape[2 + i], ceil_mode(node))
+            .ok_or_else(|| {
+                anyhow::anyhow!("{}: window larger than the padded input", node.describe())
+            })?;
+        if ceil_mode(node) && (o - 1) * g.strides[i] >= x.shape[2 + i] + g.pads[i] {
+            o -= 1;
+        }
+        out.push(o);
+    }
+    Ok(out)
+}
+
+pub fn lower(lw: &mut Lowering, node: Node) -> Result<()> {
+    let x = lw.input_info(&node, 0)?.clone();
+    if node.outputs.len() > 1 && !node.outputs[1].is_empty() {
+        bail!(
+            "{}: MaxPool's Indices output is not supported",
+            node.describe()
+        );
+    }
+    let g = pool_geom(&node, &x)?;
+    let mut out = Node::new(
+        node.name.clone(),
+        &node.op,
+        vec![node.inputs[0].clone()],
+        vec![node.outputs[0].clone()],
+    );
+    for a in geom_attrs(&g) {
+        if node.op == "AveragePool" && a.name == "dilations" && lw.opset < 19 {
+            continue;
+        }
+        out = out.with_attr(a);
+    }
+    out = out.with_attr(attr::i("ceil_mode", ceil_mode(&node) as i64));
+    if node.op == "AveragePool" {
+        out = out.with_attr(attr::i(
+            "count_include_pad",
+            node.attr_i("count_include_pad").unwrap_or(0),
+        ));
+    }
+    lw.add(out)
+}
+
+pub fn infer(node: &Node, ins: &[Option<&Info>]) -> Result<Shapes> {
+    let x = input_info(node, ins, 0)?;
+    if x.shape.len() < 3 {
+        bail!(
+            "{}: pooling needs [N, C, ...] input, got {:?}",
+            node.describe(),
+            x.shape
+        );
+    }
+    if node.op == "GlobalAveragePool" {
+        let mut s = x.shape[..2].to_vec();
+        s.extend(std::iter::repeat(1).take(x.shape.len() - 2));
+        return Ok(vec![(s, x.dtype)]);
+    }
+    let g = pool_geom(node, x)?;
+    let mut s = x.shape[..2].to_vec();
+    s.extend(out_dims(node, &g, x)?);
+    Ok(vec![(s, x.dtype)])
+}
+
+/// Number of input positions each window divides by.
+fn window_counts(g: &ConvGeom, input: &[usize], out: &[usize], include_pad: bool) -> ArrayD<f64> {
+    let d = g.spatial();
+    let per_axis: Vec<Vec<f64>> = (0..d)
+        .map(|i| {
+            (0..out[i])
+                .map(|o| {
+                    let start = (o * g.strides[i]) as i64 - g.pads[i] as i64;
+                    let (lo, hi) = if include_pad {
+                        (-(g.pads[i] as i64), (input[i] + g.pads[i + d]) as i64)
+                    } else {
+                        (0, input[i] as i64)
+                    };
+                    (0..g.kernel[i])
+                        .filter(|&k| {
+                            let p = start + (k * g.dilations[i]) as i64;
+                            p >= lo && p < hi
+                        })
+                        .count() as f64
+                })
+                .collect()
+        })
+        .collect();
+    ArrayD::from_shape_fn(IxDyn(out), |ix| {
+        (0..d).map(|i| per_axis[i][ix[i]]).product()
+    })
+}
+
+/// Scatter back to the input grid `[N, C, in...]`: either `[N·C, K, out...]` with one channel
+/// per kernel offset (one-hot kernels, summed), or, when `kernel_ones`, `[N, C, out...]`
+/// through a depthwise all-ones kernel (`k_channels` = C). The depthwise form also sidesteps a
+/// tract optimiser failure on single-channel ConvTranspose.
+fn scatter(
+    b: &mut Backward,
+    g: &ConvGeom,
+    src: &str,
+    k_channels: usize,
+    kernel_ones: bool,
+    x_shape: &[usize],
+    out: &[usize],
+) -> String {
+    let offsets = kernel_offsets(&g.kernel);
+    let mut wshape = vec![k_channels, 1];
+    wshape.extend(&g.kernel);
+    let w = if kernel_ones {
+        ArrayD::from_elem(IxDyn(&wshape), 1.0)
+    } else {
+        let mut w = ArrayD::zeros(IxDyn(&wshape));
+        for (j, off) in offsets.iter().enumerate() {
+            let mut ix = vec![j, 0];
+            ix.extend(off);
+            w[IxDyn(&ix)] = 1.0;
+        }
+        w
+    };
+    let w = b.em.floats(w);
+    let mut attrs = geom_attrs(&g.without_end_pads());
+    if kernel_ones {
+        attrs.push(attr::i("group", k_channels as i64));
+    }
+    let t = b.em.op("ConvTranspose", &[src, &w], attrs);
+    let cur = fit_scatter(b, g, &t, &x_shape[2..], out);
+    b.em.reshape(&cur, x_shape)
+}
+
+/// A `ConvTranspose` built with no end padding covers input positions
+/// `0 .. s·(out−1) + (k−1)·d + 1 − pad_begin`; crop or zero-pad each spatial axis to the
+/// input length. (Cropping the end padding inside ConvTranspose would drop rows that a window
+/// reaches when the forward's end padding goes partly unused.)
+pub fn fit_scatter(
+    b: &mut Backward,
+    g: &ConvGeom,
+    t: &str,
+    input: &[usize],
+    out: &[usize],
+) -> String {
+    let d = g.spatial();
+    let produced: Vec<i64> = (0..d)
+        .map(|i| {
+            (g.strides[i] * (out[i] - 1) + (g.kernel[i] - 1) * g.dilations[i] + 1) as i64
+                - g.pads[i] as i64
+        })
+        .collect();
+    let mut cur = t.to_string();
+    let over: Vec<usize> = (0..d).filter(|&i| produced[i] > input[i] as i64).collect();
+    if !over.is_empty() {
+        let axes: Vec<i64> = over.iter().map(|&i| 2 + i as i64).collect();
+        let ends: Vec<i64> = over.iter().map(|&i| input[i] as i64).collect();
+        cur = b.em.slice(
+            &cur,
+            &vec![0; axes.len()],
+            &ends,
+            &axes,
+            &vec![1; axes.len()],
+        );
+    }
+    let mut pads = vec![0i64; 2 * (d + 2)];
+    for i in 0..d {
+        pads[d + 4 + i] = (input[i] as i64 - produced[i]).max(0);
+    }
+    b.em.pad(&cur, &pads, 0.0)
+}
+
+pub fn backward(
+    b: &mut Backward,
+    node: &Node,
+    dys: &[Option<String>],
+) -> Result<Vec<Option<String>>> {
+    let Some(dy) = dys[0].clone() else {
+        return Ok(vec![]);
+    };
+    if !b.needs_input(node, 0) {
+        return Ok(vec![None]);
+    }
+    let x = node.inputs[0].clone();
+    let ix = b.info(&x).clone();
+    let (n, c) = (ix.shape[0], ix.shape[1]);
+    let spatial: usize = ix.shape[2..].iter().product();
+    if node.op == "GlobalAveragePool" {
+        let t = b.em.mul_scalar(&dy, 1.0 / spatial as f64);
+        return Ok(vec![Some(b.em.expand(&t, &ix.shape))]);
+    }
+    let g = pool_geom(node, &ix)?;
+    let out: Vec<usize> = b.shape(&node.outputs[0])[2..].to_vec();
+    let mut flat = vec![n * c, 1];
+    flat.extend(&out);
+    if node.op == "AveragePool" {
+        let include = node.attr_i("count_include_pad").unwrap_or(0) == 1;
+        let counts = window_counts(&g, &ix.shape[2..], &out, include).mapv(|v| 1.0 / v);
+        let inv = b.em.floats(counts);
+        let scaled = b.em.mul(&dy, &inv);
+        return Ok(vec![Some(scatter(
+            b, &g, &scaled, c, true, &ix.shape, &out,
+        ))]);
+    }
+    // MaxPool: route dY to the first maximal position of each window.
+    let d = g.spatial();
+    let mut pads = vec![0i64; 2 * (d + 2)];
+    for i in 0..d {
+        let need = (out[i] - 1) * g.strides[i] + (g.kernel[i] - 1) * g.dilations[i] + 1;
+        let have = ix.shape[2 + i] + g.pads[i] + g.pads[i + d];
+        pads[2 + i] = g.pads[i] as i64;
+        pads[d + 4 + i] = (g.pads[i + d] + need.saturating_sub(have)) as i64;
+    }
+    let lowest = if b.em.float == crate::onnx::DType::F64 {
+        f64::MIN
+    } else {
+        f32::MIN as f64
+    };
+    let xp = b.em.pad(&x, &pads, lowest);
+    let y = node.outputs[0].clone();
+    let axes: Vec<i64> = (2..2 + d as i64).collect();
+    let steps: Vec<i64> = g.strides.iter().map(|&s| s as i64).collect();
+    let mut remaining = b.em.scalar(1.0);
+    let mut parts = vec![];
+    for off in kernel_offsets(&g.kernel) {
+        let starts: Vec<i64> = (0..d).map(|i| (off[i] * g.dilations[i]) as i64).collect();
+        let ends: Vec<i64> = (0..d)
+            .map(|i| starts[i] + ((out[i] - 1) * g.strides[i]) as i64 + 1)
+            .collect();
+        let s = b.em.slice(&xp, &starts, &ends, &axes, &steps);
+        let eq = b.em.op("Equal", &[&s, &y], vec![]);
+        let eqf = b.em.cast_float(&eq);
+        let m = b.em.mul(&eqf, &remaining);
+        remaining = b.em.sub(&remaining, &m);
+        let routed = b.em.mul(&m, &dy);
+        parts.push(b.em.reshape(&routed, &flat));
+    }
+    let k = parts.len();
+    let stacked = b.em.concat(&parts, 1);
+    Ok(vec![Some(scatter(
+        b, &g, &stacked, k, false, &ix.shape, &out,
+    ))])
+}

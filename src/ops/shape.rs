@@ -1,0 +1,811 @@
+//! Data movement: Constant, Identity/Dropout, Reshape (and Squeeze/Unsqueeze/Flatten, lowered
+//! to it), Transpose, Concat, Split (lowered to Slice), Slice, Pad, Gather, Cast, Expand,
+//! ConstantOfShape, Range.
+//!
+//! Gradients: Reshape → reshape back; Transpose → inverse permutation; Concat → slices;
+//! Slice (unit steps) → zero padding; Pad → slice; Expand → sum over the broadcast axes.
+//! On parameter-only tensors (`Kind::Param`) the rules shift every axis by the extra leading
+//! sample axis of the gradient.
+
+use anyhow::{anyhow, bail, Context, Result};
+use ndarray::{ArrayD, Axis, IxDyn, Slice};
+
+use super::{input_info, norm_axis, Shapes};
+use crate::grad::analysis::Lowering;
+use crate::grad::backward::Backward;
+use crate::grad::{Info, Kind};
+use crate::onnx::{attr, DType, HostTensor, Node};
+
+pub const OPS: &[&str] = &[
+    "Identity",
+    "Reshape",
+    "Transpose",
+    "Concat",
+    "Slice",
+    "Pad",
+    "Gather",
+    "Cast",
+    "Expand",
+    "ConstantOfShape",
+    "Range",
+    "Shape",
+];
+
+pub fn lower_constant(lw: &mut Lowering, node: Node) -> Result<()> {
+    let t = if let Some(t) = node.attr_t("value") {
+        HostTensor::from_proto(t)?
+    } else if let Some(v) = node.attr_ints("value_ints") {
+        HostTensor::i64_vec(&v)
+    } else if node.has_attr("value_int") {
+        HostTensor::I64(ArrayD::from_elem(
+            IxDyn(&[]),
+            node.attr_i("value_int").unwrap(),
+        ))
+    } else if node.has_attr("value_float") {
+        HostTensor::F32(ArrayD::from_elem(
+            IxDyn(&[]),
+            node.attr_f("value_float").unwrap(),
+        ))
+    } else if node.has_attr("value_floats") {
+        let v: Vec<f32> = node
+            .attrs
+            .iter()
+            .find(|a| a.name == "value_floats")
+            .unwrap()
+            .floats
+            .clone();
+        HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[v.len()]), v)?)
+    } else {
+        bail!(
+            "{}: unsupported Constant attribute (need value, value_int(s) or value_float(s))",
+            node.describe()
+        );
+    };
+    let t = if t.dtype().is_float() {
+        t.cast(lw.float)
+    } else {
+        t
+    };
+    lw.set_const(&node.outputs[0], t);
+    Ok(())
+}
+
+pub fn lower_identity(lw: &mut Lowering, node: Node) -> Result<()> {
+    // Dropout is the identity at probe time; its optional mask output is not produced.
+    let out = Node::new(
+        node.name.clone(),
+        "Identity",
+        vec![node.inputs[0].clone()],
+        vec![node.outputs[0].clone()],
+    );
+    lw.add(out)
+}
+
+/// Squeeze, Unsqueeze, Flatten and Reshape all become `Reshape` with a constant, fully
+/// resolved target shape.
+pub fn lower_reshape(lw: &mut Lowering, node: Node) -> Result<()> {
+    let x = lw.input_info(&node, 0)?.clone();
+    let r = x.shape.len();
+    let axes_of = |lw: &Lowering| -> Result<Option<Vec<i64>>> {
+        if let Some(a) = node.attr_ints("axes") {
+            return Ok(Some(a));
+        }
+        Ok(match lw.const_input(&node, 1)? {
+            Some(t) => Some(t.as_i64_vec()?),
+            None => None,
+        })
+    };
+    let target: Vec<usize> = match node.op.as_str() {
+        "Flatten" => {
+            let axis = node.attr_i("axis").unwrap_or(1);
+            let a = if axis < 0 { axis + r as i64 } else { axis };
+            if a < 0 || a > r as i64 {
+                bail!("{}: axis {axis} out of range for rank {r}", node.describe());
+            }
+            let a = a as usize;
+            vec![x.shape[..a].iter().product(), x.shape[a..].iter().product()]
+        }
+        "Squeeze" => match axes_of(lw)? {
+            Some(axes) => {
+                let axes: Vec<usize> = axes
+                    .iter()
+                    .map(|&a| super::norm_axis(&node, a, r))
+                    .collect::<Result<_>>()?;
+                for &a in &axes {
+                    if x.shape[a] != 1 {
+                        bail!(
+                            "{}: cannot squeeze axis {a} of size {}",
+                            node.describe(),
+                            x.shape[a]
+                        );
+                    }
+                }
+                x.shape
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !axes.contains(i))
+                    .map(|(_, &d)| d)
+                    .collect()
+            }
+            None => x.shape.iter().copied().filter(|&d| d != 1).collect(),
+        },
+        "Unsqueeze" => {
+            let axes =
+                axes_of(lw)?.ok_or_else(|| anyhow!("{}: Unsqueeze needs axes", node.describe()))?;
+            let out_r = r + axes.len();
+            let mut axes: Vec<usize> = axes
+                .iter()
+                .map(|&a| super::norm_axis(&node, a, out_r))
+                .collect::<Result<_>>()?;
+            axes.sort_unstable();
+            let mut it = x.shape.iter();
+            (0..out_r)
+                .map(|i| {
+                    if axes.contains(&i) {
+                        1
+                    } else {
+                        *it.next().unwrap()
+                    }
+                })
+                .collect()
+        }
+        _ => {
+            let spec = lw
+                .const_input(&node, 1)?
+                .ok_or_else(|| anyhow!("{}: Reshape needs a shape input", node.describe()))?
+                .as_i64_vec()?;
+            let allowzero = node.attr_i("allowzero").unwrap_or(0) == 1;
+            let mut res = resolve_reshape(&node, &x.shape, &spec, allowzero)?;
+            if x.kind == Kind::Batched && res.first() != Some(&lw.n) {
+                // An export with a fixed batch size may have baked it into the shape constant.
+                if let (Some(b), Some(&s0)) = (lw.export_batch, spec.first()) {
+                    if s0 == b as i64 {
+                        let mut spec2 = spec.clone();
+                        spec2[0] = lw.n as i64;
+                        res = resolve_reshape(&node, &x.shape, &spec2, allowzero)?;
+                    }
+                }
+            }
+            res
+        }
+    };
+    if target.iter().product::<usize>() != x.numel() {
+        bail!(
+            "{}: cannot reshape {:?} to {:?}",
+            node.describe(),
+            x.shape,
+            target
+        );
+    }
+    if x.kind == Kind::Batched && target.first() != Some(&lw.n) {
+        bail!(
+            "{}: reshaping {:?} to {:?} moves the sample axis; per-sample gradients need axis 0 to stay the batch",
+            node.describe(),
+            x.shape,
+            target
+        );
+    }
+    let shape_t: Vec<i64> = target.iter().map(|&d| d as i64).collect();
+    let s = lw.konst(HostTensor::i64_vec(&shape_t));
+    lw.add(Node::new(
+        node.name.clone(),
+        "Reshape",
+        vec![node.inputs[0].clone(), s],
+        vec![node.outputs[0].clone()],
+    ))
+}
+
+fn resolve_reshape(
+    node: &Node,
+    input: &[usize],
+    spec: &[i64],
+    allowzero: bool,
+) -> Result<Vec<usize>> {
+    let total: usize = input.iter().product();
+    let mut out = vec![0usize; spec.len()];
+    let mut infer_at = None;
+    for (i, &s) in spec.iter().enumerate() {
+        out[i] = match s {
+            -1 => {
+                if infer_at.replace(i).is_some() {
+                    bail!("{}: more than one -1 in shape {spec:?}", node.describe());
+                }
+                1
+            }
+            0 if !allowzero => *input.get(i).ok_or_else(|| {
+                anyhow!("{}: 0 in shape {spec:?} has no input dim", node.describe())
+            })?,
+            s if s >= 0 => s as usize,
+            _ => bail!("{}: invalid shape {spec:?}", node.describe()),
+        };
+    }
+    if let Some(i) = infer_at {
+        let known: usize = out.iter().product();
+        if known == 0 || total % known != 0 {
+            bail!("{}: cannot reshape {input:?} to {spec:?}", node.describe());
+        }
+        out[i] = total / known;
+    }
+    Ok(out)
+}
+
+pub fn lower_split(lw: &mut Lowering, node: Node) -> Result<()> {
+    let x = lw.input_info(&node, 0)?.clone();
+    let axis = norm_axis(&node, node.attr_i("axis").unwrap_or(0), x.shape.len())?;
+    let len = x.shape[axis];
+    let k = node.outputs.len();
+    let sizes: Vec<usize> = if let Some(s) = node.attr_ints("split") {
+        s.iter().map(|&v| v as usize).collect()
+    } else if let Some(t) = lw.const_input(&node, 1)? {
+        t.as_i64_vec()?.iter().map(|&v| v as usize).collect()
+    } else {
+        let chunk = len.div_ceil(k);
+        (0..k)
+            .map(|i| chunk.min(len.saturating_sub(i * chunk)))
+            .collect()
+    };
+    if sizes.len() != k || sizes.iter().sum::<usize>() != len {
+        bail!(
+            "{}: split sizes {sizes:?} do not cover axis {axis} of length {len}",
+            node.describe()
+        );
+    }
+    let mut start = 0;
+    for (i, (out, size)) in node.outputs.iter().zip(sizes).enumerate() {
+        if !out.is_empty() {
+            let s = lw.konst(HostTensor::i64_vec(&[start as i64]));
+            let e = lw.konst(HostTensor::i64_vec(&[(start + size) as i64]));
+            let a = lw.konst(HostTensor::i64_vec(&[axis as i64]));
+            let st = lw.konst(HostTensor::i64_vec(&[1]));
+            lw.add(Node::new(
+                format!("{}/{i}", node.name),
+                "Slice",
+                vec![node.inputs[0].clone(), s, e, a, st],
+                vec![out.clone()],
+            ))?;
+        }
+        start += size;
+    }
+    Ok(())
+}
+
+/// Normalised slice: for each axis, (start, end, step) with 0 <= start, positive step.
+pub fn slice_params(
+    node: &Node,
+    shape: &[usize],
+    vals: &[Option<&HostTensor>],
+) -> Result<Vec<(usize, usize, usize, usize)>> {
+    let get = |i: usize| -> Result<Option<Vec<i64>>> {
+        vals.get(i)
+            .copied()
+            .flatten()
+            .map(|t| t.as_i64_vec())
+            .transpose()
+    };
+    let starts = get(1)?.ok_or_else(|| anyhow!("{}: Slice needs starts", node.describe()))?;
+    let ends = get(2)?.ok_or_else(|| anyhow!("{}: Slice needs ends", node.describe()))?;
+    let r = shape.len();
+    let axes = get(3)?.unwrap_or_else(|| (0..starts.len() as i64).collect());
+    let steps = get(4)?.unwrap_or_else(|| vec![1; starts.len()]);
+    if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+        bail!("{}: starts/ends/axes/steps lengths differ", node.describe());
+    }
+    let mut out = vec![];
+    for i in 0..starts.len() {
+        let a = norm_axis(node, axes[i], r)?;
+        let d = shape[a] as i64;
+        if steps[i] <= 0 {
+            bail!(
+                "{}: Slice with step {} is not supported (positive steps only)",
+                node.describe(),
+                steps[i]
+            );
+        }
+        let fix = |v: i64| (if v < 0 { v + d } else { v }).clamp(0, d);
+        let (s, e) = (fix(starts[i]), fix(ends[i]).max(fix(starts[i])));
+        out.push((a, s as usize, e as usize, steps[i] as usize));
+    }
+    Ok(out)
+}
+
+pub fn lower_slice(lw: &mut Lowering, node: Node) -> Result<()> {
+    let x = lw.input_info(&node, 0)?.clone();
+    let vals: Vec<Option<HostTensor>> = if node.has_attr("starts") {
+        vec![
+            None,
+            node.attr_ints("starts").map(|v| HostTensor::i64_vec(&v)),
+            node.attr_ints("ends").map(|v| HostTensor::i64_vec(&v)),
+            node.attr_ints("axes").map(|v| HostTensor::i64_vec(&v)),
+            None,
+        ]
+    } else {
+        let mut v = vec![None];
+        for i in 1..5 {
+            v.push(lw.const_input(&node, i)?);
+        }
+        v
+    };
+    let refs: Vec<Option<&HostTensor>> = vals.iter().map(|v| v.as_ref()).collect();
+    let sl = slice_params(&node, &x.shape, &refs)?;
+    if x.kind == Kind::Batched
+        && sl
+            .iter()
+            .any(|&(a, s, e, st)| a == 0 && (s != 0 || e != x.shape[0] || st != 1))
+    {
+        bail!(
+            "{}: slicing the sample axis would drop or reorder probe samples",
+            node.describe()
+        );
+    }
+    let col = |f: fn(&(usize, usize, usize, usize)) -> usize| -> Vec<i64> {
+        sl.iter().map(|t| f(t) as i64).collect()
+    };
+    let (s, e, a, st) = (col(|t| t.1), col(|t| t.2), col(|t| t.0), col(|t| t.3));
+    let inputs = vec![
+        node.inputs[0].clone(),
+        lw.konst(HostTensor::i64_vec(&s)),
+        lw.konst(HostTensor::i64_vec(&e)),
+        lw.konst(HostTensor::i64_vec(&a)),
+        lw.konst(HostTensor::i64_vec(&st)),
+    ];
+    lw.add(Node::new(
+        node.name.clone(),
+        "Slice",
+        inputs,
+        vec![node.outputs[0].clone()],
+    ))
+}
+
+pub fn lower_pad(lw: &mut Lowering, node: Node) -> Result<()> {
+    let x = lw.input_info(&node, 0)?.clone();
+    let mode = node.attr_s("mode").unwrap_or_else(|| "constant".into());
+    if mode != "constant" {
+        bail!(
+            "{}: Pad mode '{mode}' is not supported (constant only)",
+            node.describe()
+        );
+    }
+    let r = x.shape.len();
+    let (mut pads, value) = if let Some(p) = node.attr_ints("pads") {
+        (p, node.attr_f("value").unwrap_or(0.0) as f64)
+    } else {
+        let p = lw
+            .const_input(&node, 1)?
+            .ok_or_else(|| anyhow!("{}: Pad needs pads", node.describe()))?
+            .as_i64_vec()?;
+        let v = lw
+            .const_input(&node, 2)?
+            .and_then(|t| t.scalar_f64())
+            .unwrap_or(0.0);
+        (p, v)
+    };
+    if let Some(axes) = lw.const_input(&node, 3)? {
+        let axes = axes.as_i64_vec()?;
+        let mut full = vec![0i64; 2 * r];
+        for (i, &a) in axes.iter().enumerate() {
+            let a = norm_axis(&node, a, r)?;
+            full[a] = pads[i];
+            full[a + r] = pads[i + axes.len()];
+        }
+        pads = full;
+    }
+    if pads.len() != 2 * r || pads.iter().any(|&p| p < 0) {
+        bail!(
+            "{}: pads {pads:?} must be {} non-negative values",
+            node.describe(),
+            2 * r
+        );
+    }
+    if x.kind == Kind::Batched && (pads[0] != 0 || pads[r] != 0) {
+        bail!(
+            "{}: padding the sample axis is not allowed",
+            node.describe()
+        );
+    }
+    let p = lw.konst(HostTensor::i64_vec(&pads));
+    let v = lw.konst(HostTensor::F64(ArrayD::from_elem(IxDyn(&[]), value)).cast(x.dtype));
+    let out = Node::new(
+        node.name.clone(),
+        "Pad",
+        vec![node.inputs[0].clone(), p, v],
+        vec![node.outputs[0].clone()],
+    )
+    .with_attr(attr::s("mode", "constant"));
+    lw.add(out)
+}
+
+fn const_vals<'a>(node: &Node, ins: &[Option<&'a Info>], i: usize) -> Result<Vec<i64>> {
+    ins.get(i)
+        .copied()
+        .flatten()
+        .and_then(|x| x.value.as_ref())
+        .ok_or_else(|| anyhow!("{}: input {i} must be constant", node.describe()))?
+        .as_i64_vec()
+}
+
+pub fn infer(node: &Node, ins: &[Option<&Info>]) -> Result<Shapes> {
+    let x = input_info(node, ins, 0)?;
+    let r = x.shape.len();
+    Ok(match node.op.as_str() {
+        "Identity" => vec![(x.shape.clone(), x.dtype)],
+        "Reshape" => {
+            let s = const_vals(node, ins, 1)?;
+            vec![(s.iter().map(|&d| d as usize).collect(), x.dtype)]
+        }
+        "Transpose" => {
+            let perm: Vec<usize> = match node.attr_ints("perm") {
+                Some(p) => p
+                    .iter()
+                    .map(|&a| norm_axis(node, a, r))
+                    .collect::<Result<_>>()?,
+                None => (0..r).rev().collect(),
+            };
+            if perm.len() != r {
+                bail!(
+                    "{}: perm has {} entries for rank {r}",
+                    node.describe(),
+                    perm.len()
+                );
+            }
+            if x.kind == Kind::Batched && perm[0] != 0 {
+                bail!(
+                    "{}: transposing away the sample axis mixes samples",
+                    node.describe()
+                );
+            }
+            vec![(perm.iter().map(|&p| x.shape[p]).collect(), x.dtype)]
+        }
+        "Concat" => {
+            let axis = norm_axis(
+                node,
+                node.attr_i("axis")
+                    .ok_or_else(|| anyhow!("{}: Concat needs axis", node.describe()))?,
+                r,
+            )?;
+            if axis == 0 && super::is_batched(ins) {
+                bail!(
+                    "{}: concatenating along the sample axis mixes samples",
+                    node.describe()
+                );
+            }
+            let mut shape = x.shape.clone();
+            shape[axis] = 0;
+            for i in ins.iter().flatten() {
+                if i.shape.len() != r {
+                    bail!("{}: inputs have different ranks", node.describe());
+                }
+                shape[axis] += i.shape[axis];
+            }
+            vec![(shape, x.dtype)]
+        }
+        "Slice" => {
+            let vals: Vec<Option<&HostTensor>> = ins
+                .iter()
+                .map(|i| i.and_then(|i| i.value.as_ref()))
+                .collect();
+            let mut shape = x.shape.clone();
+            for (a, s, e, st) in slice_params(node, &x.shape, &vals)? {
+                shape[a] = (e - s).div_ceil(st);
+            }
+            vec![(shape, x.dtype)]
+        }
+        "Pad" => {
+            let p = const_vals(node, ins, 1)?;
+            vec![(
+                (0..r)
+                    .map(|i| x.shape[i] + p[i] as usize + p[i + r] as usize)
+                    .collect(),
+                x.dtype,
+            )]
+        }
+        "Gather" => {
+            if x.kind == Kind::Batched {
+                let axis = norm_axis(node, node.attr_i("axis").unwrap_or(0), r)?;
+                if axis == 0 {
+                    bail!(
+                        "{}: gathering along the sample axis mixes samples",
+                        node.describe()
+                    );
+                }
+            }
+            bail!(
+                "{}: Gather on a non-constant tensor is not supported",
+                node.describe()
+            )
+        }
+        "Cast" => {
+            let to = node.attr_i("to").unwrap_or(1) as i32;
+            let dt = DType::from_onnx(to)
+                .ok_or_else(|| anyhow!("{}: unsupported cast target", node.describe()))?;
+            vec![(x.shape.clone(), dt)]
+        }
+        "Expand" => {
+            let s: Vec<usize> = const_vals(node, ins, 1)?
+                .iter()
+                .map(|&d| d as usize)
+                .collect();
+            let out = super::broadcast(node, &x.shape, &s)?;
+            super::check_batched_broadcast(node, &ins[..1], &out)?;
+            vec![(out, x.dtype)]
+        }
+        "Shape" => vec![(vec![r], DType::I64)],
+        _ => bail!(
+            "{}: cannot infer shapes for a non-constant {}",
+            node.describe(),
+            node.op
+        ),
+    })
+}
+
+fn to_usize(v: &[i64]) -> Vec<usize> {
+    v.iter().map(|&d| d.max(0) as usize).collect()
+}
+
+/// Constant folding.
+pub fn eval(node: &Node, vals: &[Option<&HostTensor>]) -> Result<Vec<HostTensor>> {
+    let x = vals.first().copied().flatten();
+    let need = || x.ok_or_else(|| anyhow!("{}: missing input", node.describe()));
+    macro_rules! each {
+        ($t:expr, $a:ident => $body:expr) => {
+            match $t {
+                HostTensor::F32($a) => HostTensor::F32($body),
+                HostTensor::F64($a) => HostTensor::F64($body),
+                HostTensor::I64($a) => HostTensor::I64($body),
+                HostTensor::Bool($a) => HostTensor::Bool($body),
+            }
+        };
+    }
+    let out = match node.op.as_str() {
+        "Identity" => need()?.clone(),
+        "Shape" => HostTensor::i64_vec(
+            &need()?
+                .shape()
+                .iter()
+                .map(|&d| d as i64)
+                .collect::<Vec<_>>(),
+        ),
+        "Reshape" => {
+            let s = to_usize(&vals[1].unwrap().as_i64_vec()?);
+            each!(need()?, a => a.clone().into_shape_with_order(IxDyn(&s)).context("reshape")?)
+        }
+        "Transpose" => {
+            let t = need()?;
+            let r = t.shape().len();
+            let perm: Vec<usize> = match node.attr_ints("perm") {
+                Some(p) => p
+                    .iter()
+                    .map(|&a| norm_axis(node, a, r))
+                    .collect::<Result<_>>()?,
+                None => (0..r).rev().collect(),
+            };
+            each!(t, a => a.clone().permuted_axes(IxDyn(&perm)).as_standard_layout().to_owned())
+        }
+        "Concat" => {
+            let parts: Vec<&HostTensor> = vals.iter().flatten().copied().collect();
+            let r = parts[0].shape().len();
+            let axis = Axis(norm_axis(node, node.attr_i("axis").unwrap_or(0), r)?);
+            let dt = parts[0].dtype();
+            let cast: Vec<HostTensor> = parts.iter().map(|p| p.cast(dt)).collect();
+            macro_rules! cat {
+                ($v:ident) => {{
+                    let views: Vec<_> = cast
+                        .iter()
+                        .map(|p| match p {
+                            HostTensor::$v(a) => a.view(),
+                            _ => unreachable!(),
+                        })
+                        .collect();
+                    HostTensor::$v(ndarray::concatenate(axis, &views)?)
+                }};
+            }
+            match dt {
+                DType::F32 => cat!(F32),
+                DType::F64 => cat!(F64),
+                DType::I64 => cat!(I64),
+                DType::Bool => cat!(Bool),
+            }
+        }
+        "Slice" => {
+            let t = need()?;
+            let sl = slice_params(node, &t.shape(), vals)?;
+            each!(t, a => {
+                let mut v = a.view();
+                for &(ax, s, e, st) in &sl {
+                    v.slice_axis_inplace(Axis(ax), Slice::new(s as isize, Some(e as isize), st as isize));
+                }
+                v.to_owned()
+            })
+        }
+        "Pad" => bail!("{}: padding a constant is not supported", node.describe()),
+        "Gather" => {
+            let t = need()?;
+            let r = t.shape().len();
+            let axis = norm_axis(node, node.attr_i("axis").unwrap_or(0), r)?;
+            let idx_t = vals[1].ok_or_else(|| anyhow!("{}: missing indices", node.describe()))?;
+            let d = t.shape()[axis] as i64;
+            let idx: Vec<usize> = idx_t
+                .as_i64_vec()?
+                .iter()
+                .map(|&i| {
+                    let j = if i < 0 { i + d } else { i };
+                    if j < 0 || j >= d {
+                        bail!(
+                            "{}: index {i} out of range for axis of size {d}",
+                            node.describe()
+                        )
+                    }
+                    Ok(j as usize)
+                })
+                .collect::<Result<_>>()?;
+            let ishape = idx_t.shape();
+            let mut out_shape: Vec<usize> = t.shape()[..axis].to_vec();
+            out_shape.extend(&ishape);
+            out_shape.extend(&t.shape()[axis + 1..]);
+            each!(t, a => a.select(Axis(axis), &idx).into_shape_with_order(IxDyn(&out_shape))?)
+        }
+        "Cast" => {
+            let to = node.attr_i("to").unwrap_or(1) as i32;
+            need()?.cast(
+                DType::from_onnx(to)
+                    .ok_or_else(|| anyhow!("{}: unsupported cast target", node.describe()))?,
+            )
+        }
+        "Expand" => {
+            let t = need()?;
+            let s = to_usize(&vals[1].unwrap().as_i64_vec()?);
+            let out = super::broadcast(node, &t.shape(), &s)?;
+            each!(t, a => a.broadcast(IxDyn(&out)).ok_or_else(|| anyhow!("{}: bad expand", node.describe()))?.to_owned())
+        }
+        "ConstantOfShape" => {
+            let s = to_usize(&need()?.as_i64_vec()?);
+            let v = match node.attr_t("value") {
+                Some(p) => HostTensor::from_proto(p)?,
+                None => HostTensor::F32(ArrayD::zeros(IxDyn(&[1]))),
+            };
+            each!(&v, a => ArrayD::from_elem(IxDyn(&s), a.iter().next().copied().unwrap_or_default()))
+        }
+        "Range" => {
+            let (s, l, d) = (
+                need()?.to_f64(),
+                vals[1].unwrap().to_f64(),
+                vals[2].unwrap().to_f64(),
+            );
+            let (s, l, d) = (
+                s.iter().next().copied().unwrap_or(0.0),
+                l.iter().next().copied().unwrap_or(0.0),
+                d.iter().next().copied().unwrap_or(1.0),
+            );
+            let count = ((l - s) / d).ceil().max(0.0) as usize;
+            let v: Vec<f64> = (0..count).map(|i| s + i as f64 * d).collect();
+            HostTensor::F64(ArrayD::from_shape_vec(IxDyn(&[count]), v)?).cast(need()?.dtype())
+        }
+        _ => bail!("{}: cannot fold", node.describe()),
+    };
+    Ok(vec![out])
+}
+
+/// Shift axes for gradients of parameter-only tensors, which carry a leading sample axis.
+fn lifted(b: &Backward, name: &str) -> bool {
+    b.info(name).kind == Kind::Param
+}
+
+pub fn backward(
+    b: &mut Backward,
+    node: &Node,
+    dys: &[Option<String>],
+) -> Result<Vec<Option<String>>> {
+    let Some(dy) = dys[0].clone() else {
+        return Ok(vec![]);
+    };
+    let x = node.inputs[0].clone();
+    let lift = lifted(b, &x);
+    let dx = match node.op.as_str() {
+        "Identity" => dy,
+        "Reshape" => {
+            let shape = b.grad_shape(&x);
+            b.em.reshape(&dy, &shape)
+        }
+        "Cast" => {
+            if !b.info(&x).dtype.is_float() {
+                return Ok(vec![None]);
+            }
+            dy
+        }
+        "Transpose" => {
+            let r = b.info(&x).shape.len();
+            let perm: Vec<usize> = match node.attr_ints("perm") {
+                Some(p) => p
+                    .iter()
+                    .map(|&a| norm_axis(node, a, r))
+                    .collect::<Result<_>>()?,
+                None => (0..r).rev().collect(),
+            };
+            let mut inv = vec![0; r];
+            for (i, &p) in perm.iter().enumerate() {
+                inv[p] = i;
+            }
+            let inv: Vec<usize> = if lift {
+                std::iter::once(0)
+                    .chain(inv.iter().map(|&p| p + 1))
+                    .collect()
+            } else {
+                inv
+            };
+            b.em.transpose(&dy, &inv)
+        }
+        "Concat" => {
+            let r = b.info(&x).shape.len();
+            let axis = norm_axis(node, node.attr_i("axis").unwrap(), r)?;
+            let mut outs = vec![];
+            let mut start = 0i64;
+            for (i, name) in node.inputs.iter().enumerate() {
+                let len = b.info(name).shape[axis] as i64;
+                if b.needs_input(node, i) {
+                    let la = if lifted(b, name) { axis + 1 } else { axis };
+                    let s =
+                        b.em.slice(&dy, &[start], &[start + len], &[la as i64], &[1]);
+                    // A lifted input of a batched concat gets its per-sample gradient as is.
+                    outs.push(Some(s));
+                } else {
+                    outs.push(None);
+                }
+                start += len;
+            }
+            if node.inputs.iter().any(|n| lifted(b, n))
+                && node.inputs.iter().any(|n| b.info(n).kind == Kind::Batched)
+            {
+                bail!(
+                    "{}: concatenating parameters with activations is not supported",
+                    node.describe()
+                );
+            }
+            return Ok(outs);
+        }
+        "Slice" => {
+            let info = b.info(&x).clone();
+            let vals: Vec<Option<&HostTensor>> = node
+                .inputs
+                .iter()
+                .map(|s| b.infos.get(s).and_then(|i| i.value.as_ref()))
+                .collect();
+            let sl = slice_params(node, &info.shape, &vals)?;
+            if sl.iter().any(|t| t.3 != 1) {
+                bail!(
+                    "{}: the gradient of a strided Slice is not supported",
+                    node.describe()
+                );
+            }
+            let off = lift as usize;
+            let r = info.shape.len() + off;
+            let mut pads = vec![0i64; 2 * r];
+            for (a, s, e, _) in sl {
+                pads[a + off] = s as i64;
+                pads[a + off + r] = (info.shape[a] - e) as i64;
+            }
+            b.em.pad(&dy, &pads, 0.0)
+        }
+        "Pad" => {
+            let info = b.info(&x).clone();
+            if lift {
+                bail!("{}: padding a parameter is not supported", node.describe());
+            }
+            let p = b
+                .info(&node.inputs[1])
+                .value
+                .as_ref()
+                .unwrap()
+                .as_i64_vec()?;
+            let r = info.shape.len();
+            let axes: Vec<i64> = (0..r as i64).collect();
+            let starts: Vec<i64> = (0..r).map(|i| p[i]).collect();
+            let ends: Vec<i64> = (0..r).map(|i| p[i] + info.shape[i] as i64).collect();
+            b.em.slice(&dy, &starts, &ends, &axes, &vec![1; r])
+        }
+        "Expand" => {
+            let out_shape = b.grad_shape(&node.outputs[0]);
+            b.unbroadcast(&dy, &out_shape, &x)?
+        }
+        _ => bail!("no gradient rule for {}", node.describe()),
+    };
+    Ok(vec![Some(dx)])
+}

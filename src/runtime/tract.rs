@@ -1,0 +1,107 @@
+//! The embedded runtime: tract, pure Rust.
+
+use std::sync::{Arc, Once};
+
+use anyhow::{anyhow, Context, Result};
+use ndarray::Array1;
+use tract_onnx::prelude::*;
+
+use super::GraphRunner;
+use crate::onnx::{pb, HostTensor};
+
+pub struct TractRunner {
+    plan: Arc<TypedRunnableModel>,
+}
+
+static THREADS: Once = Once::new();
+
+/// tract's matrix products run on all cores once an executor is installed.
+fn init_threads() {
+    THREADS.call_once(|| {
+        let n = std::env::var("GRADALIGN_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+        if n > 1 {
+            tract_linalg::multithread::set_default_executor(
+                tract_linalg::multithread::Executor::multithread(n),
+            );
+        }
+    });
+}
+
+impl TractRunner {
+    pub fn new(model: &pb::ModelProto) -> Result<TractRunner> {
+        init_threads();
+        let typed = tract_onnx::onnx()
+            .model_for_proto_model(model)
+            .map_err(|e| anyhow!("{e:?}"))
+            .context("tract could not load the gradient graph")?
+            .into_typed()
+            .map_err(|e| anyhow!("{e:?}"))
+            .context("tract could not type the gradient graph")?;
+        let level = std::env::var("GRADALIGN_TRACT_OPT").unwrap_or_default();
+        let typed = match level.as_str() {
+            "none" => typed,
+            "declutter" => typed.into_decluttered().map_err(|e| anyhow!("{e:?}"))?,
+            _ => typed
+                .into_optimized()
+                .map_err(|e| anyhow!("{e:?}"))
+                .context("tract could not optimise the gradient graph")?,
+        };
+        let plan = typed.into_runnable().map_err(|e| anyhow!("{e:?}"))?;
+        Ok(TractRunner { plan })
+    }
+}
+
+fn to_tract(t: &HostTensor) -> Tensor {
+    match t {
+        HostTensor::F32(a) => a.clone().into_tensor(),
+        HostTensor::F64(a) => a.clone().into_tensor(),
+        HostTensor::I64(a) => a.clone().into_tensor(),
+        HostTensor::Bool(a) => a.clone().into_tensor(),
+    }
+}
+
+fn from_tract(t: &Tensor) -> Result<HostTensor> {
+    Ok(match t.datum_type() {
+        DatumType::F32 => HostTensor::F32(
+            t.to_plain_array_view::<f32>()
+                .map_err(|e| anyhow!("{e}"))?
+                .to_owned(),
+        ),
+        DatumType::F64 => HostTensor::F64(
+            t.to_plain_array_view::<f64>()
+                .map_err(|e| anyhow!("{e}"))?
+                .to_owned(),
+        ),
+        DatumType::I64 => HostTensor::I64(
+            t.to_plain_array_view::<i64>()
+                .map_err(|e| anyhow!("{e}"))?
+                .to_owned(),
+        ),
+        other => return Err(anyhow!("unexpected output type {other:?}")),
+    })
+}
+
+impl GraphRunner for TractRunner {
+    fn run(&self, images: &HostTensor, labels: &Array1<i64>) -> Result<Vec<HostTensor>> {
+        let inputs: TVec<TValue> = tvec![
+            to_tract(images).into(),
+            labels.clone().into_dyn().into_tensor().into()
+        ];
+        let outs = self
+            .plan
+            .run(inputs)
+            .map_err(|e| anyhow!("{e:?}"))
+            .context("tract failed running the gradient graph")?;
+        outs.iter().map(|t| from_tract(t)).collect()
+    }
+    fn name(&self) -> &'static str {
+        "tract"
+    }
+}

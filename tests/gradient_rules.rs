@@ -1,0 +1,309 @@
+//! Every gradient rule against f64 central finite differences on small random graphs.
+//! Each graph feeds the op under test from a parameterised layer, so the rule's input gradient
+//! is exercised as well as its parameter gradient.
+
+mod common;
+use common::*;
+use gradalign::grad::{BnMode, ParamSelect};
+use gradalign::onnx::HostTensor;
+use ndarray::{ArrayD, IxDyn};
+
+const N: usize = 3;
+
+fn check(g: &GraphSpec, logits: &str, classes: usize, bn: BnMode, params: ParamSelect) {
+    let model = g.model(logits);
+    let probe = random_probe(&g.input_shape, N, classes, 5);
+    let worst = fd_check(&model, &probe, opts(bn, params), 12);
+    assert!(worst < 1e-5, "worst relative error {worst:e}");
+}
+
+/// Flatten + Gemm head so that any [N, ...] feature map becomes [N, classes] logits.
+fn head(g: &mut GraphSpec, x: &str, features: usize, classes: usize) -> String {
+    let f = g.node("Flatten", &[x], vec![a_i("axis", 1)]);
+    let w = g.param("head.w", &[classes, features], 0.5);
+    let b = g.param("head.b", &[classes], 0.5);
+    g.node("Gemm", &[&f, &w, &b], vec![a_i("transB", 1)])
+}
+
+#[test]
+fn conv_strided_padded_with_bias() {
+    let mut g = GraphSpec::new(&[2, 7, 7], 1);
+    let w1 = g.param("c1.w", &[3, 2, 3, 3], 0.5);
+    let c1 = g.node("Conv", &["x", &w1], vec![a_ints("pads", &[1, 1, 1, 1])]);
+    let w2 = g.param("c2.w", &[4, 3, 3, 3], 0.5);
+    let b2 = g.param("c2.b", &[4], 0.5);
+    // 7 + 1 - 3 = 5 → /2 + 1 = 3; the last input row is never read (ConvTranspose + pad).
+    let c2 = g.node(
+        "Conv",
+        &[&c1, &w2, &b2],
+        vec![a_ints("strides", &[2, 2]), a_ints("pads", &[1, 1, 0, 0])],
+    );
+    let z = head(&mut g, &c2, 4 * 3 * 3, 3);
+    check(&g, &z, 3, BnMode::Sample, ParamSelect::All);
+}
+
+#[test]
+fn conv_grouped_dilated_asymmetric_pads() {
+    let mut g = GraphSpec::new(&[4, 6, 6], 2);
+    let w1 = g.param("c1.w", &[4, 2, 3, 3], 0.5);
+    let c1 = g.node(
+        "Conv",
+        &["x", &w1],
+        vec![
+            a_i("group", 2),
+            a_ints("dilations", &[2, 2]),
+            a_ints("pads", &[2, 1, 2, 1]),
+        ],
+    );
+    // out: 6 + 4 - 5 + 1 = 6 rows, 6 + 2 - 5 + 1 = 4 cols
+    let w2 = g.param("c2.w", &[4, 1, 2, 2], 0.5); // depthwise
+    let c2 = g.node(
+        "Conv",
+        &[&c1, &w2],
+        vec![
+            a_i("group", 4),
+            a_ints("strides", &[2, 1]),
+            a_ints("pads", &[0, 1, 1, 0]),
+        ],
+    );
+    // rows: (6 + 1 - 2)/2 + 1 = 3, cols: (4 + 1 - 2)/1 + 1 = 4
+    let z = head(&mut g, &c2, 4 * 3 * 4, 3);
+    check(&g, &z, 3, BnMode::Sample, ParamSelect::Weights);
+}
+
+#[test]
+fn conv_auto_pad_same_upper_1d() {
+    let mut g = GraphSpec::new(&[2, 9], 3);
+    let w1 = g.param("c1.w", &[3, 2, 4], 0.5);
+    let c1 = g.node(
+        "Conv",
+        &["x", &w1],
+        vec![a_ints("strides", &[2]), pb_s("auto_pad", "SAME_UPPER")],
+    );
+    let z = head(&mut g, &c1, 3 * 5, 2);
+    check(&g, &z, 2, BnMode::Sample, ParamSelect::All);
+}
+
+fn pb_s(name: &str, v: &str) -> gradalign::onnx::pb::AttributeProto {
+    gradalign::onnx::attr::s(name, v)
+}
+
+#[test]
+fn average_pool_without_padding_counts_and_ceil_mode() {
+    let mut g = GraphSpec::new(&[2, 7, 7], 4);
+    let w1 = g.param("c1.w", &[2, 2, 1, 1], 0.8);
+    let c1 = g.node("Conv", &["x", &w1], vec![]);
+    let p1 = g.node(
+        "AveragePool",
+        &[&c1],
+        vec![
+            a_ints("kernel_shape", &[3, 3]),
+            a_ints("pads", &[1, 1, 1, 1]),
+            a_i("count_include_pad", 0),
+        ],
+    );
+    let p2 = g.node(
+        "AveragePool",
+        &[&p1],
+        vec![
+            a_ints("kernel_shape", &[2, 2]),
+            a_ints("strides", &[2, 2]),
+            a_i("ceil_mode", 1),
+        ],
+    );
+    // 7 → ceil((7-2)/2)+1 = 4
+    let p3 = g.node(
+        "AveragePool",
+        &[&p2],
+        vec![
+            a_ints("kernel_shape", &[3, 3]),
+            a_ints("strides", &[2, 2]),
+            a_ints("pads", &[1, 1, 1, 1]),
+            a_i("count_include_pad", 1),
+        ],
+    );
+    // 4 + 2 - 3 = 3 → /2 + 1 = 2
+    let z = head(&mut g, &p3, 2 * 2 * 2, 3);
+    check(&g, &z, 3, BnMode::Sample, ParamSelect::Weights);
+}
+
+#[test]
+fn max_pool_strided_padded() {
+    let mut g = GraphSpec::new(&[2, 7, 7], 5);
+    let w1 = g.param("c1.w", &[3, 2, 3, 3], 0.5);
+    let c1 = g.node("Conv", &["x", &w1], vec![a_ints("pads", &[1, 1, 1, 1])]);
+    let p1 = g.node(
+        "MaxPool",
+        &[&c1],
+        vec![
+            a_ints("kernel_shape", &[3, 3]),
+            a_ints("strides", &[2, 2]),
+            a_ints("pads", &[1, 1, 1, 1]),
+        ],
+    );
+    // 7 + 2 - 3 = 6 → 4
+    let p2 = g.node(
+        "MaxPool",
+        &[&p1],
+        vec![a_ints("kernel_shape", &[2, 2]), a_ints("strides", &[1, 1])],
+    );
+    let z = head(&mut g, &p2, 3 * 3 * 3, 3);
+    check(&g, &z, 3, BnMode::Sample, ParamSelect::Weights);
+}
+
+fn bn_graph(seed: u64) -> (GraphSpec, String) {
+    let mut g = GraphSpec::new(&[2, 5, 5], seed);
+    let w1 = g.param("c1.w", &[3, 2, 3, 3], 0.5);
+    let c1 = g.node("Conv", &["x", &w1], vec![a_ints("pads", &[1, 1, 1, 1])]);
+    let scale = g.param("bn.scale", &[3], 1.0);
+    let bias = g.param("bn.bias", &[3], 1.0);
+    let mean = g.param("bn.mean", &[3], 0.3);
+    let var = g.tensor(
+        "bn.var",
+        HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[3]), vec![0.5, 1.5, 2.0]).unwrap()),
+    );
+    let bn = g.node_n(
+        "BatchNormalization",
+        &[&c1, &scale, &bias, &mean, &var],
+        vec![a_f("epsilon", 1e-5), a_i("training_mode", 1)],
+        3,
+    );
+    let r = g.node("Relu", &[&bn[0]], vec![]);
+    let w2 = g.param("c2.w", &[2, 3, 3, 3], 0.5);
+    let c2 = g.node("Conv", &[&r, &w2], vec![]);
+    let z = head(&mut g, &c2, 2 * 3 * 3, 3);
+    (g, z)
+}
+
+#[test]
+fn batch_norm_per_sample_statistics() {
+    let (g, z) = bn_graph(6);
+    check(&g, &z, 3, BnMode::Sample, ParamSelect::All);
+}
+
+#[test]
+fn batch_norm_running_statistics() {
+    let (g, z) = bn_graph(7);
+    check(&g, &z, 3, BnMode::Eval, ParamSelect::All);
+}
+
+#[test]
+fn concat_split_slice_pad_transpose() {
+    let mut g = GraphSpec::new(&[4, 5, 5], 8);
+    let w1 = g.param("c1.w", &[4, 4, 1, 1], 0.5);
+    let c1 = g.node("Conv", &["x", &w1], vec![]);
+    let split = g.ints(&[1, 3]);
+    let parts = g.node_n("Split", &[&c1, &split], vec![a_i("axis", 1)], 2);
+    let w2 = g.param("c2.w", &[2, 3, 3, 3], 0.5);
+    let c2 = g.node(
+        "Conv",
+        &[&parts[1], &w2],
+        vec![a_ints("pads", &[1, 1, 1, 1])],
+    );
+    let cat = g.node("Concat", &[&parts[0], &c2, &c1], vec![a_i("axis", 1)]); // 1 + 2 + 4 = 7 channels
+    let (s, e, a) = (g.ints(&[1, 0]), g.ints(&[5, 4]), g.ints(&[2, 3]));
+    let sl = g.node("Slice", &[&cat, &s, &e, &a], vec![]); // [7, 4, 4]
+    let pads = g.ints(&[0, 0, 1, 0, 0, 0, 0, 2]);
+    let pd = g.node("Pad", &[&sl, &pads], vec![]); // [7, 5, 6]
+    let tr = g.node("Transpose", &[&pd], vec![a_ints("perm", &[0, 3, 1, 2])]); // [6, 7, 5]
+    let z = head(&mut g, &tr, 6 * 7 * 5, 3);
+    check(&g, &z, 3, BnMode::Sample, ParamSelect::Weights);
+}
+
+#[test]
+fn gemm_both_layouts_and_matmul() {
+    let mut g = GraphSpec::new(&[3, 4], 9);
+    // MatMul with a rank-3 activation: [N,3,4]·[4,5]
+    let w1 = g.param("mm.w", &[4, 5], 0.5);
+    let m1 = g.node("MatMul", &["x", &w1], vec![]);
+    let t = g.node("Tanh", &[&m1], vec![]);
+    let f = g.node("Flatten", &[&t], vec![]);
+    // Gemm, transB = 0: W is [in, out]
+    let w2 = g.param("g0.w", &[15, 6], 0.4);
+    let b2 = g.param("g0.b", &[6], 0.4);
+    let h = g.node(
+        "Gemm",
+        &[&f, &w2, &b2],
+        vec![a_f("alpha", 0.7), a_f("beta", 1.3)],
+    );
+    let s = g.node("Sigmoid", &[&h], vec![]);
+    let w3 = g.param("g1.w", &[4, 6], 0.5);
+    let b3 = g.param("g1.b", &[1, 4], 0.5);
+    let z = g.node("Gemm", &[&s, &w3, &b3], vec![a_i("transB", 1)]);
+    check(&g, &z, 4, BnMode::Sample, ParamSelect::All);
+}
+
+#[test]
+fn mul_by_constant_zero_gives_exact_zero_gradient() {
+    let mut g = GraphSpec::new(&[2, 4, 4], 10);
+    let w1 = g.param("c1.w", &[2, 2, 3, 3], 0.5);
+    let c1 = g.node("Conv", &["x", &w1], vec![a_ints("pads", &[1, 1, 1, 1])]);
+    let zero = g.tensor("zero", HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), 0.0)));
+    let dead = g.node("Mul", &[&c1, &zero], vec![]);
+    let w2 = g.param("c2.w", &[2, 2, 1, 1], 0.5);
+    let c2 = g.node("Conv", &["x", &w2], vec![]);
+    let sum = g.node("Add", &[&dead, &c2], vec![]);
+    let z = head(&mut g, &sum, 2 * 4 * 4, 2);
+    let model = g.model(&z);
+    let probe = random_probe(&g.input_shape, N, 2, 5);
+    let o = opts(BnMode::Sample, ParamSelect::Weights);
+    let res = gradalign::engine::per_sample_grads(&model, &probe, o, false).unwrap();
+    let e = &res.layout[0];
+    assert_eq!(e.name, "c1.w");
+    let gr = res.grads.to_f64();
+    assert!(gr
+        .slice(ndarray::s![.., e.offset..e.offset + e.numel])
+        .iter()
+        .all(|&v| v == 0.0));
+    assert!(gr.iter().any(|&v| v != 0.0));
+    fd_check(&model, &probe, o, 8);
+}
+
+#[test]
+fn elementwise_reductions_softmax_and_global_pool() {
+    let mut g = GraphSpec::new(&[3, 4, 4], 11);
+    let w1 = g.param("c1.w", &[3, 3, 3, 3], 0.5);
+    let c1 = g.node("Conv", &["x", &w1], vec![a_ints("pads", &[1, 1, 1, 1])]);
+    let r = g.node("Relu", &[&c1], vec![]);
+    let th = g.tensor("thr", HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), 0.1)));
+    let mx = g.node("Max", &[&r, &th], vec![]);
+    let e = g.node("Tanh", &[&mx], vec![]);
+    let m = g.node(
+        "ReduceMean",
+        &[&c1],
+        vec![a_ints("axes", &[2, 3]), a_i("keepdims", 1)],
+    );
+    let d = g.node("Sub", &[&e, &m], vec![]);
+    let two = g.tensor("two", HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), 2.0)));
+    let sq = g.node("Pow", &[&d, &two], vec![]);
+    let one = g.tensor("one", HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), 1.0)));
+    let den = g.node("Add", &[&sq, &one], vec![]);
+    let q = g.node("Div", &[&c1, &den], vec![]);
+    let sm = g.node("Softmax", &[&q], vec![a_i("axis", 1)]);
+    let gp = g.node("GlobalAveragePool", &[&sm], vec![]);
+    let s = g.node("Mul", &[&gp, &c1], vec![]);
+    let ax = g.ints(&[3]);
+    let rs = g.node("ReduceSum", &[&s, &ax], vec![a_i("keepdims", 0)]);
+    let z = head(&mut g, &rs, 3 * 4, 3);
+    check(&g, &z, 3, BnMode::Sample, ParamSelect::Weights);
+}
+
+/// Erf runs in f32 inside f64 graphs (tract has no f64 Erf), so finite differences use the
+/// tanh form of GELU here; the Erf rule itself is checked against PyTorch (toy_mlp golden).
+#[test]
+fn layer_norm_gelu_tanh_block() {
+    let mut g = GraphSpec::new(&[3, 6], 12);
+    let w1 = g.param("fc1.w", &[6, 8], 0.5);
+    let h = g.node("MatMul", &["x", &w1], vec![]);
+    let s = g.param("ln.scale", &[8], 1.0);
+    let b = g.param("ln.bias", &[8], 0.5);
+    let ln = g.node("LayerNormalization", &[&h, &s, &b], vec![a_i("axis", -1)]);
+    let ge = g.node(
+        "Gelu",
+        &[&ln],
+        vec![gradalign::onnx::attr::s("approximate", "tanh")],
+    );
+    let res = g.node("Add", &[&ge, &h], vec![]);
+    let z = head(&mut g, &res, 3 * 8, 4);
+    check(&g, &z, 4, BnMode::Sample, ParamSelect::All);
+}
