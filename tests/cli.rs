@@ -1,0 +1,204 @@
+//! The `gradalign grads` contract end to end, and clear errors (non-zero exit, named culprit)
+//! for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use gradalign::npy;
+use gradalign::onnx::HostTensor;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gradalign"))
+}
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("gradalign-cli-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+fn run_err(args: &[&str]) -> String {
+    let out = bin().args(args).output().unwrap();
+    assert!(!out.status.success(), "expected failure for {args:?}");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn grads_on_shipped_probe_writes_matrix_layout_and_logits() {
+    let d = tmpdir("ok");
+    let (g, l, z) = (d.join("G.npy"), d.join("L.json"), d.join("Z.npy"));
+    let model = root().join("models/nb201_avg_pool_heavy.onnx");
+    let out = bin()
+        .args(["grads", model.to_str().unwrap(), "--n", "20", "--out"])
+        .arg(&g)
+        .arg("--layout")
+        .arg(&l)
+        .arg("--logits")
+        .arg(&z)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("runtime tract") && stderr.contains("shipped CIFAR-10"),
+        "{stderr}"
+    );
+    let HostTensor::F32(gm) = npy::read(&g).unwrap() else {
+        panic!("G.npy must be float32")
+    };
+    let layout: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&l).unwrap()).unwrap();
+    // Default --params weights: the Conv and Gemm weights only, in initializer order.
+    assert!(layout
+        .iter()
+        .all(|e| e["op_type"] == "Conv" || e["op_type"] == "Gemm"));
+    assert_eq!(layout[0]["name"], "stem.0.weight");
+    assert_eq!(layout.last().unwrap()["name"], "classifier.weight");
+    let mut off = 0;
+    for e in &layout {
+        assert_eq!(e["offset"].as_u64().unwrap(), off);
+        let numel: u64 = e["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .product();
+        assert_eq!(e["numel"].as_u64().unwrap(), numel);
+        off += numel;
+    }
+    assert_eq!(gm.shape(), &[20, off as usize]);
+    let zm = npy::read(&z).unwrap();
+    assert_eq!(zm.shape(), vec![20, 10]);
+    // Every sample gets a non-zero gradient.
+    for i in 0..20 {
+        assert!(gm.index_axis(ndarray::Axis(0), i).iter().any(|&v| v != 0.0));
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn missing_model_file_is_named() {
+    let e = run_err(&["grads", "/nonexistent/model.onnx", "--out", "/tmp/x.npy"]);
+    assert!(e.contains("/nonexistent/model.onnx"), "{e}");
+}
+
+#[test]
+fn non_onnx_file_is_rejected() {
+    let d = tmpdir("junk");
+    let p = d.join("junk.onnx");
+    std::fs::write(&p, b"this is not protobuf at all \xff\xff\xff").unwrap();
+    let e = run_err(&[
+        "grads",
+        p.to_str().unwrap(),
+        "--out",
+        d.join("g.npy").to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("junk.onnx") && e.contains("not a valid ONNX model"),
+        "{e}"
+    );
+}
+
+#[test]
+fn npy_data_without_labels_names_the_flag() {
+    let x = root().join("tests/golden/toy_mlp/x.npy");
+    let e = run_err(&[
+        "grads",
+        root().join("models/toy_mlp.onnx").to_str().unwrap(),
+        "--data",
+        x.to_str().unwrap(),
+        "--out",
+        "/tmp/g.npy",
+    ]);
+    assert!(e.contains("--labels"), "{e}");
+}
+
+#[test]
+fn shipped_probe_refused_for_a_non_cifar_model() {
+    let e = run_err(&[
+        "grads",
+        root().join("models/toy_mlp.onnx").to_str().unwrap(),
+        "--out",
+        "/tmp/g.npy",
+    ]);
+    assert!(e.contains("--data"), "{e}");
+}
+
+#[test]
+fn labels_out_of_range_are_rejected() {
+    let d = tmpdir("labels");
+    let y = d.join("y.npy");
+    npy::write(&y, &HostTensor::i64_vec(&[0, 1, 2, 3, 4, 9])).unwrap();
+    let x = root().join("tests/golden/toy_mlp/x.npy");
+    let e = run_err(&[
+        "grads",
+        root().join("models/toy_mlp.onnx").to_str().unwrap(),
+        "--data",
+        x.to_str().unwrap(),
+        "--labels",
+        y.to_str().unwrap(),
+        "--out",
+        d.join("g.npy").to_str().unwrap(),
+    ]);
+    assert!(e.contains("label 9") && e.contains("5 classes"), "{e}");
+    assert!(!d.join("g.npy").exists(), "no output on failure");
+}
+
+fn write_model(path: &Path, op: &str) {
+    use gradalign::onnx::pb;
+    use prost::Message;
+    let node = pb::NodeProto {
+        input: vec!["x".into()],
+        output: vec!["y".into()],
+        name: "weird_node".into(),
+        op_type: op.into(),
+        ..Default::default()
+    };
+    let vi = |n: &str| pb::ValueInfoProto {
+        name: n.into(),
+        r#type: Some(pb::TypeProto {
+            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                elem_type: 1,
+                shape: None,
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let m = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(pb::GraphProto {
+            node: vec![node],
+            input: vec![vi("x")],
+            output: vec![vi("y")],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    std::fs::write(path, m.encode_to_vec()).unwrap();
+}
+
+#[test]
+fn unsupported_op_names_op_and_node() {
+    let d = tmpdir("op");
+    let p = d.join("m.onnx");
+    write_model(&p, "Hardmax");
+    let e = run_err(&[
+        "grads",
+        p.to_str().unwrap(),
+        "--out",
+        d.join("g.npy").to_str().unwrap(),
+    ]);
+    assert!(e.contains("Hardmax") && e.contains("weird_node"), "{e}");
+}
