@@ -3,7 +3,6 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use ndarray::{ArrayD, Axis, IxDyn};
 
 use crate::grad::analysis::Analysis;
 use crate::grad::builder::{GradGraph, GradGraphBuilder};
@@ -91,39 +90,42 @@ pub fn per_sample_grads(
     let n = probe.len();
     let mut layout = vec![];
     let mut offset = 0;
-    let mut blocks: Vec<ArrayD<f64>> = vec![];
-    let mut out_i = 1; // output 0 is the logits
     for g in &gg.grads {
         let p = &an.params[g.param];
-        let numel = p.numel();
         layout.push(LayoutEntry {
             name: p.name.clone(),
             op_type: p.op_type.clone(),
             node: p.node.clone(),
             shape: p.shape.clone(),
             offset,
-            numel,
+            numel: p.numel(),
         });
-        offset += numel;
-        match &g.output {
-            Some(_) => {
-                blocks.push(
-                    outs[out_i]
-                        .to_f64()
-                        .into_shape_with_order(IxDyn(&[n, numel]))?,
-                );
+        offset += p.numel();
+    }
+    // Copy each gradient block into its columns, in the graph's float type (no widening).
+    macro_rules! assemble {
+        ($variant:ident, $t:ty) => {{
+            let mut all = ndarray::Array2::<$t>::zeros((n, offset));
+            let mut out_i = 1; // output 0 holds the logits
+            for (g, e) in gg.grads.iter().zip(&layout) {
+                if g.output.is_none() {
+                    continue; // cannot reach the loss: stays zero
+                }
+                let HostTensor::$variant(block) = &outs[out_i] else {
+                    bail!("gradient output has an unexpected type")
+                };
+                let block = block.view().into_shape_with_order((n, e.numel))?;
+                all.slice_mut(ndarray::s![.., e.offset..e.offset + e.numel])
+                    .assign(&block);
                 out_i += 1;
             }
-            None => blocks.push(ArrayD::zeros(IxDyn(&[n, numel]))),
-        }
+            HostTensor::$variant(all.into_dyn())
+        }};
     }
-    let views: Vec<_> = blocks.iter().map(|b| b.view()).collect();
-    let all = if views.is_empty() {
-        ArrayD::zeros(IxDyn(&[n, 0]))
-    } else {
-        ndarray::concatenate(Axis(1), &views)?
+    let grads = match an.float {
+        crate::onnx::DType::F64 => assemble!(F64, f64),
+        _ => assemble!(F32, f32),
     };
-    let grads = HostTensor::F64(all).cast(an.float);
     Ok(PerSampleGrads {
         layout,
         grads,

@@ -136,8 +136,11 @@ fn grads(
         npy::write(z, &g.logits)?;
     }
     let p: usize = g.layout.iter().map(|e| e.numel).sum();
+    let peak = peak_rss_mib()
+        .map(|m| format!(", peak RSS {m:.0} MiB"))
+        .unwrap_or_default();
     eprintln!(
-        "wrote {} ({} samples × {} parameters, {} tensors) — runtime {}, probe {}, build {:.2}s, run {:.2}s",
+        "wrote {} ({} samples × {} parameters, {} tensors) — runtime {}, probe {}, build {:.2}s, run {:.2}s{peak}",
         out.display(),
         probe.len(),
         p,
@@ -148,6 +151,14 @@ fn grads(
         g.run_seconds
     );
     Ok(())
+}
+
+/// Peak resident memory of this process (Linux), for benchmark reports.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 fn export(model: &Path, out: &Path, n: usize, grad: &GradArgs) -> Result<()> {

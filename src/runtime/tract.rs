@@ -15,17 +15,15 @@ pub struct TractRunner {
 
 static THREADS: Once = Once::new();
 
-/// tract's matrix products run on all cores once an executor is installed.
+/// tract's matrix products can run on several cores once an executor is installed. Measured on
+/// NB201 gradient graphs (2 cores) it did not help (5.2 s on one thread, 5.7 s on two): the
+/// time goes to memory-bound ops, so one thread is the default; GRADALIGN_THREADS overrides.
 fn init_threads() {
     THREADS.call_once(|| {
-        let n = std::env::var("GRADALIGN_THREADS")
+        let n: usize = std::env::var("GRADALIGN_THREADS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            });
+            .unwrap_or(1);
         if n > 1 {
             tract_linalg::multithread::set_default_executor(
                 tract_linalg::multithread::Executor::multithread(n),

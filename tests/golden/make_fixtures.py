@@ -155,8 +155,12 @@ def main():
     # tests/golden/check_grads.py, run against the CLI).
     pick = [0, 40]
     xs, ys = x[pick], y[pick]
+    rows = ["name,seed,arch_str"]
     for i, (name, arch) in enumerate(FIXTURES.items()):
         write_golden(name, nb201.build(arch, seed=100 + i), xs, ys, (3, 32, 32))
+        rows.append(f"{name},{100 + i},{arch}")
+    with open(os.path.join(MODELS, "nb201_fixtures.csv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
     torch.manual_seed(7)
     rng = np.random.default_rng(7)
     xm = rng.standard_normal((6, 12)).astype(np.float32)

@@ -1,1 +1,209 @@
-fn main() {}
+//! `cargo xtask bench-grads [--n 64] [--repeat R] [--out FILE]`
+//!
+//! Seconds per NB201 architecture for per-sample gradients of N probe images with gradalign
+//! (tract), next to PyTorch's batch-of-one train() loop measured in the same run when `torch`
+//! is importable (`pip install torch==2.8.0 numpy`). Architectures: the NB201 fixtures listed
+//! in models/nb201_fixtures.csv. Peak memory: gradalign's own VmHWM, PyTorch's ru_maxrss.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+struct Row {
+    name: String,
+    params: String,
+    ours_s: f64,
+    ours_build_s: f64,
+    ours_rss: String,
+    torch_s: Option<f64>,
+    torch_rss: Option<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn field<'a>(line: &'a str, after: &str, until: char) -> Option<&'a str> {
+    let i = line.find(after)? + after.len();
+    let rest = &line[i..];
+    Some(rest[..rest.find(until).unwrap_or(rest.len())].trim())
+}
+
+fn bench_grads(n: usize, repeat: usize, out: Option<&Path>) -> Result<()> {
+    let root = root();
+    let status = Command::new("cargo")
+        .args(["build", "--release", "--bin", "gradalign"])
+        .current_dir(&root)
+        .status()?;
+    if !status.success() {
+        bail!("building gradalign failed");
+    }
+    let bin = root.join("target/release/gradalign");
+    let fixtures = std::fs::read_to_string(root.join("models/nb201_fixtures.csv"))
+        .context("models/nb201_fixtures.csv")?;
+    let has_torch = Command::new("python3")
+        .args(["-c", "import torch"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !has_torch {
+        eprintln!(
+            "torch is not importable: PyTorch column skipped (pip install torch==2.8.0 numpy)"
+        );
+    }
+    let tmp = std::env::temp_dir().join(format!("gradalign-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let mut rows = vec![];
+    for line in fixtures.lines().skip(1) {
+        let mut parts = line.splitn(3, ',');
+        let (name, seed, arch) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        let model = root.join("models").join(format!("{name}.onnx"));
+        let (mut times, mut builds, mut summary) = (vec![], vec![], String::new());
+        for _ in 0..repeat {
+            let t0 = Instant::now();
+            let o = Command::new(&bin)
+                .args([
+                    "grads",
+                    model.to_str().unwrap(),
+                    "--n",
+                    &n.to_string(),
+                    "--out",
+                ])
+                .arg(tmp.join("g.npy"))
+                .output()?;
+            times.push(t0.elapsed().as_secs_f64());
+            if !o.status.success() {
+                bail!(
+                    "gradalign failed on {name}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            summary = String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .to_string();
+            builds.push(
+                field(&summary, "build ", 's')
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(f64::NAN),
+            );
+        }
+        let params = field(&summary, "samples × ", ' ')
+            .unwrap_or("?")
+            .to_string();
+        let ours_rss = field(&summary, "peak RSS ", ' ').unwrap_or("?").to_string();
+        let (mut torch_s, mut torch_rss) = (None, None);
+        if has_torch {
+            let mut ts = vec![];
+            for _ in 0..repeat {
+                let o = Command::new("python3")
+                    .arg(root.join("tests/golden/torch_loop.py"))
+                    .args([arch, "--n", &n.to_string(), "--seed", seed])
+                    .output()?;
+                if !o.status.success() {
+                    bail!(
+                        "torch_loop.py failed: {}",
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                }
+                let line = String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .to_string();
+                ts.push(
+                    field(&line, "\"seconds\": ", ',')
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(f64::NAN),
+                );
+                torch_rss = field(&line, "\"peak_rss_mib\": ", ',').and_then(|v| v.parse().ok());
+            }
+            torch_s = Some(median(ts));
+        }
+        let row = Row {
+            name: name.into(),
+            params,
+            ours_s: median(times),
+            ours_build_s: median(builds),
+            ours_rss,
+            torch_s,
+            torch_rss,
+        };
+        eprintln!(
+            "{name}: gradalign {:.2}s, PyTorch loop {:?}",
+            row.ours_s, row.torch_s
+        );
+        rows.push(row);
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut md = format!(
+        "# bench-grads: per-sample gradients, N = {n}, NB201 fixtures\n\nMachine: {cpu}, {cores} cores. Median of {repeat} run(s).\n\
+         gradalign: whole CLI process (load, build + optimise the graph, run on tract, write .npy), one thread.\n\
+         PyTorch: `tests/golden/torch_loop.py` (batch-of-one train() loop, float32, {cores} threads), timed loop only.\n\n\
+         | architecture | params | gradalign s (of which build) | PyTorch loop s | speed-up | gradalign peak RSS MiB | PyTorch peak RSS MiB |\n|---|---|---|---|---|---|---|\n"
+    );
+    for r in &rows {
+        md += &format!(
+            "| {} | {} | {:.2} ({:.2}) | {} | {} | {} | {} |\n",
+            r.name,
+            r.params,
+            r.ours_s,
+            r.ours_build_s,
+            r.torch_s.map(|t| format!("{t:.2}")).unwrap_or("—".into()),
+            r.torch_s
+                .map(|t| format!("{:.2}×", t / r.ours_s))
+                .unwrap_or("—".into()),
+            r.ours_rss,
+            r.torch_rss.map(|t| format!("{t:.0}")).unwrap_or("—".into()),
+        );
+    }
+    println!("{md}");
+    if let Some(out) = out {
+        std::fs::write(out, &md)?;
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let get = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    match args.first().map(|s| s.as_str()) {
+        Some("bench-grads") => {
+            let n = get("--n").map(|v| v.parse()).transpose()?.unwrap_or(64);
+            let repeat = get("--repeat").map(|v| v.parse()).transpose()?.unwrap_or(1);
+            bench_grads(n, repeat, get("--out").as_deref().map(Path::new))
+        }
+        _ => bail!("usage: cargo xtask bench-grads [--n 64] [--repeat R] [--out FILE]"),
+    }
+}
