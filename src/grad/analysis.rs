@@ -96,6 +96,31 @@ impl<'a> Lowering<'a> {
         self.counter += 1;
         format!("ga.low.{hint}.{}", self.counter)
     }
+    /// Add one primitive node named after `base` (the node being lowered), with a fresh output
+    /// unless `out` names it; returns the output.
+    pub fn emit(
+        &mut self,
+        base: &str,
+        op: &str,
+        ins: Vec<String>,
+        out: Option<String>,
+        attrs: Vec<crate::onnx::pb::AttributeProto>,
+    ) -> Result<String> {
+        let o = out.unwrap_or_else(|| self.fresh(&op.to_ascii_lowercase()));
+        self.counter += 1;
+        let mut n = Node::new(
+            format!("{base}/{op}.{}", self.counter),
+            op,
+            ins,
+            vec![o.clone()],
+        );
+        for a in attrs {
+            n = n.with_attr(a);
+        }
+        self.add(n)?;
+        Ok(o)
+    }
+
     /// Register a constant tensor under a fresh name.
     pub fn konst(&mut self, t: HostTensor) -> String {
         let name = self.fresh("const");

@@ -50,40 +50,24 @@ pub fn lower_f64_fallbacks(lw: &mut Lowering, node: Node) -> Result<()> {
     }
     let x = node.inputs[0].clone();
     let y = node.outputs[0].clone();
-    let mut k = 0;
-    let mut step = |lw: &mut Lowering,
-                    op: &str,
-                    ins: Vec<String>,
-                    out: Option<String>,
-                    attrs: Vec<crate::onnx::pb::AttributeProto>|
-     -> Result<String> {
-        k += 1;
-        let o = out.unwrap_or_else(|| lw.fresh("f64"));
-        let mut n = Node::new(format!("{}/{op}{k}", node.name), op, ins, vec![o.clone()]);
-        for a in attrs {
-            n = n.with_attr(a);
-        }
-        lw.add(n)?;
-        Ok(o)
-    };
     if node.op == "Sigmoid" {
         let half = lw.scalar(0.5);
         let one = lw.scalar(1.0);
-        let hx = step(lw, "Mul", vec![x, half.clone()], None, vec![])?;
-        let t = step(lw, "Tanh", vec![hx], None, vec![])?;
-        let p = step(lw, "Add", vec![t, one], None, vec![])?;
-        step(lw, "Mul", vec![p, half], Some(y), vec![])?;
+        let hx = lw.emit(&node.name, "Mul", vec![x, half.clone()], None, vec![])?;
+        let t = lw.emit(&node.name, "Tanh", vec![hx], None, vec![])?;
+        let p = lw.emit(&node.name, "Add", vec![t, one], None, vec![])?;
+        lw.emit(&node.name, "Mul", vec![p, half], Some(y), vec![])?;
     } else {
-        let to32 = step(
-            lw,
+        let to32 = lw.emit(
+            &node.name,
             "Cast",
             vec![x],
             None,
             vec![attr::i("to", DType::F32.onnx_code() as i64)],
         )?;
-        let e = step(lw, "Erf", vec![to32], None, vec![])?;
-        step(
-            lw,
+        let e = lw.emit(&node.name, "Erf", vec![to32], None, vec![])?;
+        lw.emit(
+            &node.name,
             "Cast",
             vec![e],
             Some(y),
@@ -99,36 +83,23 @@ pub fn lower_gelu(lw: &mut Lowering, node: Node) -> Result<()> {
     let approx = node.attr_s("approximate").unwrap_or_else(|| "none".into());
     let half = lw.scalar(0.5);
     let one = lw.scalar(1.0);
-    let mut k = 0;
-    let mut n =
-        |lw: &mut Lowering, op: &str, ins: Vec<String>, out: Option<String>| -> Result<String> {
-            k += 1;
-            let o = out.unwrap_or_else(|| lw.fresh("gelu"));
-            lw.add(Node::new(
-                format!("{}/{op}{k}", node.name),
-                op,
-                ins,
-                vec![o.clone()],
-            ))?;
-            Ok(o)
-        };
     let inner = if approx == "tanh" {
         let c = lw.scalar((2.0 / std::f64::consts::PI).sqrt());
         let k = lw.scalar(0.044715);
-        let x2 = n(lw, "Mul", vec![x.clone(), x.clone()], None)?;
-        let x3 = n(lw, "Mul", vec![x2, x.clone()], None)?;
-        let kx3 = n(lw, "Mul", vec![x3, k], None)?;
-        let s = n(lw, "Add", vec![x.clone(), kx3], None)?;
-        let cs = n(lw, "Mul", vec![s, c], None)?;
-        n(lw, "Tanh", vec![cs], None)?
+        let x2 = lw.emit(&node.name, "Mul", vec![x.clone(), x.clone()], None, vec![])?;
+        let x3 = lw.emit(&node.name, "Mul", vec![x2, x.clone()], None, vec![])?;
+        let kx3 = lw.emit(&node.name, "Mul", vec![x3, k], None, vec![])?;
+        let s = lw.emit(&node.name, "Add", vec![x.clone(), kx3], None, vec![])?;
+        let cs = lw.emit(&node.name, "Mul", vec![s, c], None, vec![])?;
+        lw.emit(&node.name, "Tanh", vec![cs], None, vec![])?
     } else {
         let r2 = lw.scalar(std::f64::consts::FRAC_1_SQRT_2);
-        let xs = n(lw, "Mul", vec![x.clone(), r2], None)?;
-        n(lw, "Erf", vec![xs], None)?
+        let xs = lw.emit(&node.name, "Mul", vec![x.clone(), r2], None, vec![])?;
+        lw.emit(&node.name, "Erf", vec![xs], None, vec![])?
     };
-    let p = n(lw, "Add", vec![inner, one], None)?;
-    let hx = n(lw, "Mul", vec![x.clone(), half], None)?;
-    n(lw, "Mul", vec![hx, p], Some(y))?;
+    let p = lw.emit(&node.name, "Add", vec![inner, one], None, vec![])?;
+    let hx = lw.emit(&node.name, "Mul", vec![x.clone(), half], None, vec![])?;
+    lw.emit(&node.name, "Mul", vec![hx, p], Some(y), vec![])?;
     Ok(())
 }
 

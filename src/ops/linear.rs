@@ -37,28 +37,12 @@ pub fn lower_gemm(lw: &mut Lowering, node: Node) -> Result<()> {
             node.describe()
         );
     }
-    let mut k = 0;
-    let mut step = |lw: &mut Lowering,
-                    op: &str,
-                    ins: Vec<String>,
-                    out: Option<String>,
-                    attrs: Vec<crate::onnx::pb::AttributeProto>|
-     -> Result<String> {
-        k += 1;
-        let o = out.unwrap_or_else(|| lw.fresh("gemm"));
-        let mut n = Node::new(format!("{}/{op}{k}", node.name), op, ins, vec![o.clone()]);
-        for at in attrs {
-            n = n.with_attr(at);
-        }
-        lw.add(n)?;
-        Ok(o)
-    };
     let y = node.outputs[0].clone();
     let c = node.input(2).map(|s| s.to_string());
     let mut lhs = node.inputs[0].clone();
     if ta {
-        lhs = step(
-            lw,
+        lhs = lw.emit(
+            &node.name,
             "Transpose",
             vec![lhs],
             None,
@@ -67,8 +51,8 @@ pub fn lower_gemm(lw: &mut Lowering, node: Node) -> Result<()> {
     }
     let mut rhs = node.inputs[1].clone();
     if tb {
-        rhs = step(
-            lw,
+        rhs = lw.emit(
+            &node.name,
             "Transpose",
             vec![rhs],
             None,
@@ -76,8 +60,8 @@ pub fn lower_gemm(lw: &mut Lowering, node: Node) -> Result<()> {
         )?;
     }
     let last_mm = alpha == 1.0 && c.is_none();
-    let mut acc = step(
-        lw,
+    let mut acc = lw.emit(
+        &node.name,
         "MatMul",
         vec![lhs, rhs],
         last_mm.then(|| y.clone()),
@@ -85,8 +69,8 @@ pub fn lower_gemm(lw: &mut Lowering, node: Node) -> Result<()> {
     )?;
     if alpha != 1.0 {
         let s = lw.scalar(alpha);
-        acc = step(
-            lw,
+        acc = lw.emit(
+            &node.name,
             "Mul",
             vec![acc, s],
             c.is_none().then(|| y.clone()),
@@ -96,11 +80,11 @@ pub fn lower_gemm(lw: &mut Lowering, node: Node) -> Result<()> {
     if let Some(c) = c {
         let cb = if beta != 1.0 {
             let s = lw.scalar(beta);
-            step(lw, "Mul", vec![c, s], None, vec![])?
+            lw.emit(&node.name, "Mul", vec![c, s], None, vec![])?
         } else {
             c
         };
-        step(lw, "Add", vec![acc, cb], Some(y), vec![])?;
+        lw.emit(&node.name, "Add", vec![acc, cb], Some(y), vec![])?;
     }
     Ok(())
 }

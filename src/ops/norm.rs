@@ -15,7 +15,6 @@ use crate::onnx::{attr, HostTensor, Node};
 struct Seq<'l, 'a> {
     lw: &'l mut Lowering<'a>,
     base: String,
-    count: usize,
 }
 
 impl Seq<'_, '_> {
@@ -26,19 +25,7 @@ impl Seq<'_, '_> {
         out: Option<String>,
         attrs: Vec<crate::onnx::pb::AttributeProto>,
     ) -> Result<String> {
-        self.count += 1;
-        let o = out.unwrap_or_else(|| self.lw.fresh(&op.to_ascii_lowercase()));
-        let mut n = Node::new(
-            format!("{}/{}{}", self.base, op, self.count),
-            op,
-            ins,
-            vec![o.clone()],
-        );
-        for a in attrs {
-            n = n.with_attr(a);
-        }
-        self.lw.add(n)?;
-        Ok(o)
+        self.lw.emit(&self.base, op, ins, out, attrs)
     }
     /// Mean and variance over `axes` (kept), then `(x - mean) / sqrt(var + eps)`.
     fn standardise(&mut self, x: &str, axes: &[usize], eps: f64) -> Result<String> {
@@ -94,7 +81,6 @@ pub fn lower_batch_norm(lw: &mut Lowering, node: Node) -> Result<()> {
     let mut s = Seq {
         lw,
         base: node.name.clone(),
-        count: 0,
     };
     let shape_c = s.lw.konst(HostTensor::i64_vec(&chan64));
     let xh = match mode {
@@ -156,7 +142,6 @@ pub fn lower_layer_norm(lw: &mut Lowering, node: Node) -> Result<()> {
     let mut s = Seq {
         lw,
         base: node.name.clone(),
-        count: 0,
     };
     let xh = s.standardise(&node.inputs[0], &axes, eps)?;
     match node.input(2) {
