@@ -9,7 +9,7 @@ use crate::grad::builder::{GradGraph, GradGraphBuilder};
 use crate::grad::GradOptions;
 use crate::onnx::{HostTensor, Model};
 use crate::probe::Probe;
-use crate::runtime;
+use crate::runtime::{self, Backend};
 
 /// One block of gradient columns: a parameter, flattened row-major in its ONNX shape.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -65,11 +65,22 @@ pub fn build_graph(
     Ok((an, gg))
 }
 
+/// Per-sample gradients on the embedded tract runtime (deterministic, always available).
 pub fn per_sample_grads(
     model: &Model,
     probe: &Probe,
     opts: GradOptions,
     shipped_probe: bool,
+) -> Result<PerSampleGrads> {
+    per_sample_grads_with(model, probe, opts, shipped_probe, Backend::Tract)
+}
+
+pub fn per_sample_grads_with(
+    model: &Model,
+    probe: &Probe,
+    opts: GradOptions,
+    shipped_probe: bool,
+    backend: Backend,
 ) -> Result<PerSampleGrads> {
     let t0 = Instant::now();
     let (an, gg) = build_graph(model, probe.sample_shape(), probe.len(), opts)?;
@@ -80,7 +91,7 @@ pub fn per_sample_grads(
         );
     }
     probe.check_labels(an.num_classes)?;
-    let runner = runtime::load(&gg.model)?;
+    let runner = runtime::load(&gg.model, backend, an.float == crate::onnx::DType::F64)?;
     let build_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let images = probe.images_tensor().cast(an.float);

@@ -11,6 +11,7 @@ use gradalign::grad::{BnMode, GradOptions, ParamSelect, Precision};
 use gradalign::npy;
 use gradalign::onnx::Model;
 use gradalign::probe::Probe;
+use gradalign::runtime::Backend;
 
 #[derive(Parser)]
 #[command(
@@ -50,6 +51,10 @@ struct GradArgs {
     /// Arithmetic of the gradient graph; f64 gives reference-exact gradients (slower).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     precision: Precision,
+    /// Runtime: ONNX Runtime when its library is found (`cargo xtask fetch-ort`), else tract.
+    /// f64 graphs run on tract under `auto`.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    backend: Backend,
 }
 
 impl GradArgs {
@@ -124,7 +129,8 @@ fn grads(
 ) -> Result<()> {
     let m = Model::load(model)?;
     let (probe, shipped) = load_probe(&m, probe)?;
-    let g = engine::per_sample_grads(&m, &probe, grad.options(), shipped)?;
+    gradalign::runtime::check_backend(grad.backend)?;
+    let g = engine::per_sample_grads_with(&m, &probe, grad.options(), shipped, grad.backend)?;
     for note in &g.notes {
         eprintln!("note: {note}");
     }

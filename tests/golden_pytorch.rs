@@ -8,11 +8,12 @@
 
 use std::path::PathBuf;
 
-use gradalign::engine::per_sample_grads;
+use gradalign::engine::per_sample_grads_with;
 use gradalign::grad::{BnMode, GradOptions, ParamSelect, Precision};
 use gradalign::npy;
 use gradalign::onnx::{HostTensor, Model};
 use gradalign::probe::Probe;
+use gradalign::runtime::Backend;
 use ndarray::Array2;
 
 fn root() -> PathBuf {
@@ -56,13 +57,25 @@ fn compare(
     tol: f64,
     layer_slack: bool,
 ) -> (f64, Vec<f64>) {
+    compare_on(g, bn, precision, file, tol, layer_slack, Backend::Tract)
+}
+
+fn compare_on(
+    g: &Golden,
+    bn: BnMode,
+    precision: Precision,
+    file: &str,
+    tol: f64,
+    layer_slack: bool,
+    backend: Backend,
+) -> (f64, Vec<f64>) {
     let gold = matrix(npy::read(&g.dir.join(file)).unwrap());
     let o = GradOptions {
         bn,
         params: ParamSelect::All,
         precision,
     };
-    let ours = per_sample_grads(&g.model, &g.probe, o, false).unwrap();
+    let ours = per_sample_grads_with(&g.model, &g.probe, o, false, backend).unwrap();
     let ours_m = matrix(ours.grads);
     let n = g.probe.len();
     let gmax = gold.iter().fold(0.0f64, |m, v| m.max(v.abs()));
@@ -200,11 +213,76 @@ fn logits_match_pytorch() {
         precision: Precision::F64,
     };
     let ours = matrix(
-        per_sample_grads(&g.model, &g.probe, o, false)
+        per_sample_grads_with(&g.model, &g.probe, o, false, Backend::Tract)
             .unwrap()
             .logits,
     );
     let gold = matrix(npy::read(&g.dir.join("logits_sample.npy")).unwrap());
     let d = (&ours - &gold).iter().fold(0.0f64, |m, v| m.max(v.abs()));
     assert!(d < 1e-5, "{d}");
+}
+
+/// ONNX Runtime (CPU) meets the same PyTorch tolerances as tract, and agrees with tract.
+/// Skipped, saying so, when the library is absent (`cargo xtask fetch-ort`).
+#[test]
+fn ort_cpu_matches_pytorch_and_tract() {
+    if !gradalign::runtime::ort::available() {
+        println!("SKIPPED: ONNX Runtime library not found (run `cargo xtask fetch-ort` or set ORT_DYLIB_PATH)");
+        return;
+    }
+    for name in NB201.iter().chain(&["toy_mlp"]) {
+        let g = load(name);
+        let (worst, errs) = compare_on(
+            &g,
+            BnMode::Sample,
+            Precision::F32,
+            "grads_sample.npy",
+            1e-4,
+            true,
+            Backend::Ort,
+        );
+        let torch: Vec<f64> = g.meta["pytorch_f32_rel_l2_error"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        for (&e, &t) in errs.iter().zip(&torch) {
+            assert!(
+                e <= (1e-4f64).max(3.0 * t),
+                "{name}: ort {e:e} vs PyTorch f32 {t:e}"
+            );
+        }
+        // ORT vs tract, per layer, on layers PyTorch-f32 itself gets within 1e-6.
+        let o = GradOptions {
+            bn: BnMode::Sample,
+            params: ParamSelect::All,
+            precision: Precision::F32,
+        };
+        let a = per_sample_grads_with(&g.model, &g.probe, o, false, Backend::Ort).unwrap();
+        let b = per_sample_grads_with(&g.model, &g.probe, o, false, Backend::Tract).unwrap();
+        let (am, bm) = (matrix(a.grads), matrix(b.grads));
+        let params = g.meta["params"].as_array().unwrap();
+        let mut worst_pair: f64 = 0.0;
+        for e in &a.layout {
+            let p = params
+                .iter()
+                .find(|p| p["name"] == e.name.as_str())
+                .unwrap();
+            if p["pytorch_f32_layer_error"].as_f64().unwrap() >= 1e-6 {
+                continue;
+            }
+            let cols = ndarray::s![.., e.offset..e.offset + e.numel];
+            let m = bm.slice(cols).iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            if m == 0.0 {
+                continue;
+            }
+            let d = (&am.slice(cols) - &bm.slice(cols))
+                .iter()
+                .fold(0.0f64, |m, v| m.max(v.abs()));
+            worst_pair = worst_pair.max(d / m);
+        }
+        println!("{name}: ort vs PyTorch worst layer {worst:.2e}; ort vs tract worst well-conditioned layer {worst_pair:.2e}");
+        assert!(worst_pair <= 1e-5, "{name}: ort vs tract {worst_pair:e}");
+    }
 }

@@ -228,6 +228,53 @@ pub fn kernel_offsets(kernel: &[usize]) -> Vec<Vec<usize>> {
     out
 }
 
+/// `dX` of a convolution. Stride 1 with pads no larger than the dilated kernel: a plain `Conv`
+/// of `dY` with the kernel transposed per group and flipped (runtimes optimise Conv far better
+/// than ConvTranspose); otherwise `ConvTranspose`, fitted to the input length.
+fn input_grad(
+    b: &mut Backward,
+    g: &ConvGeom,
+    dy: &str,
+    w: &str,
+    wshape: &[usize],
+    xshape: &[usize],
+    yshape: &[usize],
+) -> String {
+    let d = g.spatial();
+    let reach: Vec<usize> = (0..d).map(|i| (g.kernel[i] - 1) * g.dilations[i]).collect();
+    let as_conv = g.strides.iter().all(|&s| s == 1)
+        && (0..d).all(|i| g.pads[i] <= reach[i] && g.pads[i + d] <= reach[i]);
+    if !as_conv {
+        let mut attrs = geom_attrs(&g.without_end_pads());
+        attrs.push(attr::i("group", g.group as i64));
+        let t = b.em.op("ConvTranspose", &[dy, w], attrs);
+        return super::pool::fit_scatter(b, g, &t, &xshape[2..], &yshape[2..]);
+    }
+    let (cout, cin_g) = (wshape[0], wshape[1]);
+    let gr = g.group;
+    // [Cout, Cin/g, k..] → [g, Cout/g, Cin/g, k..] → [g, Cin/g, Cout/g, k..] → [Cin, Cout/g, k..]
+    let mut s5 = vec![gr, cout / gr, cin_g];
+    s5.extend(&g.kernel);
+    let wr = b.em.reshape(w, &s5);
+    let mut perm = vec![0, 2, 1];
+    perm.extend(3..3 + d);
+    let wt = b.em.transpose(&wr, &perm);
+    let mut s4 = vec![cin_g * gr, cout / gr];
+    s4.extend(&g.kernel);
+    let wt = b.em.reshape(&wt, &s4);
+    let axes: Vec<i64> = (2..2 + d as i64).collect();
+    let wf =
+        b.em.slice(&wt, &vec![-1; d], &vec![i64::MIN; d], &axes, &vec![-1; d]);
+    let mut flipped = g.clone();
+    for i in 0..d {
+        flipped.pads[i] = reach[i] - g.pads[i];
+        flipped.pads[i + d] = reach[i] - g.pads[i + d];
+    }
+    let mut attrs = geom_attrs(&flipped);
+    attrs.push(attr::i("group", gr as i64));
+    b.em.op("Conv", &[dy, &wf], attrs)
+}
+
 pub fn backward(
     b: &mut Backward,
     node: &Node,
@@ -248,16 +295,7 @@ pub fn backward(
     let mut dx = vec![None; node.inputs.len()];
 
     if b.needs_input(node, 0) {
-        let mut attrs = geom_attrs(&g.without_end_pads());
-        attrs.push(attr::i("group", g.group as i64));
-        let t = b.em.op("ConvTranspose", &[&dy, &w], attrs);
-        dx[0] = Some(super::pool::fit_scatter(
-            b,
-            &g,
-            &t,
-            &ix.shape[2..],
-            &y_shape[2..],
-        ));
+        dx[0] = Some(input_grad(b, &g, &dy, &w, &iw.shape, &ix.shape, &y_shape));
     }
     if b.needs_input(node, 1) {
         let cin = ix.shape[1];
@@ -265,31 +303,26 @@ pub fn backward(
         let p: usize = y_shape[2..].iter().product();
         let offsets = kernel_offsets(&g.kernel);
         let k = offsets.len();
-        let mut pads = vec![0i64; 2 * (d + 2)];
-        for i in 0..d {
-            pads[2 + i] = g.pads[i] as i64;
-            pads[d + 2 + 2 + i] = g.pads[i + d] as i64;
-        }
-        let xp = b.em.pad(&x, &pads, 0.0);
-        let trivial = k == 1
-            && g.strides.iter().all(|&s| s == 1)
-            && (0..d).all(|i| ix.shape[2 + i] + g.pads[i] + g.pads[i + d] == y_shape[2 + i]);
+        let trivial = k == 1 && g.strides.iter().all(|&s| s == 1) && g.pads.iter().all(|&p| p == 0);
         let cols = if trivial {
-            b.em.reshape(&xp, &[n, g.group, cin / g.group, p])
+            b.em.reshape(&x, &[n, g.group, cin / g.group, p])
         } else {
-            let axes: Vec<i64> = (2..2 + d as i64).collect();
-            let mut parts = vec![];
-            for off in &offsets {
-                let starts: Vec<i64> = (0..d).map(|i| (off[i] * g.dilations[i]) as i64).collect();
-                let ends: Vec<i64> = (0..d)
-                    .map(|i| starts[i] + ((y_shape[2 + i] - 1) * g.strides[i]) as i64 + 1)
-                    .collect();
-                let steps: Vec<i64> = g.strides.iter().map(|&s| s as i64).collect();
-                let s = b.em.slice(&xp, &starts, &ends, &axes, &steps);
-                parts.push(b.em.reshape(&s, &[n, cin, 1, p]));
+            // im2col as one convolution: every input channel on its own, against one one-hot
+            // kernel per offset, gives [N·Cin, K, out...] = the patches in OIHW column order.
+            let mut flat = vec![n * cin, 1];
+            flat.extend(&ix.shape[2..]);
+            let xr = b.em.reshape(&x, &flat);
+            let mut wshape = vec![k, 1];
+            wshape.extend(&g.kernel);
+            let mut onehot = ndarray::ArrayD::<f64>::zeros(ndarray::IxDyn(&wshape));
+            for (j, off) in offsets.iter().enumerate() {
+                let mut idx = vec![j, 0];
+                idx.extend(off);
+                onehot[ndarray::IxDyn(&idx)] = 1.0;
             }
-            let stacked = b.em.concat(&parts, 2);
-            b.em.reshape(&stacked, &[n, g.group, cin / g.group * k, p])
+            let wk = b.em.floats(onehot);
+            let patches = b.em.op("Conv", &[&xr, &wk], geom_attrs(&g));
+            b.em.reshape(&patches, &[n, g.group, cin / g.group * k, p])
         };
         let colst = b.em.transpose(&cols, &[0, 1, 3, 2]);
         let dyr = b.em.reshape(&dy, &[n, g.group, cout / g.group, p]);

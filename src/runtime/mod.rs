@@ -1,8 +1,10 @@
-//! Runtimes that execute a gradient graph. tract is pure Rust and always available.
+//! Runtimes that execute a gradient graph: tract (pure Rust, always available) and ONNX Runtime
+//! (loaded from the PyPI wheel's shared library when present; much faster).
 
+pub mod ort;
 pub mod tract;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use ndarray::Array1;
 
 use crate::onnx::{pb, HostTensor};
@@ -14,6 +16,36 @@ pub trait GraphRunner {
     fn name(&self) -> &'static str;
 }
 
-pub fn load(model: &pb::ModelProto) -> Result<Box<dyn GraphRunner>> {
-    Ok(Box::new(tract::TractRunner::new(model)?))
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Backend {
+    /// ONNX Runtime when its library is found, tract otherwise.
+    #[default]
+    Auto,
+    Tract,
+    Ort,
+}
+
+pub fn load(
+    model: &pb::ModelProto,
+    backend: Backend,
+    f64_graph: bool,
+) -> Result<Box<dyn GraphRunner>> {
+    match backend {
+        Backend::Tract => Ok(Box::new(tract::TractRunner::new(model)?)),
+        Backend::Ort => Ok(Box::new(ort::OrtRunner::new(model)?)),
+        Backend::Auto => {
+            if !f64_graph && ort::available() {
+                Ok(Box::new(ort::OrtRunner::new(model)?))
+            } else {
+                Ok(Box::new(tract::TractRunner::new(model)?))
+            }
+        }
+    }
+}
+
+pub fn check_backend(backend: Backend) -> Result<()> {
+    if backend == Backend::Ort && !ort::available() {
+        bail!("--backend ort: ONNX Runtime is not available (run `cargo xtask fetch-ort` or set ORT_DYLIB_PATH)");
+    }
+    Ok(())
 }

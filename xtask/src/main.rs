@@ -1,7 +1,8 @@
-//! `cargo xtask bench-grads [--n 64] [--repeat R] [--out FILE]`
+//! `cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE]`
+//! `cargo xtask fetch-ort` (ONNX Runtime's shared library from the PyPI wheel)
 //!
 //! Seconds per NB201 architecture for per-sample gradients of N probe images with gradalign
-//! (tract), next to PyTorch's batch-of-one train() loop measured in the same run when `torch`
+//! (each backend), next to PyTorch's batch-of-one train() loop measured in the same run when `torch`
 //! is importable (`pip install torch==2.8.0 numpy`). Architectures: the NB201 fixtures listed
 //! in models/nb201_fixtures.csv. Peak memory: gradalign's own VmHWM, PyTorch's ru_maxrss.
 
@@ -18,12 +19,17 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
+struct Ours {
+    secs: f64,
+    build: f64,
+    rss: String,
+}
+
 struct Row {
     name: String,
     params: String,
-    ours_s: f64,
-    ours_build_s: f64,
-    ours_rss: String,
+    /// One entry per backend, in `backends` order.
+    ours: Vec<Ours>,
     torch_s: Option<f64>,
     torch_rss: Option<f64>,
 }
@@ -39,7 +45,7 @@ fn field<'a>(line: &'a str, after: &str, until: char) -> Option<&'a str> {
     Some(rest[..rest.find(until).unwrap_or(rest.len())].trim())
 }
 
-fn bench_grads(n: usize, repeat: usize, out: Option<&Path>) -> Result<()> {
+fn bench_grads(n: usize, repeat: usize, backends: &[String], out: Option<&Path>) -> Result<()> {
     let root = root();
     let status = Command::new("cargo")
         .args(["build", "--release", "--bin", "gradalign"])
@@ -72,41 +78,52 @@ fn bench_grads(n: usize, repeat: usize, out: Option<&Path>) -> Result<()> {
             parts.next().unwrap(),
         );
         let model = root.join("models").join(format!("{name}.onnx"));
-        let (mut times, mut builds, mut summary) = (vec![], vec![], String::new());
-        for _ in 0..repeat {
-            let t0 = Instant::now();
-            let o = Command::new(&bin)
-                .args([
-                    "grads",
-                    model.to_str().unwrap(),
-                    "--n",
-                    &n.to_string(),
-                    "--out",
-                ])
-                .arg(tmp.join("g.npy"))
-                .output()?;
-            times.push(t0.elapsed().as_secs_f64());
-            if !o.status.success() {
-                bail!(
-                    "gradalign failed on {name}: {}",
-                    String::from_utf8_lossy(&o.stderr)
+        let mut ours = vec![];
+        let mut params = String::from("?");
+        for backend in backends {
+            let (mut times, mut builds, mut summary) = (vec![], vec![], String::new());
+            for _ in 0..repeat {
+                let t0 = Instant::now();
+                let o = Command::new(&bin)
+                    .args([
+                        "grads",
+                        model.to_str().unwrap(),
+                        "--n",
+                        &n.to_string(),
+                        "--backend",
+                        backend,
+                        "--out",
+                    ])
+                    .arg(tmp.join("g.npy"))
+                    .output()?;
+                times.push(t0.elapsed().as_secs_f64());
+                if !o.status.success() {
+                    bail!(
+                        "gradalign --backend {backend} failed on {name}: {}",
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                }
+                summary = String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .to_string();
+                builds.push(
+                    field(&summary, "build ", 's')
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(f64::NAN),
                 );
             }
-            summary = String::from_utf8_lossy(&o.stderr)
-                .lines()
-                .last()
-                .unwrap_or_default()
+            params = field(&summary, "samples × ", ' ')
+                .unwrap_or("?")
                 .to_string();
-            builds.push(
-                field(&summary, "build ", 's')
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(f64::NAN),
-            );
+            let rss = field(&summary, "peak RSS ", ' ').unwrap_or("?").to_string();
+            ours.push(Ours {
+                secs: median(times),
+                build: median(builds),
+                rss,
+            });
         }
-        let params = field(&summary, "samples × ", ' ')
-            .unwrap_or("?")
-            .to_string();
-        let ours_rss = field(&summary, "peak RSS ", ' ').unwrap_or("?").to_string();
         let (mut torch_s, mut torch_rss) = (None, None);
         if has_torch {
             let mut ts = vec![];
@@ -138,15 +155,14 @@ fn bench_grads(n: usize, repeat: usize, out: Option<&Path>) -> Result<()> {
         let row = Row {
             name: name.into(),
             params,
-            ours_s: median(times),
-            ours_build_s: median(builds),
-            ours_rss,
+            ours,
             torch_s,
             torch_rss,
         };
         eprintln!(
-            "{name}: gradalign {:.2}s, PyTorch loop {:?}",
-            row.ours_s, row.torch_s
+            "{name}: gradalign {:?} s, PyTorch loop {:?}",
+            row.ours.iter().map(|o| o.secs).collect::<Vec<_>>(),
+            row.torch_s
         );
         rows.push(row);
     }
@@ -163,23 +179,30 @@ fn bench_grads(n: usize, repeat: usize, out: Option<&Path>) -> Result<()> {
         .unwrap_or(1);
     let mut md = format!(
         "# bench-grads: per-sample gradients, N = {n}, NB201 fixtures\n\nMachine: {cpu}, {cores} cores. Median of {repeat} run(s).\n\
-         gradalign: whole CLI process (load, build + optimise the graph, run on tract, write .npy), one thread.\n\
-         PyTorch: `tests/golden/torch_loop.py` (batch-of-one train() loop, float32, {cores} threads), timed loop only.\n\n\
-         | architecture | params | gradalign s (of which build) | PyTorch loop s | speed-up | gradalign peak RSS MiB | PyTorch peak RSS MiB |\n|---|---|---|---|---|---|---|\n"
+         gradalign: whole CLI process (load, build the graph, create the runtime session, run, write the .npy); \
+         tract on one thread, ONNX Runtime (`ort`) on {cores} intra-op threads.\n\
+         PyTorch: `tests/golden/torch_loop.py` (batch-of-one train() loop, float32, {cores} threads), timed loop only.\n\
+         Speed-up = PyTorch loop seconds / gradalign seconds.\n\n| architecture | params |"
     );
+    for b in backends {
+        md += &format!(" {b} s (build) | {b} speed-up | {b} peak RSS MiB |");
+    }
+    md += " PyTorch loop s | PyTorch peak RSS MiB |\n|---|---|";
+    md += &"---|---|---|".repeat(backends.len());
+    md += "---|---|\n";
     for r in &rows {
+        md += &format!("| {} | {} |", r.name, r.params);
+        for o in &r.ours {
+            let sp = r
+                .torch_s
+                .map(|t| format!("{:.2}×", t / o.secs))
+                .unwrap_or("—".into());
+            md += &format!(" {:.2} ({:.2}) | {} | {} |", o.secs, o.build, sp, o.rss);
+        }
         md += &format!(
-            "| {} | {} | {:.2} ({:.2}) | {} | {} | {} | {} |\n",
-            r.name,
-            r.params,
-            r.ours_s,
-            r.ours_build_s,
+            " {} | {} |\n",
             r.torch_s.map(|t| format!("{t:.2}")).unwrap_or("—".into()),
-            r.torch_s
-                .map(|t| format!("{:.2}×", t / r.ours_s))
-                .unwrap_or("—".into()),
-            r.ours_rss,
-            r.torch_rss.map(|t| format!("{t:.0}")).unwrap_or("—".into()),
+            r.torch_rss.map(|t| format!("{t:.0}")).unwrap_or("—".into())
         );
     }
     println!("{md}");
@@ -187,6 +210,68 @@ fn bench_grads(n: usize, repeat: usize, out: Option<&Path>) -> Result<()> {
         std::fs::write(out, &md)?;
     }
     std::fs::remove_dir_all(&tmp).ok();
+    Ok(())
+}
+
+/// Download the `onnxruntime` wheel from PyPI with pip and extract libonnxruntime.so into the
+/// cache folder gradalign looks in (~/.cache/gradalign/onnxruntime-<ver>/).
+fn fetch_ort() -> Result<()> {
+    const VERSION: &str = "1.31.0";
+    let home = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = home
+        .join("gradalign")
+        .join(format!("onnxruntime-{VERSION}"));
+    let lib = dir.join(format!("libonnxruntime.so.{VERSION}"));
+    if lib.exists() {
+        println!("{}", lib.display());
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir)?;
+    let dl = dir.join("wheel");
+    std::fs::create_dir_all(&dl)?;
+    let ok = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.11",
+        ])
+        .arg(format!("onnxruntime=={VERSION}"))
+        .arg("-d")
+        .arg(&dl)
+        .status()
+        .context("running pip (python3 -m pip) to download the onnxruntime wheel")?;
+    if !ok.success() {
+        bail!("pip could not download onnxruntime=={VERSION}");
+    }
+    let wheel = std::fs::read_dir(&dl)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .context("no wheel downloaded")?;
+    // A wheel is a zip file: let Python's zipfile extract the one member we need.
+    let script = format!(
+        "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); open(sys.argv[2],'wb').write(z.read('onnxruntime/capi/libonnxruntime.so.{VERSION}'))"
+    );
+    let ok = Command::new("python3")
+        .args(["-c", &script])
+        .arg(&wheel)
+        .arg(&lib)
+        .status()?;
+    if !ok.success() {
+        bail!(
+            "could not extract libonnxruntime.so from {}",
+            wheel.display()
+        );
+    }
+    std::fs::remove_dir_all(&dl).ok();
+    println!("{}", lib.display());
     Ok(())
 }
 
@@ -202,8 +287,10 @@ fn main() -> Result<()> {
         Some("bench-grads") => {
             let n = get("--n").map(|v| v.parse()).transpose()?.unwrap_or(64);
             let repeat = get("--repeat").map(|v| v.parse()).transpose()?.unwrap_or(1);
-            bench_grads(n, repeat, get("--out").as_deref().map(Path::new))
+            let backends: Vec<String> = get("--backends").unwrap_or_else(|| "tract,ort".into()).split(',').map(String::from).collect();
+            bench_grads(n, repeat, &backends, get("--out").as_deref().map(Path::new))
         }
-        _ => bail!("usage: cargo xtask bench-grads [--n 64] [--repeat R] [--out FILE]"),
+        Some("fetch-ort") => fetch_ort(),
+        _ => bail!("usage: cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort"),
     }
 }

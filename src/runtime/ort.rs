@@ -1,0 +1,153 @@
+//! ONNX Runtime (CPU), loaded dynamically from the `onnxruntime` PyPI wheel's shared library.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ndarray::{Array1, ArrayD, IxDyn};
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::Tensor;
+
+use super::GraphRunner;
+use crate::onnx::{pb, HostTensor};
+
+/// The onnxruntime release whose C API level (24) this build uses.
+pub const ORT_VERSION: &str = "1.31.0";
+
+/// Where `cargo xtask fetch-ort` puts the library.
+pub fn cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("gradalign")
+        .join(format!("onnxruntime-{ORT_VERSION}"))
+}
+
+/// `ORT_DYLIB_PATH`, else the fetched library in the cache folder.
+pub fn find_library() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return Some(PathBuf::from(p));
+    }
+    let p = cache_dir().join(format!("libonnxruntime.so.{ORT_VERSION}"));
+    p.exists().then_some(p)
+}
+
+static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
+
+fn environment() -> Result<&'static ort::environment::Environment> {
+    let env = ENV.get_or_init(|| {
+        let lib = find_library().ok_or_else(|| {
+            "ONNX Runtime library not found: run `cargo xtask fetch-ort` or set ORT_DYLIB_PATH to a libonnxruntime.so \
+             (onnxruntime 1.31.x from PyPI)"
+                .to_string()
+        })?;
+        load(&lib).map_err(|e| format!("{e:#}"))
+    });
+    env.as_ref().map_err(|e| anyhow!("{e}"))
+}
+
+fn load(lib: &Path) -> Result<ort::environment::Environment> {
+    if !lib.exists() {
+        bail!("ORT_DYLIB_PATH={} does not exist", lib.display());
+    }
+    let builder = ort::init_from(lib).map_err(|e| anyhow!("cannot load {}: {e}", lib.display()))?;
+    builder
+        .with_name("gradalign")
+        .build()
+        .map_err(|e| anyhow!("cannot start ONNX Runtime from {}: {e}", lib.display()))
+}
+
+/// Whether ONNX Runtime can be used (for `--backend auto`).
+pub fn available() -> bool {
+    environment().is_ok()
+}
+
+pub struct OrtRunner {
+    session: Mutex<Session>,
+    input: String,
+    labels: String,
+}
+
+impl OrtRunner {
+    pub fn new(model: &pb::ModelProto) -> Result<OrtRunner> {
+        let env = environment()?;
+        use prost::Message;
+        let bytes = model.encode_to_vec();
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let graph = model
+            .graph
+            .as_ref()
+            .ok_or_else(|| anyhow!("empty gradient graph"))?;
+        let session = Session::builder(env)
+            .map_err(|e| anyhow!("{e}"))?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(|e| anyhow!("{e}"))?
+            .with_intra_threads(threads)
+            .map_err(|e| anyhow!("{e}"))?;
+        let mut session = match std::env::var_os("GRADALIGN_ORT_PROFILE") {
+            Some(p) => session
+                .with_profiling(PathBuf::from(p))
+                .map_err(|e| anyhow!("{e}"))?,
+            None => session,
+        };
+        let session = session
+            .commit_from_memory(&bytes)
+            .map_err(|e| anyhow!("{e}"))
+            .context("ONNX Runtime could not load the gradient graph")?;
+        Ok(OrtRunner {
+            session: Mutex::new(session),
+            input: graph.input[0].name.clone(),
+            labels: graph.input[1].name.clone(),
+        })
+    }
+}
+
+impl GraphRunner for OrtRunner {
+    fn run(&self, images: &HostTensor, labels: &Array1<i64>) -> Result<Vec<HostTensor>> {
+        let shape: Vec<i64> = images.shape().iter().map(|&d| d as i64).collect();
+        let img = match images {
+            HostTensor::F32(a) => {
+                Tensor::from_array((shape, a.iter().copied().collect::<Vec<f32>>()))
+                    .map(|t| t.into_dyn())
+            }
+            HostTensor::F64(a) => {
+                Tensor::from_array((shape, a.iter().copied().collect::<Vec<f64>>()))
+                    .map(|t| t.into_dyn())
+            }
+            _ => bail!("images must be float"),
+        }
+        .map_err(|e| anyhow!("{e}"))?;
+        let lab = Tensor::from_array(([labels.len() as i64], labels.to_vec()))
+            .map_err(|e| anyhow!("{e}"))?;
+        let mut session = self.session.lock().unwrap();
+        let outs = session
+            .run(ort::inputs! { self.input.as_str() => img, self.labels.as_str() => lab })
+            .map_err(|e| anyhow!("{e}"))
+            .context("ONNX Runtime failed running the gradient graph")?;
+        let mut res = vec![];
+        for (_, v) in outs.iter() {
+            if let Ok((s, d)) = v.try_extract_tensor::<f32>() {
+                let dims: Vec<usize> = s.iter().map(|&x| x as usize).collect();
+                res.push(HostTensor::F32(ArrayD::from_shape_vec(
+                    IxDyn(&dims),
+                    d.to_vec(),
+                )?));
+            } else {
+                let (s, d) = v.try_extract_tensor::<f64>().map_err(|e| anyhow!("{e}"))?;
+                let dims: Vec<usize> = s.iter().map(|&x| x as usize).collect();
+                res.push(HostTensor::F64(ArrayD::from_shape_vec(
+                    IxDyn(&dims),
+                    d.to_vec(),
+                )?));
+            }
+        }
+        Ok(res)
+    }
+    fn name(&self) -> &'static str {
+        "ort-cpu"
+    }
+}
