@@ -32,7 +32,15 @@ fn grads_on_shipped_probe_writes_matrix_layout_and_logits() {
     let (g, l, z) = (d.join("G.npy"), d.join("L.json"), d.join("Z.npy"));
     let model = root().join("models/nb201_avg_pool_heavy.onnx");
     let out = bin()
-        .args(["grads", model.to_str().unwrap(), "--n", "20", "--out"])
+        .args([
+            "grads",
+            model.to_str().unwrap(),
+            "--n",
+            "20",
+            "--backend",
+            "tract",
+            "--out",
+        ])
         .arg(&g)
         .arg("--layout")
         .arg(&l)
@@ -201,4 +209,38 @@ fn unsupported_op_names_op_and_node() {
         d.join("g.npy").to_str().unwrap(),
     ]);
     assert!(e.contains("Hardmax") && e.contains("weird_node"), "{e}");
+}
+
+#[test]
+fn ort_backend_with_a_missing_library_is_a_clear_error_and_auto_falls_back_to_tract() {
+    let model = root().join("models/nb201_all_none.onnx");
+    let d = tmpdir("ort");
+    let out = bin()
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
+        .args([
+            "grads",
+            model.to_str().unwrap(),
+            "--n",
+            "10",
+            "--backend",
+            "ort",
+            "--out",
+        ])
+        .arg(d.join("g.npy"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("--backend ort") && e.contains("ORT_DYLIB_PATH"),
+        "{e}"
+    );
+    let out = bin()
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
+        .args(["grads", model.to_str().unwrap(), "--n", "10", "--out"])
+        .arg(d.join("g.npy"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("runtime tract"));
 }

@@ -44,8 +44,10 @@ pub fn load(
 }
 
 pub fn check_backend(backend: Backend) -> Result<()> {
-    if backend == Backend::Ort && !ort::available() {
-        bail!("--backend ort: ONNX Runtime is not available (run `cargo xtask fetch-ort` or set ORT_DYLIB_PATH)");
+    if backend == Backend::Ort {
+        if let Some(why) = ort::unavailable_reason() {
+            bail!("--backend ort: {why} (run `cargo xtask fetch-ort`, or set ORT_DYLIB_PATH to libonnxruntime.so 1.31.x)");
+        }
     }
     Ok(())
 }

@@ -64,6 +64,11 @@ pub fn available() -> bool {
     environment().is_ok()
 }
 
+/// Why ONNX Runtime cannot be used, if it cannot.
+pub fn unavailable_reason() -> Option<String> {
+    environment().err().map(|e| e.to_string())
+}
+
 pub struct OrtRunner {
     session: Mutex<Session>,
     input: String,
