@@ -106,7 +106,7 @@ impl<'a> GradGraphBuilder<'a> {
                     }
                 }
             }
-            em.copy_node(node);
+            ops::emit_forward(&mut em, node);
         }
         // Loss gradient: d CE(z_i, y_i) / d z_i = softmax(z_i) - onehot(y_i), per sample.
         let k = an.num_classes;

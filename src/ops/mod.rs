@@ -110,6 +110,7 @@ pub fn lower(lw: &mut Lowering, node: Node) -> Result<()> {
 pub fn infer(node: &Node, ins: &[Option<&Info>], n: usize) -> Result<Shapes> {
     let _ = n;
     match node.op.as_str() {
+        norm::STANDARDIZE => norm::infer(node, ins),
         "Conv" => conv::infer(node, ins),
         "AveragePool" | "MaxPool" | "GlobalAveragePool" => pool::infer(node, ins),
         "MatMul" => linear::infer(node, ins),
@@ -132,6 +133,14 @@ pub fn eval(node: &Node, vals: &[Option<&HostTensor>]) -> Option<Result<Vec<Host
     None
 }
 
+/// Emit a forward node of the training graph: internal ops expand to standard ones.
+pub fn emit_forward(em: &mut crate::grad::emit::Emitter, node: &Node) {
+    match node.op.as_str() {
+        norm::STANDARDIZE => norm::emit_forward(em, node),
+        _ => em.copy_node(node),
+    }
+}
+
 /// Whether gradients flow through the node at all (comparisons and casts to int do not).
 pub fn differentiable(node: &Node) -> bool {
     !matches!(
@@ -146,6 +155,7 @@ pub fn backward(
     dys: &[Option<String>],
 ) -> Result<Vec<Option<String>>> {
     match node.op.as_str() {
+        norm::STANDARDIZE => norm::backward(b, node, dys),
         "Conv" => conv::backward(b, node, dys),
         "AveragePool" | "MaxPool" | "GlobalAveragePool" => pool::backward(b, node, dys),
         "MatMul" => linear::backward(b, node, dys),

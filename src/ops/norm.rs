@@ -9,8 +9,10 @@ use anyhow::{bail, Result};
 
 use super::norm_axis;
 use crate::grad::analysis::Lowering;
+use crate::grad::backward::Backward;
+use crate::grad::emit::Emitter;
 use crate::grad::{BnMode, Kind};
-use crate::onnx::{attr, HostTensor, Node};
+use crate::onnx::{attr, DType, HostTensor, Node};
 
 struct Seq<'l, 'a> {
     lw: &'l mut Lowering<'a>,
@@ -27,28 +29,118 @@ impl Seq<'_, '_> {
     ) -> Result<String> {
         self.lw.emit(&self.base, op, ins, out, attrs)
     }
-    /// Mean and variance over `axes` (kept), then `(x - mean) / sqrt(var + eps)`.
+    /// `(x - mean) / sqrt(var + eps)` over `axes`, as one `GaStandardize` node whose gradient
+    /// is the fused formula (see [`backward`]).
     fn standardise(&mut self, x: &str, axes: &[usize], eps: f64) -> Result<String> {
         let a: Vec<i64> = axes.iter().map(|&v| v as i64).collect();
-        let red = || vec![attr::ints("axes", &a), attr::i("keepdims", 1)];
-        let mean = self.op("ReduceMean", vec![x.into()], None, red())?;
-        let xc = self.op("Sub", vec![x.into(), mean], None, vec![])?;
-        let e = self.lw.scalar(eps);
-        let var = if self.lw.float == crate::onnx::DType::F64 {
-            // tract rewrites mean(x·x) into a mean-of-squares reduction that it evaluates in
-            // f32; -mean(x·(-x)) is the same number and stays in f64.
-            let neg = self.op("Neg", vec![xc.clone()], None, vec![])?;
-            let sq = self.op("Mul", vec![xc.clone(), neg], None, vec![])?;
-            let m = self.op("ReduceMean", vec![sq], None, red())?;
-            self.op("Neg", vec![m], None, vec![])?
-        } else {
-            let sq = self.op("Mul", vec![xc.clone(), xc.clone()], None, vec![])?;
-            self.op("ReduceMean", vec![sq], None, red())?
-        };
-        let ve = self.op("Add", vec![var, e], None, vec![])?;
-        let sd = self.op("Sqrt", vec![ve], None, vec![])?;
-        self.op("Div", vec![xc, sd], None, vec![])
+        let inv = self.lw.fresh("inv_std");
+        let xh = self.lw.fresh("xhat");
+        self.lw.counter_bump();
+        let mut n = Node::new(
+            format!("{}/{STANDARDIZE}", self.base),
+            STANDARDIZE,
+            vec![x.into()],
+            vec![xh.clone(), inv],
+        );
+        n = n
+            .with_attr(attr::ints("axes", &a))
+            .with_attr(attr::f("epsilon", eps as f32));
+        self.lw.add(n)?;
+        Ok(xh)
     }
+}
+
+/// Internal op: standardisation over `axes` with per-(sample, channel) statistics. Outputs
+/// `x̂` and `1/σ` (kept dims). Never read from a user model.
+pub const STANDARDIZE: &str = "GaStandardize";
+
+fn std_axes(node: &Node) -> Vec<usize> {
+    node.attr_ints("axes")
+        .unwrap_or_default()
+        .iter()
+        .map(|&a| a as usize)
+        .collect()
+}
+
+pub fn infer(node: &Node, ins: &[Option<&crate::grad::Info>]) -> Result<super::Shapes> {
+    let x = super::input_info(node, ins, 0)?;
+    let axes = std_axes(node);
+    let kept: Vec<usize> = x
+        .shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+        .collect();
+    Ok(vec![(x.shape.clone(), x.dtype), (kept, x.dtype)])
+}
+
+/// Forward of `GaStandardize` in standard ops: two-pass mean and biased variance.
+pub fn emit_forward(em: &mut Emitter, node: &Node) {
+    let axes = std_axes(node);
+    let eps = node.attr_f("epsilon").unwrap_or(1e-5) as f64;
+    let x = &node.inputs[0];
+    let mean = em.reduce_mean(x, &axes, true);
+    let xc = em.sub(x, &mean);
+    let var = if em.float == DType::F64 {
+        // tract rewrites mean(x·x) into a mean-of-squares reduction that it evaluates in f32;
+        // -mean(x·(-x)) is the same number and stays in f64.
+        let neg = em.neg(&xc);
+        let sq = em.mul(&xc, &neg);
+        let m = em.reduce_mean(&sq, &axes, true);
+        em.neg(&m)
+    } else {
+        let sq = em.mul(&xc, &xc);
+        em.reduce_mean(&sq, &axes, true)
+    };
+    let e = em.scalar(eps);
+    let ve = em.add(&var, &e);
+    let sd = em.op("Sqrt", &[&ve], vec![]);
+    let one = em.scalar(1.0);
+    let inv = em.div(&one, &sd);
+    em.nodes.push(crate::onnx::pb::NodeProto {
+        input: vec![inv.clone()],
+        output: vec![node.outputs[1].clone()],
+        name: format!("{}/inv", node.name),
+        op_type: "Identity".into(),
+        ..Default::default()
+    });
+    em.nodes.push(crate::onnx::pb::NodeProto {
+        input: vec![xc, inv],
+        output: vec![node.outputs[0].clone()],
+        name: format!("{}/xhat", node.name),
+        op_type: "Mul".into(),
+        ..Default::default()
+    });
+}
+
+/// PyTorch's fused normalisation gradient, per sample and channel:
+/// `dx = (1/σ)·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))`, means over the normalised axes.
+pub fn backward(
+    b: &mut Backward,
+    node: &Node,
+    dys: &[Option<String>],
+) -> Result<Vec<Option<String>>> {
+    if dys.get(1).is_some_and(|d| d.is_some()) {
+        bail!(
+            "{}: gradients through 1/σ are not supported",
+            node.describe()
+        );
+    }
+    let Some(dxh) = dys[0].clone() else {
+        return Ok(vec![None]);
+    };
+    if !b.needs_input(node, 0) {
+        return Ok(vec![None]);
+    }
+    let axes = std_axes(node);
+    let (xh, inv) = (node.outputs[0].clone(), node.outputs[1].clone());
+    let m1 = b.em.reduce_mean(&dxh, &axes, true);
+    let p = b.em.mul(&dxh, &xh);
+    let m2 = b.em.reduce_mean(&p, &axes, true);
+    let t = b.em.mul(&xh, &m2);
+    let u = b.em.sub(&dxh, &m1);
+    let v = b.em.sub(&u, &t);
+    Ok(vec![Some(b.em.mul(&v, &inv))])
 }
 
 pub fn lower_batch_norm(lw: &mut Lowering, node: Node) -> Result<()> {

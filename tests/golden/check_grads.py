@@ -3,7 +3,7 @@ and tests never used, with the 64-image CIFAR-10 probe, against PyTorch's batch-
 loop (float64, plus float32 for its own error).
 
     cargo build --release
-    python3 tests/golden/check_grads.py [--k 4] [--seed 7] [--n 64]
+    python3 tests/golden/check_grads.py [--k 4] [--seed 7] [--n 64] [--backend tract|ort]
 
 Architectures: K indices drawn with numpy's default_rng(SEED) from the 15,625 NB201 cells
 (../shared/data/nb201_accuracies.csv or data/nb201_arch_strings.txt), skipping the fixtures.
@@ -34,12 +34,13 @@ def arch_strings():
     raise SystemExit("needs ../shared/data/nb201_accuracies.csv")
 
 
-def run_cli(model, x, y, precision, d):
+def run_cli(model, x, y, precision, d, backend):
     xp, yp = os.path.join(d, "x.npy"), os.path.join(d, "y.npy")
     np.save(xp, x), np.save(yp, y)
     g, l = os.path.join(d, f"g_{precision}.npy"), os.path.join(d, "l.json")
     subprocess.run([os.path.join(ROOT, "target", "release", "gradalign"), "grads", model, "--data", xp, "--labels", yp,
-                    "--params", "all", "--precision", precision, "--out", g, "--layout", l], check=True,
+                    "--params", "all", "--precision", precision, "--backend", backend, "--out", g, "--layout", l],
+                   check=True,
                    stderr=subprocess.DEVNULL)
     return np.load(g).astype(np.float64), json.load(open(l))
 
@@ -49,6 +50,7 @@ def main():
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--backend", default="tract", help="f32 runs: tract, ort or auto (f64 runs use tract)")
     a = ap.parse_args()
     archs = arch_strings()
     rng = np.random.default_rng(a.seed)
@@ -68,7 +70,7 @@ def main():
             gmax = np.abs(g64).max()
             res = {}
             for prec in ("f64", "f32"):
-                ours, lay = run_cli(path, x, y, prec, d)
+                ours, lay = run_cli(path, x, y, prec, d, a.backend if prec == "f32" else "tract")
                 worst, worst_zero, violations = 0.0, 0.0, 0
                 num = np.zeros(a.n); den = np.zeros(a.n)
                 for e in lay:
