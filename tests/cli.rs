@@ -244,3 +244,68 @@ fn ort_backend_with_a_missing_library_is_a_clear_error_and_auto_falls_back_to_tr
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("runtime tract"));
 }
+
+#[test]
+fn cifar10_binary_probe_file_is_balanced_and_checked() {
+    let d = tmpdir("bin");
+    let shipped = std::fs::read(root().join("data/cifar10_probe.bin")).unwrap();
+    // Two records of each class (the shipped file holds 100 per class, in class order).
+    let mut small = vec![];
+    for c in 0..10 {
+        let start = c * 100 * 3073;
+        small.extend_from_slice(&shipped[start..start + 2 * 3073]);
+    }
+    let bin_path = d.join("small.bin");
+    std::fs::write(&bin_path, &small).unwrap();
+    let model = root().join("models/nb201_all_none.onnx");
+    let out = bin()
+        .args([
+            "grads",
+            model.to_str().unwrap(),
+            "--backend",
+            "tract",
+            "--n",
+            "20",
+            "--data",
+        ])
+        .arg(&bin_path)
+        .arg("--out")
+        .arg(d.join("g.npy"))
+        .arg("--logits")
+        .arg(d.join("z.npy"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(npy::read(&d.join("z.npy")).unwrap().shape(), vec![20, 10]);
+    let e = run_err(&[
+        "grads",
+        model.to_str().unwrap(),
+        "--n",
+        "30",
+        "--data",
+        bin_path.to_str().unwrap(),
+        "--out",
+        d.join("h.npy").to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("class 0 has 2 images") && e.contains("needs 3"),
+        "{e}"
+    );
+    std::fs::write(&bin_path, &small[..3073 * 3 + 7]).unwrap();
+    let e = run_err(&[
+        "grads",
+        model.to_str().unwrap(),
+        "--data",
+        bin_path.to_str().unwrap(),
+        "--out",
+        d.join("h.npy").to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("not a multiple of the CIFAR-10 record size"),
+        "{e}"
+    );
+}
