@@ -127,10 +127,13 @@ fn grads(
     layout: Option<&Path>,
     logits: Option<&Path>,
 ) -> Result<()> {
+    let t0 = std::time::Instant::now();
     let m = Model::load(model)?;
     let (probe, shipped) = load_probe(&m, probe)?;
     gradalign::runtime::check_backend(grad.backend)?;
+    let t1 = std::time::Instant::now();
     let g = engine::per_sample_grads_with(&m, &probe, grad.options(), shipped, grad.backend)?;
+    let t2 = std::time::Instant::now();
     for note in &g.notes {
         eprintln!("note: {note}");
     }
@@ -146,15 +149,18 @@ fn grads(
         .map(|m| format!(", peak RSS {m:.0} MiB"))
         .unwrap_or_default();
     eprintln!(
-        "wrote {} ({} samples × {} parameters, {} tensors) — runtime {}, probe {}, build {:.2}s, run {:.2}s{peak}",
+        "wrote {} ({} samples × {} parameters, {} tensors) — runtime {}, probe {}, load {:.2}s, build {:.2}s, run {:.2}s, assemble {:.2}s, write {:.2}s{peak}",
         out.display(),
         probe.len(),
         p,
         g.layout.len(),
         g.runtime,
         probe.source,
+        (t1 - t0).as_secs_f64(),
         g.build_seconds,
-        g.run_seconds
+        g.run_seconds,
+        (t2 - t1).as_secs_f64() - g.build_seconds - g.run_seconds,
+        t2.elapsed().as_secs_f64(),
     );
     Ok(())
 }

@@ -147,19 +147,41 @@ fn header(descr: &str, shape: &[usize]) -> Vec<u8> {
     out
 }
 
+/// Encode values little-endian into `w` through a fixed buffer (no full-size copy).
+fn write_le<T: Copy, const W: usize>(
+    w: &mut impl Write,
+    vals: impl Iterator<Item = T>,
+    enc: fn(T) -> [u8; W],
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1 << 20);
+    for v in vals {
+        buf.extend_from_slice(&enc(v));
+        if buf.len() >= (1 << 20) {
+            w.write_all(&buf)?;
+            buf.clear();
+        }
+    }
+    w.write_all(&buf)
+}
+
 /// Write an array; the file appears complete or not at all (written aside, then renamed).
 pub fn write(path: &Path, t: &HostTensor) -> Result<()> {
-    let (descr, body): (&str, Vec<u8>) = match t {
-        HostTensor::F32(a) => ("<f4", a.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        HostTensor::F64(a) => ("<f8", a.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        HostTensor::I64(a) => ("<i8", a.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        HostTensor::Bool(a) => ("|b1", a.iter().map(|&v| v as u8).collect()),
+    let descr = match t {
+        HostTensor::F32(_) => "<f4",
+        HostTensor::F64(_) => "<f8",
+        HostTensor::I64(_) => "<i8",
+        HostTensor::Bool(_) => "|b1",
     };
     let tmp = path.with_extension("npy.partial");
     let res = (|| -> Result<()> {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
         f.write_all(&header(descr, &t.shape()))?;
-        f.write_all(&body)?;
+        match t {
+            HostTensor::F32(a) => write_le(&mut f, a.iter().copied(), f32::to_le_bytes)?,
+            HostTensor::F64(a) => write_le(&mut f, a.iter().copied(), f64::to_le_bytes)?,
+            HostTensor::I64(a) => write_le(&mut f, a.iter().copied(), i64::to_le_bytes)?,
+            HostTensor::Bool(a) => write_le(&mut f, a.iter().map(|&v| v as u8), u8::to_le_bytes)?,
+        }
         f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         std::fs::rename(&tmp, path)?;
         Ok(())
