@@ -309,3 +309,68 @@ fn cifar10_binary_probe_file_is_balanced_and_checked() {
         "{e}"
     );
 }
+
+/// The exported training graph passes `onnx.checker` (full check) and the Python `onnxruntime`
+/// computes the gradients the CLI writes. Skipped, saying so, without Python onnx/onnxruntime.
+#[test]
+fn exported_training_graph_passes_onnx_checker_and_python_onnxruntime() {
+    let has = Command::new("python3")
+        .args(["-c", "import onnx, onnxruntime, numpy"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !has {
+        println!("SKIPPED: python3 with onnx + onnxruntime not available (pip install onnx onnxruntime numpy)");
+        return;
+    }
+    let d = tmpdir("export");
+    let model = root().join("models/nb201_random_b.onnx");
+    let (x, y) = (
+        root().join("tests/golden/nb201_random_b/x.npy"),
+        root().join("tests/golden/nb201_random_b/y.npy"),
+    );
+    let graph = d.join("m.grad.onnx");
+    let st = bin()
+        .args([
+            "export-grad-graph",
+            model.to_str().unwrap(),
+            "--n",
+            "2",
+            "-o",
+        ])
+        .arg(&graph)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (g, l) = (d.join("g.npy"), d.join("l.json"));
+    let st = bin()
+        .args([
+            "grads",
+            model.to_str().unwrap(),
+            "--backend",
+            "tract",
+            "--data",
+        ])
+        .arg(&x)
+        .arg("--labels")
+        .arg(&y)
+        .arg("--out")
+        .arg(&g)
+        .arg("--layout")
+        .arg(&l)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = Command::new("python3")
+        .arg(root().join("tests/golden/check_export.py"))
+        .args([&graph, &x, &y, &g, &l])
+        .output()
+        .unwrap();
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
