@@ -41,6 +41,16 @@ fn load(name: &str) -> Golden {
     }
 }
 
+/// PyTorch-f32's own per-sample relative L2 error, as recorded by make_fixtures.py.
+fn torch_f32_sample_errors(g: &Golden) -> Vec<f64> {
+    g.meta["pytorch_f32_rel_l2_error"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
 fn matrix(t: HostTensor) -> Array2<f64> {
     let a = t.to_f64().as_standard_layout().to_owned();
     let (n, p) = (a.shape()[0], a.len() / a.shape()[0]);
@@ -171,12 +181,7 @@ fn f32_matches_within_design_tolerance() {
             1e-4,
             true,
         );
-        let torch: Vec<f64> = g.meta["pytorch_f32_rel_l2_error"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let torch = torch_f32_sample_errors(&g);
         for (i, (&e, &t)) in errs.iter().zip(&torch).enumerate() {
             println!("{name} sample {i}: ours f32 rel L2 {e:.2e}, PyTorch f32 {t:.2e}");
             assert!(
@@ -241,12 +246,7 @@ fn ort_cpu_matches_pytorch_and_tract() {
             true,
             Backend::Ort,
         );
-        let torch: Vec<f64> = g.meta["pytorch_f32_rel_l2_error"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let torch = torch_f32_sample_errors(&g);
         for (&e, &t) in errs.iter().zip(&torch) {
             assert!(
                 e <= (1e-4f64).max(3.0 * t),

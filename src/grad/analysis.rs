@@ -121,11 +121,6 @@ impl<'a> Lowering<'a> {
         Ok(o)
     }
 
-    /// Advance the node counter (keeps generated node names unique).
-    pub fn counter_bump(&mut self) {
-        self.counter += 1;
-    }
-
     /// Register a constant tensor under a fresh name.
     pub fn konst(&mut self, t: HostTensor) -> String {
         let name = self.fresh("const");

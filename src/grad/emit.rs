@@ -199,10 +199,6 @@ impl Emitter {
         let s = self.i64s(&s);
         self.op("Expand", &[x, &s], vec![])
     }
-    pub fn zeros(&mut self, shape: &[usize]) -> String {
-        let z = self.scalar(0.0);
-        self.expand(&z, shape)
-    }
     /// `Where(cond, a, b)`.
     pub fn where_(&mut self, cond: &str, a: &str, b: &str) -> String {
         self.op("Where", &[cond, a, b], vec![])

@@ -35,9 +35,9 @@ impl Seq<'_, '_> {
         let a: Vec<i64> = axes.iter().map(|&v| v as i64).collect();
         let inv = self.lw.fresh("inv_std");
         let xh = self.lw.fresh("xhat");
-        self.lw.counter_bump();
+        // The fresh output name keeps the node name unique even if model node names repeat.
         let mut n = Node::new(
-            format!("{}/{STANDARDIZE}", self.base),
+            format!("{}/{STANDARDIZE}.{xh}", self.base),
             STANDARDIZE,
             vec![x.into()],
             vec![xh.clone(), inv],
