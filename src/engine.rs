@@ -148,3 +148,36 @@ pub fn per_sample_grads_with(
         run_seconds,
     })
 }
+
+/// (trainable parameters, multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul per sample).
+pub fn model_info(model: &Model, sample_shape: &[usize]) -> Result<(usize, f64)> {
+    let mut shape = vec![1];
+    shape.extend(sample_shape);
+    let opts = GradOptions {
+        params: crate::grad::ParamSelect::All,
+        ..Default::default()
+    };
+    let an = Analysis::new(model, &shape, opts)?;
+    let params = an.params.iter().map(|p| p.numel()).sum();
+    let mut macs = 0.0;
+    for node in &an.nodes {
+        let info = |i: usize| node.input(i).map(|n| an.info(n));
+        let out = node.outputs.first().map(|o| an.info(o));
+        match (node.op.as_str(), info(0), info(1), out) {
+            ("Conv", Some(_), Some(w), Some(y)) => {
+                let per_out: usize = w.shape[1..].iter().product();
+                macs += (y.numel() * per_out) as f64;
+            }
+            ("ConvTranspose", Some(x), Some(w), Some(_)) => {
+                let per_in: usize = w.shape[1..].iter().product();
+                macs += (x.numel() * per_in) as f64;
+            }
+            ("MatMul" | "Gemm", Some(a), Some(_), Some(y)) => {
+                let k = a.shape.last().copied().unwrap_or(1);
+                macs += (y.numel() * k) as f64;
+            }
+            _ => {}
+        }
+    }
+    Ok((params, macs))
+}

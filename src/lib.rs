@@ -6,5 +6,8 @@ pub mod grad;
 pub mod npy;
 pub mod onnx;
 pub mod ops;
+pub mod plugin;
 pub mod probe;
+pub mod rank;
+pub mod score;
 pub mod runtime;

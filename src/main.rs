@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod cli;
+
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
@@ -25,7 +27,7 @@ struct Cli {
 }
 
 #[derive(Args, Clone)]
-struct ProbeArgs {
+pub struct ProbeArgs {
     /// Probe images: a CIFAR-10 binary file (.bin) or a float32 N×C×H×W .npy (already normalised).
     /// Default: the shipped CIFAR-10 probe, for models taking 3×32×32 images with 10 outputs.
     #[arg(long)]
@@ -40,25 +42,25 @@ struct ProbeArgs {
 }
 
 #[derive(Args, Clone)]
-struct GradArgs {
+pub struct GradArgs {
     /// BatchNormalization statistics: per sample (PyTorch train() with a batch of one) or the
     /// stored running statistics.
     #[arg(long, value_enum, default_value_t = BnMode::Sample)]
-    bn: BnMode,
+    pub bn: BnMode,
     /// Which parameters get gradient columns.
     #[arg(long, value_enum, default_value_t = ParamSelect::Weights)]
-    params: ParamSelect,
+    pub params: ParamSelect,
     /// Arithmetic of the gradient graph; f64 gives reference-exact gradients (slower).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
-    precision: Precision,
+    pub precision: Precision,
     /// Runtime: ONNX Runtime when its library is found (`cargo xtask fetch-ort`), else tract.
     /// f64 graphs run on tract under `auto`.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
-    backend: Backend,
+    pub backend: Backend,
 }
 
 impl GradArgs {
-    fn options(&self) -> GradOptions {
+    pub fn options(&self) -> GradOptions {
         GradOptions {
             bn: self.bn,
             params: self.params,
@@ -99,9 +101,51 @@ enum Cmd {
         #[command(flatten)]
         grad: GradArgs,
     },
+    /// Score a model with the selected scorers (built-in and plugins).
+    Score {
+        model: PathBuf,
+        #[command(flatten)]
+        probe: ProbeArgs,
+        #[command(flatten)]
+        grad: GradArgs,
+        /// Comma-separated scorer names, or `all` (see `gradalign plugins`).
+        #[arg(long, default_value = cli::score::DEFAULT_SCORERS)]
+        scorer: String,
+        /// An external scorer plugin (shared library); repeatable. GRADALIGN_PLUGIN_PATH
+        /// (colon-separated files or folders) adds more.
+        #[arg(long)]
+        plugin: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value_t = cli::score::Format::Table)]
+        format: cli::score::Format,
+    },
+    /// Score many models (files or folders of .onnx) into a resumable CSV, then print the ranking.
+    Rank {
+        #[arg(required = true)]
+        models: Vec<PathBuf>,
+        #[command(flatten)]
+        probe: ProbeArgs,
+        #[command(flatten)]
+        grad: GradArgs,
+        #[arg(long, default_value = cli::score::DEFAULT_SCORERS)]
+        scorer: String,
+        #[arg(long)]
+        plugin: Vec<PathBuf>,
+        /// Results CSV: rows are appended and fsync'ed as models finish; models already in it
+        /// are skipped, so an interrupted run resumes.
+        #[arg(long)]
+        out: PathBuf,
+        /// Models scored in parallel.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+    },
+    /// List every scorer found: built-in and external, with its inputs and origin.
+    Plugins {
+        #[arg(long)]
+        plugin: Vec<PathBuf>,
+    },
 }
 
-fn load_probe(model: &Model, p: &ProbeArgs) -> Result<(Probe, bool)> {
+pub fn load_probe(model: &Model, p: &ProbeArgs) -> Result<(Probe, bool)> {
     let shipped = p.data.is_none();
     let probe = Probe::from_options(
         p.data.as_deref(),
@@ -203,7 +247,7 @@ fn export(model: &Path, out: &Path, n: usize, grad: &GradArgs) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let res = match &cli.cmd {
+    let res: Result<i32> = match &cli.cmd {
         Cmd::Grads {
             model,
             probe,
@@ -218,16 +262,35 @@ fn main() -> ExitCode {
             out,
             layout.as_deref(),
             logits.as_deref(),
-        ),
+        )
+        .map(|_| 0),
         Cmd::ExportGradGraph {
             model,
             out,
             n,
             grad,
-        } => export(model, out, *n, grad),
+        } => export(model, out, *n, grad).map(|_| 0),
+        Cmd::Score {
+            model,
+            probe,
+            grad,
+            scorer,
+            plugin,
+            format,
+        } => cli::score::score(model, probe, grad, scorer, plugin, *format),
+        Cmd::Rank {
+            models,
+            probe,
+            grad,
+            scorer,
+            plugin,
+            out,
+            jobs,
+        } => cli::score::rank(models, probe, grad, scorer, plugin, out, *jobs),
+        Cmd::Plugins { plugin } => cli::score::plugins(plugin),
     };
     match res {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             eprintln!("error: {e}");
             for cause in e.chain().skip(1) {

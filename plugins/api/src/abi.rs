@@ -1,0 +1,138 @@
+//! The stable C ABI between the gradalign host and scorer plugins (see `include/gradalign_plugin.h`).
+//!
+//! A plugin library exports one symbol, `gradalign_plugin_table` (or `<stem>_plugin_table`, where
+//! `lib<stem>.so` is the library's file name — that form lets several plugins be linked into one
+//! binary), of type [`TableFn`]. The table's first field is the ABI version, at the same offset in
+//! every version, so the host can refuse a mismatched plugin before reading anything else.
+
+use std::ffi::{c_char, c_void};
+
+/// Bump on any change to the structs below.
+pub const ABI_VERSION: u32 = 1;
+/// The generic exported symbol.
+pub const SYMBOL: &str = "gradalign_plugin_table";
+
+/// Input flags: what a scorer needs. The host computes only the union of the selected scorers'
+/// flags.
+pub mod inputs {
+    /// Per-sample gradients, N × P (f32, or f64 under `--precision f64`), columns as the layout.
+    pub const PER_SAMPLE_GRADS: u64 = 1 << 0;
+    /// Probe labels, N int64.
+    pub const LABELS: u64 = 1 << 1;
+    /// Logits, N × classes (f64).
+    pub const LOGITS: u64 = 1 << 2;
+    /// Parameter values, P (f64), same columns as the gradients.
+    pub const PARAM_VALUES: u64 = 1 << 3;
+    /// Batch gradient (sum of the per-sample gradients), P (f64).
+    pub const BATCH_GRADS: u64 = 1 << 4;
+    /// Binary ReLU codes (input > 0), N × U bytes.
+    pub const RELU_CODES: u64 = 1 << 5;
+    /// Input Jacobian of the summed logits, N × D (f64).
+    pub const INPUT_JACOBIAN: u64 = 1 << 6;
+    /// `model_params` and `model_flops`.
+    pub const MODEL_INFO: u64 = 1 << 7;
+    /// SynFlow gradients: ∂R/∂W of the BN-free |W| network on one all-ones input, P (f64).
+    pub const SYNFLOW_GRADS: u64 = 1 << 8;
+    /// Hessian × batch-gradient product H·g, P (f64).
+    pub const HESSIAN_GRAD_PRODUCT: u64 = 1 << 9;
+    /// Gradient columns for every trainable parameter (biases, norm affines), not only weights.
+    pub const ALL_PARAMS: u64 = 1 << 10;
+    /// Every flag this ABI version knows.
+    pub const KNOWN: u64 = (1 << 11) - 1;
+}
+
+/// Role of a parameter block.
+pub mod role {
+    /// Conv / ConvTranspose / Gemm / MatMul weight.
+    pub const WEIGHT: u32 = 0;
+    /// The bias of such a layer.
+    pub const BIAS: u32 = 1;
+    /// Anything else (normalisation scale and shift, free tensors).
+    pub const OTHER: u32 = 2;
+}
+
+/// Precision of `GaInputs::grads`.
+pub mod precision {
+    pub const F32: u32 = 0;
+    pub const F64: u32 = 1;
+}
+
+/// One parameter block: columns `offset .. offset + numel` of the gradient matrix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GaParam {
+    pub name: *const c_char,
+    pub node: *const c_char,
+    pub op_type: *const c_char,
+    pub role: u32,
+    pub ndim: u32,
+    pub shape: *const u64,
+    /// For a weight: the axis of its output channels (Conv 0, ConvTranspose 1, Gemm 0 or 1 by
+    /// `transB`, MatMul last); -1 otherwise.
+    pub channel_axis: i64,
+    pub offset: u64,
+    pub numel: u64,
+}
+
+/// Everything a scorer may read. Pointers the scorer did not ask for may be null.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GaInputs {
+    pub abi_version: u32,
+    /// Of `grads`: `precision::F32` or `precision::F64`.
+    pub precision: u32,
+    pub n_samples: u64,
+    pub n_columns: u64,
+    pub n_classes: u64,
+    pub params: *const GaParam,
+    pub n_params: u64,
+    /// N × n_columns, row-major.
+    pub grads: *const c_void,
+    pub param_values: *const f64,
+    pub batch_grads: *const f64,
+    pub labels: *const i64,
+    /// N × n_classes.
+    pub logits: *const f64,
+    /// N × n_relu_units, 0 or 1.
+    pub relu_codes: *const u8,
+    pub n_relu_units: u64,
+    /// N × input_numel.
+    pub input_jacobian: *const f64,
+    pub input_numel: u64,
+    pub synflow_grads: *const f64,
+    pub hessian_grad_product: *const f64,
+    pub model_params: f64,
+    pub model_flops: f64,
+}
+
+/// Computes one score. Returns 0 and writes `*out` on success; otherwise returns non-zero and
+/// writes a NUL-terminated message of at most `err_len` bytes into `err`.
+pub type ScoreFn = unsafe extern "C" fn(
+    inputs: *const GaInputs,
+    out: *mut f64,
+    err: *mut c_char,
+    err_len: usize,
+) -> i32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GaScorer {
+    pub name: *const c_char,
+    pub description: *const c_char,
+    /// `inputs::*` flags.
+    pub inputs: u64,
+    pub score: ScoreFn,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GaPluginTable {
+    /// Must stay the first field.
+    pub abi_version: u32,
+    pub n_scorers: u32,
+    pub plugin_name: *const c_char,
+    pub plugin_version: *const c_char,
+    pub scorers: *const GaScorer,
+}
+
+pub type TableFn = unsafe extern "C" fn() -> *const GaPluginTable;

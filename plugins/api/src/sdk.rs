@@ -1,0 +1,348 @@
+//! The safe side of the ABI: a read-only view of the inputs, the `Scorer` trait and the glue
+//! that turns scorers into a C table (`export_plugin!`).
+
+use std::ffi::{c_char, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::abi::{self, GaInputs, GaPluginTable, GaScorer};
+
+/// A row-major matrix borrowed from the host.
+#[derive(Clone, Copy, Debug)]
+pub struct Matrix<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl<'a, T> Matrix<'a, T> {
+    pub fn row(&self, i: usize) -> &'a [T] {
+        &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+    /// Columns `start..start + len` of row `i`.
+    pub fn row_cols(&self, i: usize, start: usize, len: usize) -> &'a [T] {
+        &self.data[i * self.cols + start..i * self.cols + start + len]
+    }
+}
+
+/// Per-sample gradients in the precision they were computed in.
+#[derive(Clone, Copy, Debug)]
+pub enum Grads<'a> {
+    F32(Matrix<'a, f32>),
+    F64(Matrix<'a, f64>),
+}
+
+/// Runs `$body` with `$m` bound to the typed matrix inside a [`Grads`].
+#[macro_export]
+macro_rules! with_grads {
+    ($grads:expr, |$m:ident| $body:expr) => {
+        match $grads {
+            $crate::Grads::F32($m) => $body,
+            $crate::Grads::F64($m) => $body,
+        }
+    };
+}
+
+/// A parameter block of the gradient columns.
+#[derive(Clone, Debug)]
+pub struct Param {
+    pub name: String,
+    pub node: String,
+    pub op_type: String,
+    pub role: u32,
+    pub shape: Vec<usize>,
+    /// Output-channel axis of a weight, if known.
+    pub channel_axis: Option<usize>,
+    pub offset: usize,
+    pub numel: usize,
+}
+
+impl Param {
+    pub fn is_weight(&self) -> bool {
+        self.role == abi::role::WEIGHT
+    }
+    pub fn columns(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.numel
+    }
+}
+
+/// What a scorer sees. Accessors fail with a clear message when the scorer did not declare the
+/// input (the host passes a null pointer then).
+pub struct Inputs<'a> {
+    raw: &'a GaInputs,
+    params: Vec<Param>,
+}
+
+unsafe fn cstr(p: *const c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        CStr::from_ptr(p).to_string_lossy().into_owned()
+    }
+}
+
+unsafe fn slice<'a, T>(p: *const T, len: usize, what: &str) -> Result<&'a [T], String> {
+    if p.is_null() {
+        Err(format!("input '{what}' was not provided (declare it in the scorer's INPUTS)"))
+    } else if len == 0 {
+        Ok(&[])
+    } else {
+        Ok(std::slice::from_raw_parts(p, len))
+    }
+}
+
+impl<'a> Inputs<'a> {
+    /// # Safety
+    /// `raw` must follow the ABI: every non-null pointer valid for the lengths it states.
+    pub unsafe fn from_raw(raw: &'a GaInputs) -> Result<Self, String> {
+        if raw.abi_version != abi::ABI_VERSION {
+            return Err(format!(
+                "host passed inputs of ABI version {}, this plugin speaks {}",
+                raw.abi_version,
+                abi::ABI_VERSION
+            ));
+        }
+        let raw_params = slice(raw.params, raw.n_params as usize, "params")?;
+        let params = raw_params
+            .iter()
+            .map(|p| Param {
+                name: cstr(p.name),
+                node: cstr(p.node),
+                op_type: cstr(p.op_type),
+                role: p.role,
+                shape: slice(p.shape, p.ndim as usize, "shape")
+                    .map(|s| s.iter().map(|&d| d as usize).collect())
+                    .unwrap_or_default(),
+                channel_axis: usize::try_from(p.channel_axis).ok(),
+                offset: p.offset as usize,
+                numel: p.numel as usize,
+            })
+            .collect();
+        Ok(Inputs { raw, params })
+    }
+
+    pub fn n_samples(&self) -> usize {
+        self.raw.n_samples as usize
+    }
+    pub fn n_columns(&self) -> usize {
+        self.raw.n_columns as usize
+    }
+    pub fn n_classes(&self) -> usize {
+        self.raw.n_classes as usize
+    }
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+    pub fn grads(&self) -> Result<Grads<'a>, String> {
+        let (rows, cols) = (self.n_samples(), self.n_columns());
+        unsafe {
+            match self.raw.precision {
+                abi::precision::F32 => Ok(Grads::F32(Matrix {
+                    data: slice(self.raw.grads as *const f32, rows * cols, "per-sample grads")?,
+                    rows,
+                    cols,
+                })),
+                abi::precision::F64 => Ok(Grads::F64(Matrix {
+                    data: slice(self.raw.grads as *const f64, rows * cols, "per-sample grads")?,
+                    rows,
+                    cols,
+                })),
+                p => Err(format!("unknown gradient precision code {p}")),
+            }
+        }
+    }
+    pub fn labels(&self) -> Result<&'a [i64], String> {
+        unsafe { slice(self.raw.labels, self.n_samples(), "labels") }
+    }
+    pub fn logits(&self) -> Result<Matrix<'a, f64>, String> {
+        let (rows, cols) = (self.n_samples(), self.n_classes());
+        let data = unsafe { slice(self.raw.logits, rows * cols, "logits")? };
+        Ok(Matrix { data, rows, cols })
+    }
+    pub fn param_values(&self) -> Result<&'a [f64], String> {
+        unsafe { slice(self.raw.param_values, self.n_columns(), "param values") }
+    }
+    pub fn batch_grads(&self) -> Result<&'a [f64], String> {
+        unsafe { slice(self.raw.batch_grads, self.n_columns(), "batch grads") }
+    }
+    pub fn relu_codes(&self) -> Result<Matrix<'a, u8>, String> {
+        let (rows, cols) = (self.n_samples(), self.raw.n_relu_units as usize);
+        let data = unsafe { slice(self.raw.relu_codes, rows * cols, "ReLU codes")? };
+        Ok(Matrix { data, rows, cols })
+    }
+    pub fn input_jacobian(&self) -> Result<Matrix<'a, f64>, String> {
+        let (rows, cols) = (self.n_samples(), self.raw.input_numel as usize);
+        let data = unsafe { slice(self.raw.input_jacobian, rows * cols, "input Jacobian")? };
+        Ok(Matrix { data, rows, cols })
+    }
+    pub fn synflow_grads(&self) -> Result<&'a [f64], String> {
+        unsafe { slice(self.raw.synflow_grads, self.n_columns(), "synflow grads") }
+    }
+    pub fn hessian_grad_product(&self) -> Result<&'a [f64], String> {
+        unsafe { slice(self.raw.hessian_grad_product, self.n_columns(), "Hessian-gradient product") }
+    }
+    pub fn model_params(&self) -> f64 {
+        self.raw.model_params
+    }
+    pub fn model_flops(&self) -> f64 {
+        self.raw.model_flops
+    }
+}
+
+/// One scoring strategy. Higher score = predicted better.
+pub trait Scorer {
+    const NAME: &'static str;
+    const DESCRIPTION: &'static str;
+    /// `abi::inputs::*` flags, or-ed.
+    const INPUTS: u64;
+    fn score(inputs: &Inputs) -> Result<f64, String>;
+}
+
+fn write_err(msg: &str, err: *mut c_char, err_len: usize) {
+    if err.is_null() || err_len == 0 {
+        return;
+    }
+    let bytes = msg.as_bytes();
+    let n = bytes.len().min(err_len - 1);
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), err as *mut u8, n);
+        *err.add(n) = 0;
+    }
+}
+
+/// The C entry point of scorer `S`: never unwinds into the host.
+///
+/// # Safety
+/// Called by the host with pointers that follow the ABI.
+pub unsafe extern "C" fn trampoline<S: Scorer>(
+    inputs: *const GaInputs,
+    out: *mut f64,
+    err: *mut c_char,
+    err_len: usize,
+) -> i32 {
+    let res = catch_unwind(AssertUnwindSafe(|| {
+        if inputs.is_null() || out.is_null() {
+            return Err("null inputs or output pointer".to_string());
+        }
+        let inputs = Inputs::from_raw(&*inputs)?;
+        S::score(&inputs)
+    }));
+    match res {
+        Ok(Ok(v)) => {
+            *out = v;
+            0
+        }
+        Ok(Err(msg)) => {
+            write_err(&msg, err, err_len);
+            1
+        }
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic payload".into());
+            write_err(&format!("scorer panicked: {msg}"), err, err_len);
+            2
+        }
+    }
+}
+
+/// A scorer's table row before it is frozen into C strings.
+pub struct ScorerEntry {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub inputs: u64,
+    pub score: abi::ScoreFn,
+}
+
+impl ScorerEntry {
+    pub fn of<S: Scorer>() -> Self {
+        ScorerEntry {
+            name: S::NAME,
+            description: S::DESCRIPTION,
+            inputs: S::INPUTS,
+            score: trampoline::<S>,
+        }
+    }
+}
+
+/// Owns the C strings and rows behind a [`GaPluginTable`]; lives in a `static`.
+pub struct PluginTableHolder {
+    table: GaPluginTable,
+    _rows: Vec<GaScorer>,
+    _strings: Vec<CString>,
+}
+
+// The raw pointers point into the holder's own heap data, which is never mutated.
+unsafe impl Send for PluginTableHolder {}
+unsafe impl Sync for PluginTableHolder {}
+
+impl PluginTableHolder {
+    pub fn new(plugin_name: &str, plugin_version: &str, entries: Vec<ScorerEntry>) -> Self {
+        let mut strings = vec![];
+        let mut keep = |s: &str| {
+            let c = CString::new(s.replace('\0', " ")).expect("no NUL left");
+            let p = c.as_ptr();
+            strings.push(c);
+            p
+        };
+        let plugin_name = keep(plugin_name);
+        let plugin_version = keep(plugin_version);
+        let rows: Vec<GaScorer> = entries
+            .iter()
+            .map(|e| GaScorer {
+                name: keep(e.name),
+                description: keep(e.description),
+                inputs: e.inputs,
+                score: e.score,
+            })
+            .collect();
+        let table = GaPluginTable {
+            abi_version: abi::ABI_VERSION,
+            n_scorers: rows.len() as u32,
+            plugin_name,
+            plugin_version,
+            scorers: rows.as_ptr(),
+        };
+        PluginTableHolder {
+            table,
+            _rows: rows,
+            _strings: strings,
+        }
+    }
+    pub fn table(&self) -> &GaPluginTable {
+        &self.table
+    }
+}
+
+/// Exports a plugin: `export_plugin!(name: "my-scorers", scorers: [MyScorer, Other]);` defines the
+/// C symbol `gradalign_plugin_table` plus a Rust function `plugin_table()` for static linking.
+/// Plugins meant to be linked side by side into one binary pick a unique symbol instead:
+/// `export_plugin!(symbol: libstem_plugin_table, name: …, scorers: […])`, where `liblibstem.so`
+/// is the library's file name (the host looks that name up when the generic one is absent).
+#[macro_export]
+macro_rules! export_plugin {
+    (name: $name:expr, scorers: [$($s:ty),* $(,)?] $(,)?) => {
+        $crate::export_plugin!(symbol: gradalign_plugin_table, name: $name, scorers: [$($s),*]);
+    };
+    (symbol: $sym:ident, name: $name:expr, scorers: [$($s:ty),* $(,)?] $(,)?) => {
+        /// This plugin's scorer table (the same one the C symbol returns).
+        pub fn plugin_table() -> &'static $crate::abi::GaPluginTable {
+            static HOLDER: ::std::sync::OnceLock<$crate::PluginTableHolder> =
+                ::std::sync::OnceLock::new();
+            HOLDER
+                .get_or_init(|| {
+                    $crate::PluginTableHolder::new(
+                        $name,
+                        env!("CARGO_PKG_VERSION"),
+                        vec![$($crate::ScorerEntry::of::<$s>()),*],
+                    )
+                })
+                .table()
+        }
+        #[no_mangle]
+        pub extern "C" fn $sym() -> *const $crate::abi::GaPluginTable {
+            plugin_table() as *const _
+        }
+    };
+}

@@ -1,0 +1,222 @@
+//! The formulas of DESIGN §4 on plain matrices, so each can be tested on hand-computed values.
+//! s_i = sign(g_i) elementwise (0 stays 0); classes come from the labels.
+
+use std::collections::BTreeMap;
+
+use gradalign_plugin_api::linalg::cholesky_logdet;
+use gradalign_plugin_api::Matrix;
+
+/// Ridge added to every per-class Gram matrix before the log-determinant.
+pub const GRAM_EPS: f64 = 1e-6;
+
+#[inline]
+pub fn sign(x: f64) -> i8 {
+    if x > 0.0 {
+        1
+    } else if x < 0.0 {
+        -1
+    } else {
+        0
+    }
+}
+
+/// Sample indices per class, in label order.
+pub fn classes(labels: &[i64]) -> BTreeMap<i64, Vec<usize>> {
+    let mut m: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+    for (i, &y) in labels.iter().enumerate() {
+        m.entry(y).or_default().push(i);
+    }
+    m
+}
+
+fn sign_row<T: Copy + Into<f64>>(row: &[T]) -> Vec<i8> {
+    row.iter().map(|&v| sign(v.into())).collect()
+}
+
+/// GradSign: Σ_k |Σ_i s_ik|.
+pub fn gradsign<T: Copy + Into<f64>>(g: Matrix<T>) -> f64 {
+    let mut acc = vec![0i32; g.cols];
+    for i in 0..g.rows {
+        for (a, &v) in acc.iter_mut().zip(g.row(i)) {
+            *a += sign(v.into()) as i32;
+        }
+    }
+    acc.iter().map(|&a| a.unsigned_abs() as f64).sum()
+}
+
+/// GradAlign-I (`dot`): Σ_c (1/n_c) Σ_{i∈c} ⟨s_i, sign(ḡ_c)⟩, ḡ_c the class-mean raw gradient.
+pub fn gradalign_i_dot<T: Copy + Into<f64>>(g: Matrix<T>, labels: &[i64]) -> f64 {
+    let mut total = 0.0;
+    for idx in classes(labels).values() {
+        let mut mean = vec![0.0f64; g.cols];
+        for &i in idx {
+            for (m, &v) in mean.iter_mut().zip(g.row(i)) {
+                *m += v.into();
+            }
+        }
+        let ref_sign: Vec<i8> = mean.iter().map(|&m| sign(m)).collect();
+        let mut sum = 0i64;
+        for &i in idx {
+            sum += g
+                .row(i)
+                .iter()
+                .zip(&ref_sign)
+                .map(|(&v, &r)| (sign(v.into()) * r) as i64)
+                .sum::<i64>();
+        }
+        total += sum as f64 / idx.len() as f64;
+    }
+    total
+}
+
+/// GradAlign-I (`cos`): per class, the mean over i of cos(s_i, s̄_c) with s̄_c the class mean of
+/// the sign vectors; averaged over classes. A zero vector has cosine 0.
+pub fn gradalign_i_cos<T: Copy + Into<f64>>(g: Matrix<T>, labels: &[i64]) -> f64 {
+    let cls = classes(labels);
+    let mut total = 0.0;
+    for idx in cls.values() {
+        let signs: Vec<Vec<i8>> = idx.iter().map(|&i| sign_row(g.row(i))).collect();
+        let mut mean = vec![0.0f64; g.cols];
+        for s in &signs {
+            for (m, &v) in mean.iter_mut().zip(s) {
+                *m += v as f64;
+            }
+        }
+        mean.iter_mut().for_each(|m| *m /= idx.len() as f64);
+        let mean_norm = mean.iter().map(|m| m * m).sum::<f64>().sqrt();
+        let mut acc = 0.0;
+        for s in &signs {
+            let nnz = s.iter().filter(|&&v| v != 0).count() as f64;
+            if nnz == 0.0 || mean_norm == 0.0 {
+                continue;
+            }
+            let dot: f64 = s.iter().zip(&mean).map(|(&a, &b)| a as f64 * b).sum();
+            acc += dot / (nnz.sqrt() * mean_norm);
+        }
+        total += acc / idx.len() as f64;
+    }
+    total / cls.len().max(1) as f64
+}
+
+/// Integer Gram matrix ⟨s_i, s_j⟩ of the given rows' sign vectors.
+fn sign_gram<T: Copy + Into<f64>>(g: Matrix<T>, idx: &[usize]) -> Vec<i64> {
+    let signs: Vec<Vec<i8>> = idx.iter().map(|&i| sign_row(g.row(i))).collect();
+    let n = idx.len();
+    let mut k = vec![0i64; n * n];
+    for a in 0..n {
+        for b in a..n {
+            let d: i64 = signs[a]
+                .iter()
+                .zip(&signs[b])
+                .map(|(&x, &y)| (x as i32 * y as i32) as i64)
+                .sum();
+            k[a * n + b] = d;
+            k[b * n + a] = d;
+        }
+    }
+    k
+}
+
+/// GradAlign-II: Σ_c log det(K_c + εI), K_c the cosine (`normalise`) or raw Gram matrix of the
+/// class's sign vectors; a zero row stays zero. Cholesky in f64.
+pub fn gradalign_ii<T: Copy + Into<f64>>(
+    g: Matrix<T>,
+    labels: &[i64],
+    normalise: bool,
+) -> Result<f64, String> {
+    let mut total = 0.0;
+    for (c, idx) in classes(labels) {
+        let n = idx.len();
+        let k = sign_gram(g, &idx);
+        let mut kf = vec![0.0f64; n * n];
+        for a in 0..n {
+            for b in 0..n {
+                let v = k[a * n + b] as f64;
+                kf[a * n + b] = if normalise {
+                    let d = ((k[a * n + a] * k[b * n + b]) as f64).sqrt();
+                    if d == 0.0 {
+                        0.0
+                    } else {
+                        v / d
+                    }
+                } else {
+                    v
+                };
+            }
+            kf[a * n + a] += GRAM_EPS;
+        }
+        total += cholesky_logdet(&kf, n).map_err(|e| format!("class {c}: {e}"))?;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(data: &[f32], rows: usize) -> Matrix<'_, f32> {
+        Matrix {
+            data,
+            rows,
+            cols: data.len() / rows,
+        }
+    }
+
+    // Three samples, four columns. Class 0 = rows 0, 1; class 1 = row 2 (a class of one).
+    const G: [f32; 12] = [
+        0.5, -2.0, 0.0, 1.0, //
+        1.5, 3.0, -1.0, 2.0, //
+        -0.1, 0.2, 0.3, 0.0,
+    ];
+    const Y: [i64; 3] = [0, 0, 1];
+
+    #[test]
+    fn gradsign_by_hand() {
+        // column sign sums: (1+1-1) (−1+1+1) (0−1+1) (1+1+0) → |1|+|1|+|0|+|2| = 4
+        assert_eq!(gradsign(m(&G, 3)), 4.0);
+    }
+
+    #[test]
+    fn gradalign_i_dot_by_hand() {
+        // class 0: ḡ = (1.0, 0.5, −0.5, 1.5) → sign (1,1,−1,1); s_0 = (1,−1,0,1) → 1;
+        // s_1 = (1,1,−1,1) → 4; A_0 = 2.5. Class 1: ⟨s,s⟩ = 3. Total 5.5.
+        assert_eq!(gradalign_i_dot(m(&G, 3), &Y), 5.5);
+    }
+
+    #[test]
+    fn gradalign_i_cos_by_hand() {
+        // class 0: s̄ = (1, 0, −0.5, 1), ‖s̄‖ = 1.5; cos(s_0) = 2/(√3·1.5), cos(s_1) = 2.5/(2·1.5).
+        // class 1 (one sample): cos = 1.
+        let c0 = (2.0 / (3f64.sqrt() * 1.5) + 2.5 / 3.0) / 2.0;
+        let want = (c0 + 1.0) / 2.0;
+        assert!((gradalign_i_cos(m(&G, 3), &Y) - want).abs() < 1e-14);
+    }
+
+    #[test]
+    fn gradalign_ii_by_hand() {
+        // class 0: ⟨s0,s1⟩ = 1, ‖s0‖² = 3, ‖s1‖² = 4 → K = [[1, 1/√12],[1/√12, 1]] (+ε).
+        // class 1: K = [1 + ε].
+        let r = 1.0 / 12f64.sqrt();
+        let det0 = (1.0 + GRAM_EPS).powi(2) - r * r;
+        let want = det0.ln() + (1.0 + GRAM_EPS).ln();
+        assert!((gradalign_ii(m(&G, 3), &Y, true).unwrap() - want).abs() < 1e-13);
+        // raw: K0 = [[3,1],[1,4]] → det ≈ 11, K1 = [3]
+        let raw_det0 = (3.0 + GRAM_EPS) * (4.0 + GRAM_EPS) - 1.0;
+        let want = raw_det0.ln() + (3.0 + GRAM_EPS).ln();
+        assert!((gradalign_ii(m(&G, 3), &Y, false).unwrap() - want).abs() < 1e-13);
+    }
+
+    #[test]
+    fn all_zero_gradient_row_stays_zero() {
+        // Row 1 all zero: its Gram row/column is zero, so det(K + εI) = (1+ε)·ε for class 0.
+        let g: [f32; 6] = [1.0, -1.0, 0.0, 0.0, 0.0, 0.0];
+        let y = [0, 0];
+        let want = ((1.0 + GRAM_EPS) * GRAM_EPS).ln();
+        assert!((gradalign_ii(m(&g, 2), &y, true).unwrap() - want).abs() < 1e-12);
+        assert_eq!(gradsign(m(&g, 2)), 2.0);
+        // mean over class of cos: 1 for row 0, 0 for the zero row.
+        assert!((gradalign_i_cos(m(&g, 2), &y) - 0.5).abs() < 1e-14);
+        // ḡ sign = (1, −1, 0): row 0 gives 2, zero row 0 → 1.
+        assert_eq!(gradalign_i_dot(m(&g, 2), &y), 1.0);
+    }
+}

@@ -1,0 +1,213 @@
+//! `gradalign score`, `gradalign rank` and `gradalign plugins`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use gradalign::onnx::Model;
+use gradalign::plugin::{input_names, Registry, ScorerInfo};
+use gradalign::rank::{self, ResultsFile};
+use gradalign::score::{score_model, ScoreReport};
+
+use crate::{load_probe, GradArgs, ProbeArgs};
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+pub const DEFAULT_SCORERS: &str = "gradalign-i,gradalign-ii,gradsign";
+
+fn registry(plugins: &[PathBuf]) -> Registry {
+    let r = Registry::with_plugins(plugins);
+    for e in &r.load_errors {
+        eprintln!("warning: {e}");
+    }
+    r
+}
+
+fn score_one(path: &Path, probe: &ProbeArgs, grad: &GradArgs, scorers: &[ScorerInfo]) -> Result<ScoreReport> {
+    let m = Model::load(path)?;
+    let (p, shipped) = load_probe(&m, probe)?;
+    let mut r = score_model(&m, &p, shipped, grad.options(), grad.backend, scorers)?;
+    r.model = path.display().to_string();
+    Ok(r)
+}
+
+/// Exit status: 0 when every scorer produced a value, 2 when some failed (their errors are
+/// printed and, with --format json, listed under "errors").
+pub fn score(
+    model: &Path,
+    probe: &ProbeArgs,
+    grad: &GradArgs,
+    scorer: &str,
+    plugins: &[PathBuf],
+    format: Format,
+) -> Result<i32> {
+    let reg = registry(plugins);
+    let scorers = reg.select(scorer)?;
+    gradalign::runtime::check_backend(grad.backend)?;
+    let r = score_one(model, probe, grad, &scorers)?;
+    let mut out = std::io::stdout().lock();
+    match format {
+        Format::Json => {
+            let scores: serde_json::Map<String, serde_json::Value> = r
+                .scores
+                .iter()
+                .map(|(n, v)| (n.clone(), v.map_or(serde_json::Value::Null, |v| v.into())))
+                .collect();
+            let v = serde_json::json!({"model": r.model, "scores": scores, "errors": r.errors});
+            writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        }
+        Format::Csv => {
+            let names: Vec<&str> = r.scores.iter().map(|(n, _)| n.as_str()).collect();
+            writeln!(out, "model,{}", names.join(","))?;
+            let vals: Vec<String> = r.scores.iter().map(|(_, v)| rank::fmt_score(*v)).collect();
+            writeln!(out, "{},{}", rank::csv_field(&r.model), vals.join(","))?;
+        }
+        Format::Table => {
+            let w = r.scores.iter().map(|(n, _)| n.len()).max().unwrap_or(5).max(6);
+            writeln!(out, "{:<w$}  score", "scorer")?;
+            for (n, v) in &r.scores {
+                let shown = v.map_or("—".to_string(), |v| format!("{v:.6e}"));
+                writeln!(out, "{n:<w$}  {shown}")?;
+            }
+        }
+    }
+    for (n, e) in &r.errors {
+        eprintln!("error: scorer '{n}': {e}");
+    }
+    eprintln!(
+        "scored {} — runtime {}, inputs {:.2}s, scorers {:.2}s",
+        r.model, r.runtime, r.grad_seconds, r.score_seconds
+    );
+    Ok(if r.errors.is_empty() { 0 } else { 2 })
+}
+
+pub fn plugins(plugins: &[PathBuf]) -> Result<i32> {
+    let reg = registry(plugins);
+    let w = reg.scorers.iter().map(|s| s.name.len()).max().unwrap_or(4);
+    println!("{:<w$}  {:<22}  {:<40}  description", "name", "origin", "inputs");
+    for s in &reg.scorers {
+        println!(
+            "{:<w$}  {:<22}  {:<40}  {}",
+            s.name,
+            s.origin,
+            input_names(s.inputs).join(","),
+            s.description
+        );
+    }
+    Ok(if reg.load_errors.is_empty() { 0 } else { 1 })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn rank(
+    models: &[PathBuf],
+    probe: &ProbeArgs,
+    grad: &GradArgs,
+    scorer: &str,
+    plugins: &[PathBuf],
+    out: &Path,
+    jobs: usize,
+) -> Result<i32> {
+    let reg = registry(plugins);
+    let scorers = reg.select(scorer)?;
+    gradalign::runtime::check_backend(grad.backend)?;
+    let names: Vec<String> = scorers.iter().map(|s| s.name.clone()).collect();
+    let all = rank::collect_models(models)?;
+    if all.is_empty() {
+        bail!("no .onnx models found in the given paths");
+    }
+    let results = ResultsFile::open(out, &rank::header(&names))?;
+    let todo: Vec<PathBuf> = all
+        .iter()
+        .filter(|p| !results.done.contains(&p.display().to_string()))
+        .cloned()
+        .collect();
+    let skipped = all.len() - todo.len();
+    if skipped > 0 {
+        eprintln!("resuming: {skipped} of {} models already in {}", all.len(), out.display());
+    }
+    let results = Mutex::new(results);
+    let next = AtomicUsize::new(0);
+    let finished = AtomicUsize::new(0);
+    let failed = AtomicUsize::new(0);
+    let t0 = Instant::now();
+    let write_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..jobs.max(1).min(todo.len().max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= todo.len() || write_error.lock().unwrap().is_some() {
+                    break;
+                }
+                let path = &todo[i];
+                let t = Instant::now();
+                let res = score_one(path, probe, grad, &scorers);
+                if res.is_err() {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
+                let secs = t.elapsed().as_secs_f64();
+                if let Err(e) = results
+                    .lock()
+                    .unwrap()
+                    .append(&path.display().to_string(), &names, &res, secs)
+                {
+                    *write_error.lock().unwrap() = Some(e);
+                    break;
+                }
+                let k = finished.fetch_add(1, Ordering::SeqCst) + 1;
+                let eta = t0.elapsed().as_secs_f64() / k as f64 * (todo.len() - k) as f64;
+                eprint!(
+                    "\r[{k}/{}] {:.0}% ETA {eta:.0}s  {}\x1b[K",
+                    todo.len(),
+                    100.0 * k as f64 / todo.len() as f64,
+                    path.display()
+                );
+            });
+        }
+    });
+    eprintln!();
+    if let Some(e) = write_error.into_inner().unwrap() {
+        return Err(e);
+    }
+    print_ranking(out, &names)?;
+    let failed = failed.load(Ordering::SeqCst);
+    if failed > 0 {
+        eprintln!("{failed} model(s) failed; their errors are in {}", out.display());
+    }
+    Ok(if failed > 0 { 2 } else { 0 })
+}
+
+/// The final table: every row of the results file, sorted by the first scorer (best first).
+fn print_ranking(out: &Path, names: &[String]) -> Result<()> {
+    let text = std::fs::read_to_string(out)?;
+    let mut rows: Vec<Vec<String>> = text.lines().skip(1).map(rank::split_csv).collect();
+    let key = |r: &Vec<String>| r.get(1).and_then(|v| v.parse::<f64>().ok());
+    rows.sort_by(|a, b| match (key(a), key(b)) {
+        (Some(x), Some(y)) => y.total_cmp(&x),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => a[0].cmp(&b[0]),
+    });
+    let w = rows.iter().map(|r| r[0].len()).max().unwrap_or(5).max(5);
+    let mut head = format!("{:>4}  {:<w$}", "rank", "model");
+    for n in names {
+        head += &format!("  {n:>14}");
+    }
+    println!("{head}");
+    for (i, r) in rows.iter().enumerate() {
+        let mut line = format!("{:>4}  {:<w$}", i + 1, r[0]);
+        for j in 0..names.len() {
+            let v = r.get(j + 1).and_then(|v| v.parse::<f64>().ok());
+            line += &format!("  {:>14}", v.map_or("—".into(), |v| format!("{v:.6e}")));
+        }
+        println!("{line}");
+    }
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! Owned scorer inputs and their borrowed C view (`GaInputs`).
+
+use std::ffi::CString;
+
+use gradalign_plugin_api::abi::{self, GaInputs, GaParam};
+
+use crate::onnx::HostTensor;
+
+/// A parameter block as the ABI describes it.
+#[derive(Clone, Debug)]
+pub struct ParamMeta {
+    pub name: String,
+    pub node: String,
+    pub op_type: String,
+    pub role: u32,
+    pub shape: Vec<usize>,
+    pub channel_axis: i64,
+    pub offset: usize,
+    pub numel: usize,
+}
+
+/// Everything computed for one model; fields stay `None` unless a selected scorer asked.
+#[derive(Default)]
+pub struct InputData {
+    pub n: usize,
+    pub classes: usize,
+    pub params: Vec<ParamMeta>,
+    /// `[N, P]`, F32 or F64.
+    pub grads: Option<HostTensor>,
+    pub param_values: Option<Vec<f64>>,
+    pub batch_grads: Option<Vec<f64>>,
+    pub labels: Vec<i64>,
+    pub logits: Option<Vec<f64>>,
+    pub relu_codes: Option<(Vec<u8>, usize)>,
+    pub input_jacobian: Option<(Vec<f64>, usize)>,
+    pub synflow_grads: Option<Vec<f64>>,
+    pub hessian_grad_product: Option<Vec<f64>>,
+    pub model_params: f64,
+    pub model_flops: f64,
+}
+
+/// The C view of an [`InputData`]; owns the strings and arrays the pointers refer to.
+pub struct RawInputs<'a> {
+    pub inputs: GaInputs,
+    _params: Vec<GaParam>,
+    _strings: Vec<CString>,
+    _shapes: Vec<Vec<u64>>,
+    _data: std::marker::PhantomData<&'a InputData>,
+}
+
+fn ptr<T>(v: &Option<Vec<T>>) -> *const T {
+    v.as_ref().map_or(std::ptr::null(), |v| v.as_ptr())
+}
+
+impl InputData {
+    pub fn raw(&self) -> RawInputs<'_> {
+        let mut strings = vec![];
+        let mut keep = |s: &str| {
+            let c = CString::new(s.replace('\0', " ")).expect("no NUL left");
+            let p = c.as_ptr();
+            strings.push(c);
+            p
+        };
+        let shapes: Vec<Vec<u64>> = self
+            .params
+            .iter()
+            .map(|p| p.shape.iter().map(|&d| d as u64).collect())
+            .collect();
+        let params: Vec<GaParam> = self
+            .params
+            .iter()
+            .zip(&shapes)
+            .map(|(p, shape)| GaParam {
+                name: keep(&p.name),
+                node: keep(&p.node),
+                op_type: keep(&p.op_type),
+                role: p.role,
+                ndim: shape.len() as u32,
+                shape: shape.as_ptr(),
+                channel_axis: p.channel_axis,
+                offset: p.offset as u64,
+                numel: p.numel as u64,
+            })
+            .collect();
+        let (precision, grads, cols) = match &self.grads {
+            Some(HostTensor::F32(a)) => (
+                abi::precision::F32,
+                a.as_slice().expect("standard layout").as_ptr() as *const _,
+                a.shape()[1],
+            ),
+            Some(HostTensor::F64(a)) => (
+                abi::precision::F64,
+                a.as_slice().expect("standard layout").as_ptr() as *const _,
+                a.shape()[1],
+            ),
+            _ => (
+                abi::precision::F32,
+                std::ptr::null(),
+                self.params.iter().map(|p| p.offset + p.numel).max().unwrap_or(0),
+            ),
+        };
+        let inputs = GaInputs {
+            abi_version: abi::ABI_VERSION,
+            precision,
+            n_samples: self.n as u64,
+            n_columns: cols as u64,
+            n_classes: self.classes as u64,
+            params: params.as_ptr(),
+            n_params: params.len() as u64,
+            grads,
+            param_values: ptr(&self.param_values),
+            batch_grads: ptr(&self.batch_grads),
+            labels: self.labels.as_ptr(),
+            logits: ptr(&self.logits),
+            relu_codes: self
+                .relu_codes
+                .as_ref()
+                .map_or(std::ptr::null(), |(c, _)| c.as_ptr()),
+            n_relu_units: self.relu_codes.as_ref().map_or(0, |(_, u)| *u as u64),
+            input_jacobian: self
+                .input_jacobian
+                .as_ref()
+                .map_or(std::ptr::null(), |(j, _)| j.as_ptr()),
+            input_numel: self.input_jacobian.as_ref().map_or(0, |(_, d)| *d as u64),
+            synflow_grads: ptr(&self.synflow_grads),
+            hessian_grad_product: ptr(&self.hessian_grad_product),
+            model_params: self.model_params,
+            model_flops: self.model_flops,
+        };
+        RawInputs {
+            inputs,
+            _params: params,
+            _strings: strings,
+            _shapes: shapes,
+            _data: std::marker::PhantomData,
+        }
+    }
+}

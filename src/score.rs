@@ -1,0 +1,275 @@
+//! Scoring one model: compute exactly the inputs the selected scorers declare, then call each
+//! scorer through the plugin ABI. One scorer's failure is recorded and the others still run.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::Result;
+use gradalign_plugin_api::abi::{inputs as flag, role};
+
+use crate::engine::{self, LayoutEntry, PerSampleGrads};
+use crate::grad::{GradOptions, ParamSelect};
+use crate::onnx::{HostTensor, Model};
+use crate::plugin::inputs::{InputData, ParamMeta};
+use crate::plugin::ScorerInfo;
+use crate::probe::Probe;
+use crate::runtime::Backend;
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ScoreReport {
+    pub model: String,
+    /// In the order the scorers were selected; `None` where the scorer failed.
+    pub scores: Vec<(String, Option<f64>)>,
+    pub errors: BTreeMap<String, String>,
+    pub runtime: String,
+    /// Seconds computing inputs (gradients and extra passes).
+    pub grad_seconds: f64,
+    /// Seconds inside scorers.
+    pub score_seconds: f64,
+}
+
+/// Inputs computed by passes this engine does not have yet.
+const NOT_YET: &[(u64, &str)] = &[
+    (flag::RELU_CODES, "ReLU codes"),
+    (flag::INPUT_JACOBIAN, "the input Jacobian"),
+    (flag::SYNFLOW_GRADS, "the SynFlow pass"),
+    (flag::HESSIAN_GRAD_PRODUCT, "the Hessian-gradient product"),
+];
+
+/// Role and output-channel axis of a parameter, from the node that first consumes it.
+fn role_of(model: &Model, name: &str) -> (u32, i64) {
+    for node in &model.nodes {
+        if let Some(slot) = node.inputs.iter().position(|i| i == name) {
+            let ndim = model.initializer(name).map_or(0, |t| t.shape().len()) as i64;
+            return match (node.op.as_str(), slot) {
+                ("Conv", 1) => (role::WEIGHT, 0),
+                ("ConvTranspose", 1) => (role::WEIGHT, 1),
+                ("Gemm", 1) => (
+                    role::WEIGHT,
+                    if node.attr_i("transB").unwrap_or(0) != 0 { 0 } else { 1 },
+                ),
+                ("MatMul", 0 | 1) => (role::WEIGHT, ndim - 1),
+                ("Conv" | "ConvTranspose" | "Gemm", 2) => (role::BIAS, -1),
+                _ => (role::OTHER, -1),
+            };
+        }
+    }
+    (role::OTHER, -1)
+}
+
+fn metas(model: &Model, layout: &[LayoutEntry]) -> Vec<ParamMeta> {
+    layout
+        .iter()
+        .map(|e| {
+            let (role, channel_axis) = role_of(model, &e.name);
+            ParamMeta {
+                name: e.name.clone(),
+                node: e.node.clone(),
+                op_type: e.op_type.clone(),
+                role,
+                shape: e.shape.clone(),
+                channel_axis,
+                offset: e.offset,
+                numel: e.numel,
+            }
+        })
+        .collect()
+}
+
+fn param_values(model: &Model, metas: &[ParamMeta]) -> Vec<f64> {
+    let mut v = Vec::with_capacity(metas.iter().map(|m| m.numel).sum());
+    for m in metas {
+        match model.initializer(&m.name).map(|t| t.cast(crate::onnx::DType::F64)) {
+            Some(HostTensor::F64(a)) => v.extend(a.iter().copied()),
+            _ => v.extend(std::iter::repeat_n(0.0, m.numel)),
+        }
+    }
+    v
+}
+
+fn to_f64_vec(t: &HostTensor) -> Vec<f64> {
+    match t.cast(crate::onnx::DType::F64) {
+        HostTensor::F64(a) => a.iter().copied().collect(),
+        _ => unreachable!("cast to f64"),
+    }
+}
+
+fn column_sums(g: &HostTensor) -> Vec<f64> {
+    macro_rules! sums {
+        ($a:expr) => {{
+            let a = $a;
+            let cols = a.shape()[1];
+            let mut s = vec![0.0f64; cols];
+            for row in a.as_slice().expect("standard layout").chunks(cols) {
+                for (acc, &v) in s.iter_mut().zip(row) {
+                    *acc += v as f64;
+                }
+            }
+            s
+        }};
+    }
+    match g {
+        HostTensor::F32(a) => sums!(a),
+        HostTensor::F64(a) => sums!(a),
+        _ => unreachable!("gradients are float"),
+    }
+}
+
+/// InputData from one gradient run, restricted to the columns of `keep` (all when `None`).
+fn input_data(
+    model: &Model,
+    g: &PerSampleGrads,
+    keep: Option<&dyn Fn(&ParamMeta) -> bool>,
+    flags: u64,
+) -> InputData {
+    let all = metas(model, &g.layout);
+    let n = g.labels.len();
+    let (params, grads) = match keep {
+        None => (all, g.grads.clone()),
+        Some(keep) => {
+            let mut kept = vec![];
+            let mut offset = 0;
+            for m in all.iter().filter(|m| keep(m)) {
+                let mut m = m.clone();
+                let from = m.offset;
+                m.offset = offset;
+                offset += m.numel;
+                kept.push((m, from));
+            }
+            macro_rules! select {
+                ($a:expr, $variant:ident, $t:ty) => {{
+                    let a = $a.view().into_dimensionality::<ndarray::Ix2>().expect("2-D");
+                    let mut out = ndarray::Array2::<$t>::zeros((n, offset));
+                    for (m, from) in &kept {
+                        out.slice_mut(ndarray::s![.., m.offset..m.offset + m.numel])
+                            .assign(&a.slice(ndarray::s![.., *from..*from + m.numel]));
+                    }
+                    HostTensor::$variant(out.into_dyn())
+                }};
+            }
+            let grads = match &g.grads {
+                HostTensor::F64(a) => select!(a, F64, f64),
+                HostTensor::F32(a) => select!(a, F32, f32),
+                _ => unreachable!("gradients are float"),
+            };
+            (kept.into_iter().map(|(m, _)| m).collect(), grads)
+        }
+    };
+    InputData {
+        n,
+        classes: g.logits.shape().get(1).copied().unwrap_or(0),
+        param_values: (flags & (flag::PARAM_VALUES) != 0).then(|| param_values(model, &params)),
+        batch_grads: (flags & flag::BATCH_GRADS != 0).then(|| column_sums(&grads)),
+        logits: (flags & flag::LOGITS != 0).then(|| to_f64_vec(&g.logits)),
+        labels: g.labels.to_vec(),
+        params,
+        grads: (flags & flag::PER_SAMPLE_GRADS != 0).then_some(grads),
+        ..Default::default()
+    }
+}
+
+/// Scores `model` with `scorers`. An error here means no scorer could run (the model or probe is
+/// unusable); per-scorer failures are in the report.
+pub fn score_model(
+    model: &Model,
+    probe: &Probe,
+    shipped: bool,
+    opts: GradOptions,
+    backend: Backend,
+    scorers: &[ScorerInfo],
+) -> Result<ScoreReport> {
+    let t0 = Instant::now();
+    let union = scorers.iter().fold(0u64, |f, s| f | s.inputs);
+    let grad_flags = flag::PER_SAMPLE_GRADS
+        | flag::BATCH_GRADS
+        | flag::LOGITS
+        | flag::PARAM_VALUES
+        | flag::LABELS;
+    let mut errors = BTreeMap::new();
+    let mut runtime = "none".to_string();
+    // `all_params` serves scorers that declare ALL_PARAMS; `selected` (the user's --params
+    // columns) the others, and falls back to `all_params` when the two coincide.
+    let mut all_params: Option<InputData> = None;
+    let mut selected: Option<InputData> = None;
+    if union & grad_flags != 0 {
+        let wants_all = union & flag::ALL_PARAMS != 0;
+        let run_opts = GradOptions {
+            params: if wants_all { ParamSelect::All } else { opts.params },
+            ..opts
+        };
+        let g = engine::per_sample_grads_with(model, probe, run_opts, shipped, backend)?;
+        runtime = g.runtime.to_string();
+        if wants_all {
+            all_params = Some(input_data(model, &g, None, union));
+            let plain = scorers.iter().any(|s| s.inputs & flag::ALL_PARAMS == 0);
+            if plain && opts.params == ParamSelect::Weights {
+                let keep = |m: &ParamMeta| m.role == role::WEIGHT;
+                selected = Some(input_data(model, &g, Some(&keep), union));
+            }
+        } else {
+            selected = Some(input_data(model, &g, None, union));
+        }
+    }
+    if selected.is_none() && all_params.is_none() {
+        selected = Some(InputData {
+            n: probe.len(),
+            labels: probe.labels.to_vec(),
+            ..Default::default()
+        });
+    }
+    if union & flag::MODEL_INFO != 0 {
+        match engine::model_info(model, probe.sample_shape()) {
+            Ok((p, f)) => {
+                for d in [selected.as_mut(), all_params.as_mut()].into_iter().flatten() {
+                    d.model_params = p as f64;
+                    d.model_flops = f;
+                }
+            }
+            Err(e) => {
+                for s in scorers.iter().filter(|s| s.inputs & flag::MODEL_INFO != 0) {
+                    errors.insert(s.name.clone(), format!("model info: {e:#}"));
+                }
+            }
+        }
+    }
+    let grad_seconds = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let raw_sel = selected.as_ref().map(|d| d.raw());
+    let raw_all = all_params.as_ref().map(|d| d.raw());
+    let mut scores = vec![];
+    for s in scorers {
+        if errors.contains_key(&s.name) {
+            scores.push((s.name.clone(), None));
+            continue;
+        }
+        if let Some((_, what)) = NOT_YET.iter().find(|(f, _)| s.inputs & f != 0) {
+            errors.insert(
+                s.name.clone(),
+                format!("needs {what}, which this engine does not compute yet"),
+            );
+            scores.push((s.name.clone(), None));
+            continue;
+        }
+        let raw = match (&raw_sel, &raw_all) {
+            (Some(sel), _) if s.inputs & flag::ALL_PARAMS == 0 => sel,
+            (_, Some(all)) => all,
+            (Some(sel), None) => sel,
+            (None, None) => unreachable!("one input set always exists"),
+        };
+        match s.call(&raw.inputs) {
+            Ok(v) => scores.push((s.name.clone(), Some(v))),
+            Err(e) => {
+                errors.insert(s.name.clone(), e);
+                scores.push((s.name.clone(), None));
+            }
+        }
+    }
+    Ok(ScoreReport {
+        model: model.source.clone(),
+        scores,
+        errors,
+        runtime,
+        grad_seconds,
+        score_seconds: t1.elapsed().as_secs_f64(),
+    })
+}
