@@ -9,7 +9,7 @@ use crate::grad::builder::{GradGraph, GradGraphBuilder};
 use crate::grad::GradOptions;
 use crate::onnx::{HostTensor, Model};
 use crate::probe::Probe;
-use crate::runtime::{self, Backend};
+use crate::runtime::{self, Backend, Device};
 
 /// One block of gradient columns: a parameter, flattened row-major in its ONNX shape.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -82,6 +82,19 @@ pub fn per_sample_grads_with(
     shipped_probe: bool,
     backend: Backend,
 ) -> Result<PerSampleGrads> {
+    per_sample_grads_on(model, probe, opts, shipped_probe, backend, Device::Cpu)
+}
+
+/// As [`per_sample_grads_with`], on a chosen device (`Device::Cuda` runs ONNX Runtime's CUDA
+/// execution provider).
+pub fn per_sample_grads_on(
+    model: &Model,
+    probe: &Probe,
+    opts: GradOptions,
+    shipped_probe: bool,
+    backend: Backend,
+    device: Device,
+) -> Result<PerSampleGrads> {
     let t0 = Instant::now();
     let (an, gg) = build_graph(model, probe.sample_shape(), probe.len(), opts)?;
     if shipped_probe && an.num_classes != 10 {
@@ -91,7 +104,7 @@ pub fn per_sample_grads_with(
         );
     }
     probe.check_labels(an.num_classes)?;
-    let runner = runtime::load(&gg.model, backend, an.float == crate::onnx::DType::F64)?;
+    let runner = runtime::load(&gg.model, backend, device, an.float == crate::onnx::DType::F64)?;
     let build_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let images = probe.images_tensor().cast(an.float);

@@ -13,7 +13,7 @@ use gradalign::grad::{BnMode, GradOptions, ParamSelect, Precision};
 use gradalign::npy;
 use gradalign::onnx::Model;
 use gradalign::probe::Probe;
-use gradalign::runtime::Backend;
+use gradalign::runtime::{Backend, Device};
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +57,10 @@ pub struct GradArgs {
     /// f64 graphs run on tract under `auto`.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
+    /// `cpu`, or `cuda[:N]` for ONNX Runtime's CUDA execution provider (build with
+    /// `--features cuda`, library from `cargo xtask fetch-ort --gpu`).
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
 }
 
 impl GradArgs {
@@ -176,7 +180,7 @@ fn grads(
     let (probe, shipped) = load_probe(&m, probe)?;
     gradalign::runtime::check_backend(grad.backend)?;
     let t1 = std::time::Instant::now();
-    let g = engine::per_sample_grads_with(&m, &probe, grad.options(), shipped, grad.backend)?;
+    let g = engine::per_sample_grads_on(&m, &probe, grad.options(), shipped, grad.backend, grad.device)?;
     let t2 = std::time::Instant::now();
     for note in &g.notes {
         eprintln!("note: {note}");

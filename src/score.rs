@@ -13,7 +13,7 @@ use crate::onnx::{HostTensor, Model};
 use crate::plugin::inputs::{InputData, ParamMeta};
 use crate::plugin::ScorerInfo;
 use crate::probe::Probe;
-use crate::runtime::Backend;
+use crate::runtime::{Backend, Device};
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ScoreReport {
@@ -176,6 +176,7 @@ pub fn score_model(
     shipped: bool,
     opts: GradOptions,
     backend: Backend,
+    device: Device,
     scorers: &[ScorerInfo],
 ) -> Result<ScoreReport> {
     let t0 = Instant::now();
@@ -197,7 +198,7 @@ pub fn score_model(
             params: if wants_all { ParamSelect::All } else { opts.params },
             ..opts
         };
-        let g = engine::per_sample_grads_with(model, probe, run_opts, shipped, backend)?;
+        let g = engine::per_sample_grads_on(model, probe, run_opts, shipped, backend, device)?;
         runtime = g.runtime.to_string();
         if wants_all {
             all_params = Some(input_data(model, &g, None, union));

@@ -34,7 +34,7 @@ fn registry(plugins: &[PathBuf]) -> Registry {
 fn score_one(path: &Path, probe: &ProbeArgs, grad: &GradArgs, scorers: &[ScorerInfo]) -> Result<ScoreReport> {
     let m = Model::load(path)?;
     let (p, shipped) = load_probe(&m, probe)?;
-    let mut r = score_model(&m, &p, shipped, grad.options(), grad.backend, scorers)?;
+    let mut r = score_model(&m, &p, shipped, grad.options(), grad.backend, grad.device, scorers)?;
     r.model = path.display().to_string();
     Ok(r)
 }

@@ -25,17 +25,48 @@ pub enum Backend {
     Ort,
 }
 
+/// Where the gradient graph runs: `cpu`, or `cuda[:N]` (ONNX Runtime's CUDA execution provider).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda(i32),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Device, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<i32>().ok())
+                .filter(|&n| n >= 0)
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("'{s}' is not a device: use cpu, cuda or cuda:N")),
+        }
+    }
+}
+
 pub fn load(
     model: &pb::ModelProto,
     backend: Backend,
+    device: Device,
     f64_graph: bool,
 ) -> Result<Box<dyn GraphRunner>> {
+    if device != Device::Cpu {
+        if backend == Backend::Tract {
+            bail!("--device cuda needs --backend ort (tract runs on the CPU only)");
+        }
+        return Ok(Box::new(ort::OrtRunner::new(model, device)?));
+    }
     match backend {
         Backend::Tract => Ok(Box::new(tract::TractRunner::new(model)?)),
-        Backend::Ort => Ok(Box::new(ort::OrtRunner::new(model)?)),
+        Backend::Ort => Ok(Box::new(ort::OrtRunner::new(model, device)?)),
         Backend::Auto => {
             if !f64_graph && ort::available() {
-                Ok(Box::new(ort::OrtRunner::new(model)?))
+                Ok(Box::new(ort::OrtRunner::new(model, device)?))
             } else {
                 Ok(Box::new(tract::TractRunner::new(model)?))
             }
@@ -46,7 +77,7 @@ pub fn load(
 pub fn check_backend(backend: Backend) -> Result<()> {
     if backend == Backend::Ort {
         if let Some(why) = ort::unavailable_reason() {
-            bail!("--backend ort: {why} (run `cargo xtask fetch-ort`, or set ORT_DYLIB_PATH to libonnxruntime.so 1.31.x)");
+            bail!("--backend ort: {why}");
         }
     }
     Ok(())

@@ -9,29 +9,33 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::Tensor;
 
-use super::GraphRunner;
+use super::{Device, GraphRunner};
 use crate::onnx::{pb, HostTensor};
 
 /// The onnxruntime release whose C API level (24) this build uses.
 pub const ORT_VERSION: &str = "1.31.0";
 
-/// Where `cargo xtask fetch-ort` puts the library.
-pub fn cache_dir() -> PathBuf {
+/// Where `cargo xtask fetch-ort [--gpu]` puts the library (`onnxruntime-<ver>` or
+/// `onnxruntime-gpu-<ver>`).
+pub fn cache_dir(gpu: bool) -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(std::env::temp_dir);
-    base.join("gradalign")
-        .join(format!("onnxruntime-{ORT_VERSION}"))
+    let flavour = if gpu { "onnxruntime-gpu" } else { "onnxruntime" };
+    base.join("gradalign").join(format!("{flavour}-{ORT_VERSION}"))
 }
 
-/// `ORT_DYLIB_PATH`, else the fetched library in the cache folder.
+/// `ORT_DYLIB_PATH`, else the fetched library in the cache folder: the GPU build (which also
+/// runs on CPU) when fetched, else the CPU one.
 pub fn find_library() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
         return Some(PathBuf::from(p));
     }
-    let p = cache_dir().join(format!("libonnxruntime.so.{ORT_VERSION}"));
-    p.exists().then_some(p)
+    [true, false]
+        .into_iter()
+        .map(|gpu| cache_dir(gpu).join(format!("libonnxruntime.so.{ORT_VERSION}")))
+        .find(|p| p.exists())
 }
 
 static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
@@ -86,10 +90,30 @@ pub struct OrtRunner {
     session: Mutex<Session>,
     input: String,
     labels: String,
+    device: Device,
+}
+
+/// The CUDA execution provider for `--device cuda:N`; registration failure is an error, never a
+/// silent CPU fallback.
+#[cfg(feature = "cuda")]
+fn cuda_providers(id: i32) -> Result<Vec<ort::ep::ExecutionProviderDispatch>> {
+    Ok(vec![ort::ep::CUDA::default()
+        .with_device_id(id)
+        .build()
+        .error_on_failure()])
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_providers(_id: i32) -> Result<Vec<ort::ep::ExecutionProviderDispatch>> {
+    bail!(
+        "--device cuda: this gradalign was built without CUDA support; rebuild with \
+         `cargo build --release --features cuda` and fetch the GPU library with \
+         `cargo xtask fetch-ort --gpu`"
+    )
 }
 
 impl OrtRunner {
-    pub fn new(model: &pb::ModelProto) -> Result<OrtRunner> {
+    pub fn new(model: &pb::ModelProto, device: Device) -> Result<OrtRunner> {
         let env = environment()?;
         use prost::Message;
         let bytes = model.encode_to_vec();
@@ -106,6 +130,20 @@ impl OrtRunner {
             .map_err(|e| anyhow!("{e}"))?
             .with_intra_threads(threads)
             .map_err(|e| anyhow!("{e}"))?;
+        let session = match device {
+            Device::Cpu => session,
+            Device::Cuda(id) => session
+                .with_execution_providers(cuda_providers(id)?)
+                .map_err(|e| anyhow!("{e}"))
+                .with_context(|| {
+                    format!(
+                        "cannot start the CUDA execution provider on GPU {id}: it needs \
+                         libonnxruntime.so from the onnxruntime-gpu wheel (`cargo xtask fetch-ort --gpu`) \
+                         with libonnxruntime_providers_cuda.so beside it, and the CUDA 13 / cuDNN 9 \
+                         libraries on LD_LIBRARY_PATH"
+                    )
+                })?,
+        };
         let mut session = match std::env::var_os("GRADALIGN_ORT_PROFILE") {
             Some(p) => session
                 .with_profiling(PathBuf::from(p))
@@ -120,6 +158,7 @@ impl OrtRunner {
             session: Mutex::new(session),
             input: graph.input[0].name.clone(),
             labels: graph.input[1].name.clone(),
+            device,
         })
     }
 }
@@ -166,6 +205,9 @@ impl GraphRunner for OrtRunner {
         Ok(res)
     }
     fn name(&self) -> &'static str {
-        "ort-cpu"
+        match self.device {
+            Device::Cpu => "ort-cpu",
+            Device::Cuda(_) => "ort-cuda",
+        }
     }
 }

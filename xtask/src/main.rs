@@ -213,19 +213,29 @@ fn bench_grads(n: usize, repeat: usize, backends: &[String], out: Option<&Path>)
     Ok(())
 }
 
-/// Download the `onnxruntime` wheel from PyPI with pip and extract libonnxruntime.so into the
-/// cache folder gradalign looks in (~/.cache/gradalign/onnxruntime-<ver>/).
-fn fetch_ort() -> Result<()> {
+/// Download the `onnxruntime` (or, with `gpu`, `onnxruntime-gpu`) wheel from PyPI with pip and
+/// extract its shared libraries into the cache folder gradalign looks in
+/// (~/.cache/gradalign/onnxruntime[-gpu]-<ver>/). The GPU wheel adds the CUDA provider libraries;
+/// the CUDA 13 / cuDNN 9 runtime itself comes from the NVIDIA pip packages or the system.
+fn fetch_ort(gpu: bool) -> Result<()> {
     const VERSION: &str = "1.31.0";
+    let (package, pyver) = if gpu {
+        ("onnxruntime-gpu", "3.12")
+    } else {
+        ("onnxruntime", "3.11")
+    };
     let home = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(std::env::temp_dir);
-    let dir = home
-        .join("gradalign")
-        .join(format!("onnxruntime-{VERSION}"));
+    let dir = home.join("gradalign").join(format!("{package}-{VERSION}"));
     let lib = dir.join(format!("libonnxruntime.so.{VERSION}"));
-    if lib.exists() {
+    let mut members = vec![format!("libonnxruntime.so.{VERSION}")];
+    if gpu {
+        members.push("libonnxruntime_providers_shared.so".into());
+        members.push("libonnxruntime_providers_cuda.so".into());
+    }
+    if members.iter().all(|m| dir.join(m).exists()) {
         println!("{}", lib.display());
         return Ok(());
     }
@@ -233,42 +243,33 @@ fn fetch_ort() -> Result<()> {
     let dl = dir.join("wheel");
     std::fs::create_dir_all(&dl)?;
     let ok = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--python-version",
-            "3.11",
-        ])
-        .arg(format!("onnxruntime=={VERSION}"))
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
+        .args(["--python-version", pyver])
+        .args(["--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_27_x86_64"])
+        .args(["--platform", "manylinux_2_17_x86_64"])
+        .arg(format!("{package}=={VERSION}"))
         .arg("-d")
         .arg(&dl)
         .status()
-        .context("running pip (python3 -m pip) to download the onnxruntime wheel")?;
+        .with_context(|| format!("running pip (python3 -m pip) to download the {package} wheel"))?;
     if !ok.success() {
-        bail!("pip could not download onnxruntime=={VERSION}");
+        bail!("pip could not download {package}=={VERSION}");
     }
     let wheel = std::fs::read_dir(&dl)?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
         .context("no wheel downloaded")?;
-    // A wheel is a zip file: let Python's zipfile extract the one member we need.
-    let script = format!(
-        "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); open(sys.argv[2],'wb').write(z.read('onnxruntime/capi/libonnxruntime.so.{VERSION}'))"
-    );
+    // A wheel is a zip file: let Python's zipfile extract the members we need.
+    let script = "import zipfile,sys,os\nz=zipfile.ZipFile(sys.argv[1])\nfor m in sys.argv[3:]:\n    open(os.path.join(sys.argv[2],m),'wb').write(z.read('onnxruntime/capi/'+m))";
     let ok = Command::new("python3")
-        .args(["-c", &script])
+        .args(["-c", script])
         .arg(&wheel)
-        .arg(&lib)
+        .arg(&dir)
+        .args(&members)
         .status()?;
     if !ok.success() {
-        bail!(
-            "could not extract libonnxruntime.so from {}",
-            wheel.display()
-        );
+        bail!("could not extract {members:?} from {}", wheel.display());
     }
     std::fs::remove_dir_all(&dl).ok();
     println!("{}", lib.display());
@@ -290,7 +291,7 @@ fn main() -> Result<()> {
             let backends: Vec<String> = get("--backends").unwrap_or_else(|| "tract,ort".into()).split(',').map(String::from).collect();
             bench_grads(n, repeat, &backends, get("--out").as_deref().map(Path::new))
         }
-        Some("fetch-ort") => fetch_ort(),
-        _ => bail!("usage: cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort"),
+        Some("fetch-ort") => fetch_ort(args.iter().any(|a| a == "--gpu")),
+        _ => bail!("usage: cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu]"),
     }
 }
