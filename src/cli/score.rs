@@ -139,6 +139,7 @@ pub fn rank(
     let failed = AtomicUsize::new(0);
     let t0 = Instant::now();
     let write_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     std::thread::scope(|s| {
         for _ in 0..jobs.max(1).min(todo.len().max(1)) {
             s.spawn(|| loop {
@@ -163,16 +164,24 @@ pub fn rank(
                 }
                 let k = finished.fetch_add(1, Ordering::SeqCst) + 1;
                 let eta = t0.elapsed().as_secs_f64() / k as f64 * (todo.len() - k) as f64;
-                eprint!(
-                    "\r[{k}/{}] {:.0}% ETA {eta:.0}s  {}\x1b[K",
+                let line = format!(
+                    "[{k}/{}] {:.0}% ETA {eta:.0}s  {}",
                     todo.len(),
                     100.0 * k as f64 / todo.len() as f64,
                     path.display()
                 );
+                // A live line on a terminal; in logs, one line per tenth of the run.
+                if tty {
+                    eprint!("\r{line}\x1b[K");
+                } else if (k * 10 / todo.len()) != ((k - 1) * 10 / todo.len()) {
+                    eprintln!("{line}");
+                }
             });
         }
     });
-    eprintln!();
+    if tty {
+        eprintln!();
+    }
     if let Some(e) = write_error.into_inner().unwrap() {
         return Err(e);
     }

@@ -20,7 +20,7 @@ def main():
         m = np.abs(a[:, s]).max()
         d = np.abs(a[:, s] - b[:, s]).max()
         # analytically-zero blocks are judged against the global scale
-        r = d / m if m > 1e-7 * gmax else d / gmax
+        r = d / m if m > 1e-7 * gmax else (d / gmax if gmax > 0 else d)
         if r > worst:
             worst, worst_name = r, e["name"]
     per_sample = np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(a, axis=1), 1e-30)
