@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use crate::grad::analysis::Analysis;
-use crate::grad::builder::{GradGraph, GradGraphBuilder};
+use crate::grad::builder::{GradGraph, GradGraphBuilder, GraphSpec};
 use crate::grad::GradOptions;
 use crate::onnx::{HostTensor, Model};
 use crate::probe::Probe;
@@ -58,10 +58,21 @@ pub fn build_graph(
     n: usize,
     opts: GradOptions,
 ) -> Result<(Analysis, GradGraph)> {
+    build_graph_with(model, sample_shape, n, opts, GraphSpec::default())
+}
+
+/// As [`build_graph`], with a chosen loss and extra outputs.
+pub fn build_graph_with(
+    model: &Model,
+    sample_shape: &[usize],
+    n: usize,
+    opts: GradOptions,
+    spec: GraphSpec,
+) -> Result<(Analysis, GradGraph)> {
     let mut shape = vec![n];
     shape.extend(sample_shape);
     let an = Analysis::new(model, &shape, opts)?;
-    let gg = GradGraphBuilder::new(&an).build()?;
+    let gg = GradGraphBuilder::with_spec(&an, spec).build()?;
     Ok((an, gg))
 }
 

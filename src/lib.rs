@@ -6,6 +6,7 @@ pub mod grad;
 pub mod npy;
 pub mod onnx;
 pub mod ops;
+pub mod passes;
 pub mod plugin;
 pub mod probe;
 pub mod rank;

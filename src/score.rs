@@ -29,12 +29,10 @@ pub struct ScoreReport {
 }
 
 /// Inputs computed by passes this engine does not have yet.
-const NOT_YET: &[(u64, &str)] = &[
-    (flag::RELU_CODES, "ReLU codes"),
-    (flag::INPUT_JACOBIAN, "the input Jacobian"),
-    (flag::SYNFLOW_GRADS, "the SynFlow pass"),
-    (flag::HESSIAN_GRAD_PRODUCT, "the Hessian-gradient product"),
-];
+const NOT_YET: &[(u64, &str)] = &[(
+    flag::HESSIAN_GRAD_PRODUCT,
+    "the Hessian-gradient product (an exact double-backward pass)",
+)];
 
 /// Role and output-channel axis of a parameter, from the node that first consumes it.
 fn role_of(model: &Model, name: &str) -> (u32, i64) {
@@ -233,6 +231,42 @@ pub fn score_model(
             }
         }
     }
+    // Extra passes; a failure costs only the scorers that asked for it.
+    let wants = |f: u64| scorers.iter().any(|s| s.inputs & f != 0);
+    let fail = |f: u64, what: &str, e: &anyhow::Error, errors: &mut BTreeMap<String, String>| {
+        for s in scorers.iter().filter(|s| s.inputs & f != 0) {
+            errors.insert(s.name.clone(), format!("{what}: {e:#}"));
+        }
+    };
+    let (relu, jac) = (wants(flag::RELU_CODES), wants(flag::INPUT_JACOBIAN));
+    if relu || jac {
+        match crate::passes::probe_pass(model, probe, opts, backend, device, relu, jac) {
+            Ok(p) => {
+                for d in [selected.as_mut(), all_params.as_mut()].into_iter().flatten() {
+                    d.relu_codes = p.relu_codes.clone();
+                    d.input_jacobian = p.input_jacobian.clone();
+                }
+            }
+            Err(e) => fail(flag::RELU_CODES | flag::INPUT_JACOBIAN, "probe pass", &e, &mut errors),
+        }
+    }
+    if wants(flag::SYNFLOW_GRADS) {
+        match crate::passes::synflow_grads(model, probe.sample_shape()) {
+            Ok(by_name) => {
+                for d in [selected.as_mut(), all_params.as_mut()].into_iter().flatten() {
+                    let mut v = vec![];
+                    for p in &d.params {
+                        match by_name.get(&p.name) {
+                            Some(g) => v.extend_from_slice(g),
+                            None => v.extend(std::iter::repeat_n(0.0, p.numel)),
+                        }
+                    }
+                    d.synflow_grads = Some(v);
+                }
+            }
+            Err(e) => fail(flag::SYNFLOW_GRADS, "SynFlow pass", &e, &mut errors),
+        }
+    }
     let grad_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let raw_sel = selected.as_ref().map(|d| d.raw());
@@ -257,7 +291,7 @@ pub fn score_model(
             (Some(sel), None) => sel,
             (None, None) => unreachable!("one input set always exists"),
         };
-        match s.call(&raw.inputs) {
+        match s.call(&crate::plugin::inputs::masked(&raw.inputs, s.inputs)) {
             Ok(v) => scores.push((s.name.clone(), Some(v))),
             Err(e) => {
                 errors.insert(s.name.clone(), e);

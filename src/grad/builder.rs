@@ -30,12 +30,48 @@ pub struct GradGraph {
     pub input: String,
     pub labels: String,
     pub logits: String,
-    /// One entry per selected parameter, in initializer order.
+    /// One entry per selected parameter, in initializer order (empty without parameter
+    /// gradients).
     pub grads: Vec<GradOutput>,
+    /// Output holding ∂loss/∂input `[N, D]`, when asked for.
+    pub input_grad: Option<String>,
+    /// Outputs holding `input > 0` (bool) of every Relu, in graph order, with units per sample.
+    pub relu_codes: Vec<(String, usize)>,
+}
+
+/// What the differentiated scalar is, per sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Loss {
+    /// Softmax cross-entropy with the sample's label (the per-sample gradient of DESIGN §2).
+    #[default]
+    CrossEntropy,
+    /// The sum of the sample's logits (SynFlow's R, jacob_cov's Jacobian).
+    SumLogits,
+}
+
+/// Which outputs the training graph has besides the logits.
+#[derive(Clone, Copy, Debug)]
+pub struct GraphSpec {
+    pub loss: Loss,
+    pub param_grads: bool,
+    pub input_grad: bool,
+    pub relu_codes: bool,
+}
+
+impl Default for GraphSpec {
+    fn default() -> Self {
+        GraphSpec {
+            loss: Loss::CrossEntropy,
+            param_grads: true,
+            input_grad: false,
+            relu_codes: false,
+        }
+    }
 }
 
 pub struct GradGraphBuilder<'a> {
     an: &'a Analysis,
+    spec: GraphSpec,
 }
 
 fn value_info(name: &str, dtype: DType, shape: &[usize]) -> pb::ValueInfoProto {
@@ -63,17 +99,27 @@ fn value_info(name: &str, dtype: DType, shape: &[usize]) -> pb::ValueInfoProto {
 
 impl<'a> GradGraphBuilder<'a> {
     pub fn new(an: &'a Analysis) -> Self {
-        GradGraphBuilder { an }
+        GradGraphBuilder {
+            an,
+            spec: GraphSpec::default(),
+        }
     }
 
-    /// Tensors on a path from a selected parameter to the logits.
+    pub fn with_spec(an: &'a Analysis, spec: GraphSpec) -> Self {
+        GradGraphBuilder { an, spec }
+    }
+
+    /// Tensors on a path from a selected parameter (or the input, for its gradient) to the
+    /// logits.
     fn needs_grad(&self) -> HashSet<String> {
         let an = self.an;
-        let mut reach: HashSet<String> = an
-            .selected
-            .iter()
-            .map(|&i| an.params[i].name.clone())
-            .collect();
+        let mut reach: HashSet<String> = HashSet::new();
+        if self.spec.param_grads {
+            reach.extend(an.selected.iter().map(|&i| an.params[i].name.clone()));
+        }
+        if self.spec.input_grad {
+            reach.insert(an.input.clone());
+        }
         for node in &an.nodes {
             if node.inputs.iter().any(|i| reach.contains(i)) && ops::differentiable(node) {
                 reach.extend(node.outputs.iter().filter(|o| !o.is_empty()).cloned());
@@ -108,16 +154,29 @@ impl<'a> GradGraphBuilder<'a> {
             }
             ops::emit_forward(&mut em, node);
         }
-        // Loss gradient: d CE(z_i, y_i) / d z_i = softmax(z_i) - onehot(y_i), per sample.
         let k = an.num_classes;
-        let classes = em.konst(HostTensor::I64(
-            ArrayD::from_shape_vec(IxDyn(&[1, k]), (0..k as i64).collect()).unwrap(),
-        ));
-        let lab2 = em.reshape(INPUT_LABELS, &[an.n, 1]);
-        let eq = em.op("Equal", &[&lab2, &classes], vec![]);
-        let onehot = em.cast_float(&eq);
-        let probs = em.op("Softmax", &[&an.logits], vec![attr::i("axis", 1)]);
-        let dlogits = em.sub(&probs, &onehot);
+        let dlogits = match self.spec.loss {
+            // d CE(z_i, y_i) / d z_i = softmax(z_i) - onehot(y_i), per sample.
+            Loss::CrossEntropy => {
+                let classes = em.konst(HostTensor::I64(
+                    ArrayD::from_shape_vec(IxDyn(&[1, k]), (0..k as i64).collect()).unwrap(),
+                ));
+                let lab2 = em.reshape(INPUT_LABELS, &[an.n, 1]);
+                let eq = em.op("Equal", &[&lab2, &classes], vec![]);
+                let onehot = em.cast_float(&eq);
+                let probs = em.op("Softmax", &[&an.logits], vec![attr::i("axis", 1)]);
+                em.sub(&probs, &onehot)
+            }
+            // d Σ_k z_ik / d z_i = 1. The labels input stays (unused) so every graph has the
+            // same two inputs.
+            Loss::SumLogits => {
+                let ones = em.floats(ArrayD::from_elem(IxDyn(&[an.n, k]), 1.0));
+                let zero = em.cast_float(INPUT_LABELS);
+                let zero = em.mul_scalar(&zero, 0.0);
+                let zero = em.reshape(&zero, &[an.n, 1]);
+                em.add(&ones, &zero)
+            }
+        };
 
         // Backward.
         let needs = self.needs_grad();
@@ -166,7 +225,8 @@ impl<'a> GradGraphBuilder<'a> {
             &an.infos[&an.logits].shape,
         )];
         let mut grad_outputs = vec![];
-        for &pi in &an.selected {
+        let selected: &[usize] = if self.spec.param_grads { &an.selected } else { &[] };
+        for &pi in selected {
             let p = &an.params[pi];
             let output = match grads.get(&p.name) {
                 Some(g) => {
@@ -185,6 +245,46 @@ impl<'a> GradGraphBuilder<'a> {
                 None => None,
             };
             grad_outputs.push(GradOutput { param: pi, output });
+        }
+
+        let mut input_grad = None;
+        if self.spec.input_grad {
+            let d: usize = an.infos[&an.input].shape[1..].iter().product();
+            let g = match grads.get(&an.input) {
+                Some(g) => g.clone(),
+                None => em.floats(ArrayD::zeros(IxDyn(&an.infos[&an.input].shape))),
+            };
+            let flat = em.reshape(&g, &[an.n, d]);
+            let name = "grad:input".to_string();
+            em.nodes.push(pb::NodeProto {
+                input: vec![flat],
+                output: vec![name.clone()],
+                name: "ga.out.input".into(),
+                op_type: "Identity".into(),
+                ..Default::default()
+            });
+            outputs.push(value_info(&name, an.float, &[an.n, d]));
+            input_grad = Some(name);
+        }
+        let mut relu_codes = vec![];
+        if self.spec.relu_codes {
+            let zero = em.scalar(0.0);
+            for node in an.nodes.iter().filter(|n| n.op == "Relu") {
+                let x = &node.inputs[0];
+                let units: usize = an.infos[x].shape[1..].iter().product();
+                let gt = em.op("Greater", &[x, &zero], vec![]);
+                let flat = em.reshape(&gt, &[an.n, units]);
+                let name = format!("relu:{}", relu_codes.len());
+                em.nodes.push(pb::NodeProto {
+                    input: vec![flat],
+                    output: vec![name.clone()],
+                    name: format!("ga.out.{name}"),
+                    op_type: "Identity".into(),
+                    ..Default::default()
+                });
+                outputs.push(value_info(&name, DType::Bool, &[an.n, units]));
+                relu_codes.push((name, units));
+            }
         }
 
         let graph = pb::GraphProto {
@@ -215,6 +315,8 @@ impl<'a> GradGraphBuilder<'a> {
             labels: INPUT_LABELS.into(),
             logits: an.logits.clone(),
             grads: grad_outputs,
+            input_grad,
+            relu_codes,
         })
     }
 }

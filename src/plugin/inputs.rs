@@ -136,3 +136,45 @@ impl InputData {
         }
     }
 }
+
+/// The inputs a scorer declared and nothing else: undeclared pointers are null, so a scorer
+/// cannot come to depend on something the engine only computed for another one.
+pub fn masked(raw: &GaInputs, flags: u64) -> GaInputs {
+    use abi::inputs::*;
+    let mut m = *raw;
+    let has = |f: u64| flags & f != 0;
+    if !has(PER_SAMPLE_GRADS) {
+        m.grads = std::ptr::null();
+    }
+    if !has(LABELS) {
+        m.labels = std::ptr::null();
+    }
+    if !has(LOGITS) {
+        m.logits = std::ptr::null();
+    }
+    if !has(PARAM_VALUES) {
+        m.param_values = std::ptr::null();
+    }
+    if !has(BATCH_GRADS) {
+        m.batch_grads = std::ptr::null();
+    }
+    if !has(RELU_CODES) {
+        m.relu_codes = std::ptr::null();
+        m.n_relu_units = 0;
+    }
+    if !has(INPUT_JACOBIAN) {
+        m.input_jacobian = std::ptr::null();
+        m.input_numel = 0;
+    }
+    if !has(SYNFLOW_GRADS) {
+        m.synflow_grads = std::ptr::null();
+    }
+    if !has(HESSIAN_GRAD_PRODUCT) {
+        m.hessian_grad_product = std::ptr::null();
+    }
+    if !has(MODEL_INFO) {
+        m.model_params = f64::NAN;
+        m.model_flops = f64::NAN;
+    }
+    m
+}

@@ -205,6 +205,12 @@ impl GraphRunner for OrtRunner {
                     IxDyn(&dims),
                     d.to_vec(),
                 )?));
+            } else if let Ok((s, d)) = v.try_extract_tensor::<bool>() {
+                let dims: Vec<usize> = s.iter().map(|&x| x as usize).collect();
+                res.push(HostTensor::Bool(ArrayD::from_shape_vec(
+                    IxDyn(&dims),
+                    d.to_vec(),
+                )?));
             } else {
                 let (s, d) = v.try_extract_tensor::<f64>().map_err(|e| anyhow!("{e}"))?;
                 let dims: Vec<usize> = s.iter().map(|&x| x as usize).collect();

@@ -82,6 +82,11 @@ fn from_tract(t: &Tensor) -> Result<HostTensor> {
                 .map_err(|e| anyhow!("{e}"))?
                 .to_owned(),
         ),
+        DatumType::Bool => HostTensor::Bool(
+            t.to_plain_array_view::<bool>()
+                .map_err(|e| anyhow!("{e}"))?
+                .to_owned(),
+        ),
         other => return Err(anyhow!("unexpected output type {other:?}")),
     })
 }

@@ -1,0 +1,149 @@
+//! Extra passes some scorers declare (DESIGN §4): ReLU codes and the input Jacobian of the summed
+//! logits on the probe, and SynFlow's gradients of the BN-free |W| network on one all-ones input.
+//! Each builds its own graph with [`GraphSpec`]; results are mapped onto the caller's columns by
+//! parameter name.
+
+use std::collections::HashMap;
+
+use anyhow::{anyhow, bail, Result};
+use ndarray::{ArrayD, IxDyn};
+
+use crate::engine::build_graph_with;
+use crate::grad::builder::{GraphSpec, Loss};
+use crate::grad::{GradOptions, ParamSelect, Precision};
+use crate::onnx::{HostTensor, Model};
+use crate::probe::Probe;
+use crate::runtime::{self, Backend, Device};
+
+/// ReLU codes (N × units, 0/1) and the per-sample input Jacobian of Σ logits (N × D, f64), as
+/// requested, from one forward/backward run on the probe.
+pub struct ProbePass {
+    pub relu_codes: Option<(Vec<u8>, usize)>,
+    pub input_jacobian: Option<(Vec<f64>, usize)>,
+}
+
+pub fn probe_pass(
+    model: &Model,
+    probe: &Probe,
+    opts: GradOptions,
+    backend: Backend,
+    device: Device,
+    relu: bool,
+    jacobian: bool,
+) -> Result<ProbePass> {
+    let spec = GraphSpec {
+        loss: Loss::SumLogits,
+        param_grads: false,
+        input_grad: jacobian,
+        relu_codes: relu,
+    };
+    let (an, gg) = build_graph_with(model, probe.sample_shape(), probe.len(), opts, spec)?;
+    let runner = runtime::load(&gg.model, backend, device, an.float == crate::onnx::DType::F64)?;
+    let outs = runner.run(&probe.images_tensor().cast(an.float), &probe.labels)?;
+    let n = probe.len();
+    let mut next = 1; // output 0: logits
+    let input_jacobian = match gg.input_grad {
+        Some(_) => {
+            let t = &outs[next];
+            next += 1;
+            let d = t.shape()[1];
+            match t.cast(crate::onnx::DType::F64) {
+                HostTensor::F64(a) => Some((a.iter().copied().collect(), d)),
+                _ => unreachable!("cast to f64"),
+            }
+        }
+        None => None,
+    };
+    let relu_codes = if relu {
+        if gg.relu_codes.is_empty() {
+            bail!("the model has no Relu: no ReLU codes to compute");
+        }
+        let units: usize = gg.relu_codes.iter().map(|(_, u)| u).sum();
+        let mut codes = vec![0u8; n * units];
+        let mut col = 0;
+        for (k, (_, u)) in gg.relu_codes.iter().enumerate() {
+            let HostTensor::Bool(a) = &outs[next + k] else {
+                bail!("ReLU code output has an unexpected type");
+            };
+            let a = a.as_standard_layout();
+            let flat = a.as_slice().ok_or_else(|| anyhow!("non-contiguous codes"))?;
+            for i in 0..n {
+                for (dst, &b) in codes[i * units + col..i * units + col + u]
+                    .iter_mut()
+                    .zip(&flat[i * u..(i + 1) * u])
+                {
+                    *dst = b as u8;
+                }
+            }
+            col += u;
+        }
+        Some((codes, units))
+    } else {
+        None
+    };
+    Ok(ProbePass {
+        relu_codes,
+        input_jacobian,
+    })
+}
+
+/// SynFlow (zero-cost-nas): BatchNormalization removed (identity), every trainable parameter
+/// replaced by its absolute value, one all-ones input, R = Σ logits, gradients in f64 on tract.
+/// Returns ∂R/∂θ per parameter name (flattened row-major).
+pub fn synflow_grads(model: &Model, sample_shape: &[usize]) -> Result<HashMap<String, Vec<f64>>> {
+    let all = GradOptions {
+        params: ParamSelect::All,
+        precision: Precision::F64,
+        ..Default::default()
+    };
+    let mut shape1 = vec![1];
+    shape1.extend(sample_shape);
+    let trainable: Vec<String> = crate::grad::analysis::Analysis::new(model, &shape1, all)?
+        .params
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    let mut m = model.clone();
+    for node in &mut m.nodes {
+        if node.op == "BatchNormalization" {
+            node.op = "Identity".into();
+            node.inputs.truncate(1);
+            node.outputs.truncate(1);
+            node.attrs.clear();
+        }
+    }
+    for (name, t) in &mut m.initializers {
+        if trainable.contains(name) {
+            *t = match t.cast(crate::onnx::DType::F64) {
+                HostTensor::F64(a) => HostTensor::F64(a.mapv(f64::abs)).cast(t.dtype()),
+                other => other,
+            };
+        }
+    }
+    let spec = GraphSpec {
+        loss: Loss::SumLogits,
+        ..Default::default()
+    };
+    let (an, gg) = build_graph_with(&m, sample_shape, 1, all, spec)?;
+    let runner = runtime::load(&gg.model, Backend::Tract, Device::Cpu, true)?;
+    let ones = HostTensor::F64(ArrayD::from_elem(IxDyn(&shape1), 1.0));
+    let outs = runner.run(&ones, &ndarray::Array1::zeros(1))?;
+    let mut res = HashMap::new();
+    let mut k = 1;
+    for g in &gg.grads {
+        let p = &an.params[g.param];
+        let v = match g.output {
+            Some(_) => {
+                let t = &outs[k];
+                k += 1;
+                match t.cast(crate::onnx::DType::F64) {
+                    HostTensor::F64(a) => a.iter().copied().collect(),
+                    _ => unreachable!("cast to f64"),
+                }
+            }
+            None => vec![0.0; p.numel()],
+        };
+        res.insert(p.name.clone(), v);
+    }
+    Ok(res)
+}

@@ -1,0 +1,240 @@
+"""Reference value of every scorer on the NB201 fixtures, computed independently in PyTorch
+(float64, batch-of-one train() loop, so per-sample BatchNorm as DESIGN §2) with DESIGN §4's
+formulas; the baselines follow zero-cost-nas, with the batch gradient = Σ per-sample gradients.
+Fisher is computed from forward/backward hooks on the layer outputs (zero-cost-nas' way), not from
+the parameter-gradient identity gradalign uses, so it checks that identity too.
+
+    pip install torch==2.8.0 onnx==1.23.2 numpy
+    python3 tests/golden/scorers.py          # writes tests/golden/scores.json (N = 20, shipped probe)
+"""
+import copy
+import json
+import os
+import sys
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+sys.path.insert(0, os.path.dirname(__file__))
+import nb201  # noqa: E402
+from make_fixtures import FIXTURES, ROOT, cifar_probe  # noqa: E402
+
+N = 20
+EPS = 1e-6
+
+
+def load_fixture(i, name, arch):
+    model = nb201.build(arch, seed=100 + i)
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(os.path.join(ROOT, "models", f"{name}.onnx")).graph.initializer}
+    sd = model.state_dict()
+    for k in sd:
+        if not k.endswith("num_batches_tracked"):
+            sd[k] = torch.from_numpy(inits[k].copy())
+    model.load_state_dict(sd)
+    return model.double().train()
+
+
+def per_sample(model, x, y):
+    rows = []
+    for i in range(len(y)):
+        model.zero_grad()
+        F.cross_entropy(model(torch.from_numpy(x[i:i + 1]).double()), torch.from_numpy(y[i:i + 1])).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).detach().numpy().copy())
+    return np.stack(rows)
+
+
+def weight_blocks(model):
+    """(name, module, slice) of every Conv2d/Linear weight in parameter order."""
+    offs, off = {}, 0
+    for n, p in model.named_parameters():
+        offs[n] = slice(off, off + p.numel())
+        off += p.numel()
+    return [(n, m, offs[n + ".weight"]) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def classes(y):
+    return {c: np.where(y == c)[0] for c in sorted(set(y.tolist()))}
+
+
+def gradsign(s):
+    return float(np.abs(s.sum(0)).sum())
+
+
+def gradalign_i_dot(g, s, y):
+    return float(sum((s[idx] @ np.sign(g[idx].mean(0))).mean() for idx in classes(y).values()))
+
+
+def gradalign_i_cos(s, y):
+    tot = []
+    for idx in classes(y).values():
+        sc = s[idx]
+        m = sc.mean(0)
+        cos = [(r @ m) / (np.linalg.norm(r) * np.linalg.norm(m)) if np.linalg.norm(r) > 0 and np.linalg.norm(m) > 0 else 0.0 for r in sc]
+        tot.append(np.mean(cos))
+    return float(np.mean(tot))
+
+
+def gradalign_ii(s, y, normalise):
+    tot = 0.0
+    for idx in classes(y).values():
+        k = s[idx] @ s[idx].T
+        if normalise:
+            d = np.sqrt(np.diag(k))
+            outer = np.outer(d, d)
+            k = np.where(outer > 0, k / np.where(outer > 0, outer, 1), 0.0)
+        tot += np.linalg.slogdet(k + EPS * np.eye(len(idx)))[1]
+    return float(tot)
+
+
+def fisher_hooks(model, x, y):
+    acts, total = {}, {}
+    hooks = []
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            def fwd(mod, inp, out, n=n):
+                out.retain_grad()
+                acts[n] = out
+            hooks.append(m.register_forward_hook(fwd))
+    per = {}
+    for i in range(len(y)):
+        model.zero_grad()
+        F.cross_entropy(model(torch.from_numpy(x[i:i + 1]).double()), torch.from_numpy(y[i:i + 1])).backward()
+        for n, a in acts.items():
+            g = (a * a.grad).detach()
+            g = g.sum(dim=tuple(range(2, g.dim()))) if g.dim() > 2 else g
+            per.setdefault(n, []).append(g[0].numpy())
+    for h in hooks:
+        h.remove()
+    return float(sum((0.5 * np.mean(np.stack(v) ** 2, axis=0)).sum() for v in per.values()))
+
+
+def zico(g, blocks):
+    tot = 0.0
+    for _, _, sl in blocks:
+        b = g[:, sl]
+        std = b.std(0)
+        nz = std != 0
+        s = (np.abs(b).mean(0)[nz] / std[nz]).sum()
+        if s != 0:
+            tot += np.log(s)
+    return float(tot)
+
+
+def naswot(model, x):
+    """ReLU codes per distinct ReLU input tensor. ONNX exporters merge two ReLUs of the same
+    tensor into one node (common-subexpression elimination: an NB201 cell with two conv edges
+    leaving one node), so an ONNX model cannot tell them apart; gradalign counts each distinct
+    input once, and so does this reference (zero-cost-nas' module hooks would count it twice)."""
+    codes = []
+    for i in range(len(x)):
+        cs, seen = [], []  # `seen` keeps the inputs alive, so identity is never reused
+
+        def hook(mod, inp, out):
+            if not any(t is inp[0] for t in seen):
+                seen.append(inp[0])
+                cs.append((inp[0] > 0).reshape(-1).double().numpy())
+        hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.ReLU)]
+        with torch.no_grad():
+            model(torch.from_numpy(x[i:i + 1]).double())
+        for h in hooks:
+            h.remove()
+        codes.append(np.concatenate(cs))
+    c = np.stack(codes)
+    k = c @ c.T + (1 - c) @ (1 - c).T
+    return float(np.linalg.slogdet(k)[1])
+
+
+def jacob_cov(model, x):
+    rows = []
+    for i in range(len(x)):
+        xi = torch.from_numpy(x[i:i + 1]).double().requires_grad_(True)
+        model(xi).sum().backward()
+        rows.append(xi.grad.reshape(-1).numpy().copy())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corrs = np.corrcoef(np.stack(rows))
+    if not np.isfinite(corrs).all():
+        return None  # a constant Jacobian (e.g. an all-`none` network): undefined
+    v = np.linalg.eigvalsh(corrs)
+    k = 1e-5
+    return float(-np.sum(np.log(v + k) + 1.0 / (v + k)))
+
+
+def synflow(model):
+    m = copy.deepcopy(model)
+    for name, mod in list(m.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(mod, cname, nn.Identity())
+    with torch.no_grad():
+        for p in m.parameters():
+            p.abs_()
+    m.zero_grad()
+    m(torch.ones(1, 3, 32, 32, dtype=torch.float64)).sum().backward()
+    return float(sum((mod.weight * mod.weight.grad).abs().sum().item() for mod in m.modules() if isinstance(mod, (nn.Conv2d, nn.Linear))))
+
+
+def flops(model):
+    macs = []
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(lambda mod, i, o: macs.append(o.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1])))
+        elif isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(lambda mod, i, o: macs.append(o.numel() * mod.in_features)))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.float64))
+    for h in hooks:
+        h.remove()
+    return float(sum(macs))
+
+
+def main():
+    x, y = cifar_probe(N)
+    out = {"_meta": {"n": N, "probe": "shipped CIFAR-10 probe, class-balanced", "command": "python3 tests/golden/scorers.py",
+                     "torch": torch.__version__}}
+    for i, (name, arch) in enumerate(FIXTURES.items()):
+        model = load_fixture(i, name, arch)
+        g = per_sample(model, x, y)
+        blocks = weight_blocks(model)
+        cols = np.concatenate([np.arange(sl.start, sl.stop) for _, _, sl in blocks])
+        gw = g[:, cols]
+        s = np.sign(gw)
+        batch = gw.sum(0)
+        wvals = np.concatenate([m.weight.detach().reshape(-1).numpy() for _, m, _ in blocks])
+        wblocks = []
+        off = 0
+        for n, m, sl in blocks:
+            wblocks.append((n, m, slice(off, off + m.weight.numel())))
+            off += m.weight.numel()
+        ntk = gw @ gw.T
+        ev = np.linalg.eigvalsh(ntk)
+        sc = {
+            "gradsign": gradsign(s),
+            "gradalign-i": gradalign_i_dot(gw, s, y),
+            "gradalign-i-cos": gradalign_i_cos(s, y),
+            "gradalign-ii": gradalign_ii(s, y, True),
+            "gradalign-ii-raw": gradalign_ii(s, y, False),
+            "grad_norm": float(sum(np.linalg.norm(batch[sl]) for _, _, sl in wblocks)),
+            "snip": float(np.abs(wvals * batch).sum()),
+            "fisher": fisher_hooks(model, x, y),
+            "zico": zico(gw, wblocks),
+            "ntk_cond": float(-ev[-1] / ev[0]) if ev[0] > 0 else None,
+            "naswot": naswot(model, x),
+            "jacob_cov": jacob_cov(model, x),
+            "synflow": synflow(model),
+            "params": float(sum(p.numel() for p in model.parameters())),
+            "flops": flops(model),
+        }
+        sc = {k: (v if v is not None and np.isfinite(v) else None) for k, v in sc.items()}
+        out[name] = sc
+        print(name, {k: (f"{v:.6g}" if v is not None else None) for k, v in sc.items()})
+    with open(os.path.join(ROOT, "tests", "golden", "scores.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

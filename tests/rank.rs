@@ -1,0 +1,91 @@
+//! `gradalign rank`: durable, resumable results. A run over 22 models is SIGKILLed part-way and
+//! restarted; every model must then appear exactly once, with no torn rows. A broken model is
+//! recorded with its error while the others are scored.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn rank(dir: &Path, out: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gradalign"));
+    c.args(["rank"])
+        .arg(dir)
+        .args(["--n", "10", "--backend", "tract", "--scorer", "gradsign,params", "--out"])
+        .arg(out);
+    c
+}
+
+fn rows(out: &Path) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(out).unwrap();
+    assert!(text.ends_with('\n'), "torn last row: {text:?}");
+    let mut lines = text.lines();
+    assert_eq!(lines.next().unwrap(), "model,gradsign,params,error,seconds");
+    lines.map(gradalign::rank::split_csv).collect()
+}
+
+#[test]
+fn sigkill_half_way_then_resume_gives_every_model_exactly_once() {
+    let d = std::env::temp_dir().join(format!("gradalign-rank-{}", std::process::id()));
+    let models = d.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let src = [
+        root().join("models/nb201_all_none.onnx"),
+        root().join("models/nb201_avg_pool_heavy.onnx"),
+    ];
+    for k in 0..21 {
+        std::fs::copy(&src[k % 2], models.join(format!("m{k:02}.onnx"))).unwrap();
+    }
+    std::fs::write(models.join("m21_broken.onnx"), b"garbage").unwrap();
+    let out = d.join("results.csv");
+
+    let mut child = rank(&models, &out).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let t0 = Instant::now();
+    loop {
+        let n = std::fs::read_to_string(&out).map(|t| t.lines().count()).unwrap_or(0);
+        if n >= 1 + 6 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(300), "rank made no progress");
+        assert!(child.try_wait().unwrap().is_none(), "rank finished before the kill");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before = rows(&out).len();
+    assert!(before >= 6 && before < 22, "killed after {before} rows");
+
+    let res = rank(&models, &out).output().unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(2), "one model is broken: exit 2\n{stderr}");
+    assert!(stderr.contains(&format!("resuming: {before} of 22")), "{stderr}");
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(stdout.lines().next().unwrap().contains("gradsign"), "{stdout}");
+
+    let rows = rows(&out);
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in &rows {
+        assert_eq!(r.len(), 5, "{r:?}");
+        *seen.entry(r[0].clone()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 22);
+    assert!(seen.values().all(|&c| c == 1), "{seen:?}");
+    for r in &rows {
+        if r[0].ends_with("m21_broken.onnx") {
+            assert!(r[1].is_empty() && r[3].contains("m21_broken.onnx"), "{r:?}");
+        } else {
+            assert!(r[1].parse::<f64>().is_ok() && r[3].is_empty(), "{r:?}");
+            let params: f64 = r[2].parse().unwrap();
+            assert!(params == 73306.0 || params == 101306.0, "{r:?}");
+        }
+    }
+    // A third run has nothing left to do and changes nothing.
+    let res = rank(&models, &out).output().unwrap();
+    assert_eq!(res.status.code(), Some(0));
+    assert_eq!(self::rows(&out), rows);
+    std::fs::remove_dir_all(&d).ok();
+}
