@@ -24,8 +24,7 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-#[test]
-fn every_scorer_matches_the_pytorch_reference_in_f64() {
+fn check(precision: Precision, tol: f64) {
     let golden: serde_json::Value =
         serde_json::from_slice(&std::fs::read(root().join("tests/golden/scores.json")).unwrap())
             .unwrap();
@@ -40,7 +39,7 @@ fn every_scorer_matches_the_pytorch_reference_in_f64() {
     let scorers = reg.select(&names.join(",")).unwrap();
     let probe = Probe::shipped(n).unwrap();
     let opts = GradOptions {
-        precision: Precision::F64,
+        precision,
         ..Default::default()
     };
     let mut worst = 0.0f64;
@@ -58,11 +57,22 @@ fn every_scorer_matches_the_pytorch_reference_in_f64() {
                     let d = (w - v).abs();
                     let rel = if w.abs() < 1.0 { d } else { d / w.abs() };
                     worst = worst.max(rel);
-                    // Issue #3 asks for ≤ 1e-3; f64 against f64 allows far tighter.
-                    assert!(rel <= 1e-6, "{fx} {name}: want {w}, got {v} (rel {rel:e})");
+                    assert!(rel <= tol, "{fx} {name}: want {w}, got {v} (rel {rel:e})");
                 }
             }
         }
     }
-    eprintln!("worst relative difference over all scorers and fixtures: {worst:e}");
+    eprintln!("{precision:?}: worst relative difference over all scorers and fixtures: {worst:e}");
+}
+
+#[test]
+fn every_scorer_matches_the_pytorch_reference_in_f64() {
+    // Issue #3 asks for ≤ 1e-3; f64 against f64 allows far tighter (measured ≤ 1e-11).
+    check(Precision::F64, 1e-6);
+}
+
+#[test]
+fn every_scorer_is_within_1e3_of_the_reference_in_f32() {
+    // The default precision. Measured worst: ntk_cond 3.8e-4 (tract), 7.6e-4 (ORT).
+    check(Precision::F32, 1e-3);
 }
