@@ -11,4 +11,6 @@ pub mod plugin;
 pub mod probe;
 pub mod rank;
 pub mod score;
+pub mod stats;
 pub mod runtime;
+pub mod zoo;

@@ -74,7 +74,7 @@ pub struct GradGraphBuilder<'a> {
     spec: GraphSpec,
 }
 
-fn value_info(name: &str, dtype: DType, shape: &[usize]) -> pb::ValueInfoProto {
+pub fn value_info(name: &str, dtype: DType, shape: &[usize]) -> pb::ValueInfoProto {
     use pb::tensor_shape_proto::{dimension::Value, Dimension};
     pb::ValueInfoProto {
         name: name.to_string(),

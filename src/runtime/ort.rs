@@ -129,9 +129,16 @@ impl OrtRunner {
         let env = environment()?;
         use prost::Message;
         let bytes = model.encode_to_vec();
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        // GRADALIGN_THREADS caps the intra-op threads (parallel jobs share the cores).
+        let threads = std::env::var("GRADALIGN_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
         let graph = model
             .graph
             .as_ref()

@@ -12,6 +12,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+mod nb201;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -292,6 +294,41 @@ fn main() -> Result<()> {
             bench_grads(n, repeat, &backends, get("--out").as_deref().map(Path::new))
         }
         Some("fetch-ort") => fetch_ort(args.iter().any(|a| a == "--gpu")),
-        _ => bail!("usage: cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu]"),
+        Some("bench") if args.get(1).map(String::as_str) == Some("nb201") => {
+            let archs = nb201::load_archs(&root())?.len();
+            let seed: u64 = get("--seed").map(|v| v.parse()).transpose()?.unwrap_or(0);
+            let (indices, desc) = if args.iter().any(|a| a == "--all") {
+                ((0..archs).collect(), "--all".to_string())
+            } else {
+                let k: usize = get("--sample").map(|v| v.parse()).transpose()?.unwrap_or(100);
+                (nb201::sample(archs, k, seed), format!("--sample {k} --seed {seed}"))
+            };
+            let backend = match get("--backend").as_deref() {
+                None | Some("auto") => gradalign::runtime::Backend::Auto,
+                Some("tract") => gradalign::runtime::Backend::Tract,
+                Some("ort") => gradalign::runtime::Backend::Ort,
+                Some(b) => bail!("--backend {b}: use auto, tract or ort"),
+            };
+            let jobs: usize = get("--jobs").map(|v| v.parse()).transpose()?.unwrap_or(1);
+            if jobs > 1 && std::env::var_os("GRADALIGN_THREADS").is_none() {
+                let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+                std::env::set_var("GRADALIGN_THREADS", (cores / jobs).max(1).to_string());
+            }
+            let o = nb201::Options {
+                indices,
+                seed,
+                n: get("--n").map(|v| v.parse()).transpose()?.unwrap_or(64),
+                scorers: get("--scorers").unwrap_or_else(|| {
+                    "gradalign-ii,gradalign-i,gradsign,gradalign-ii-raw,gradalign-i-cos,grad_norm,snip,synflow,naswot,jacob_cov,zico,ntk_cond,fisher,params,flops".into()
+                }),
+                backend,
+                jobs,
+                out: get("--out").map(PathBuf::from).unwrap_or_else(|| root().join("target/bench-nb201")),
+                sample_desc: format!("{desc} [{}]", args[2..].join(" ")),
+            };
+            gradalign::runtime::check_backend(backend)?;
+            nb201::run(&root(), &o)
+        }
+        _ => bail!("usage: cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR]"),
     }
 }

@@ -1,0 +1,291 @@
+//! NAS-Bench-201 networks as ONNX, generated in Rust (no Python): the xautodl `TinyNetwork`
+//! topology of DESIGN §8 (stem Conv3×3+BN, three stages of N = 5 cells with ResNet reduction
+//! blocks, lastact BN+ReLU, global pool, Linear), training-mode BatchNormalization, PyTorch's
+//! default initialisation distributions, seeded. Initializer names and order follow PyTorch's
+//! `state_dict` of `tests/golden/nb201.py`, so a PyTorch export's weights load by name.
+
+use anyhow::{bail, Result};
+use ndarray::{ArrayD, IxDyn};
+
+use crate::grad::builder::value_info;
+use crate::onnx::{attr, pb, DType, HostTensor};
+
+pub const NB201_OPS: [&str; 5] = [
+    "none",
+    "skip_connect",
+    "nor_conv_1x1",
+    "nor_conv_3x3",
+    "avg_pool_3x3",
+];
+
+/// `|a~0|+|b~0|c~1|+|d~0|e~1|f~2|` → per node, its (op, source node) edges.
+pub fn parse_arch(arch: &str) -> Result<Vec<Vec<(String, usize)>>> {
+    let mut nodes = vec![];
+    for (j, part) in arch.split('+').enumerate() {
+        let mut edges = vec![];
+        for e in part.split('|').filter(|s| !s.is_empty()) {
+            let Some((op, src)) = e.split_once('~') else {
+                bail!("arch '{arch}': edge '{e}' is not op~source");
+            };
+            let src: usize = src
+                .parse()
+                .map_err(|_| anyhow::anyhow!("arch '{arch}': bad source in '{e}'"))?;
+            if !NB201_OPS.contains(&op) {
+                bail!("arch '{arch}': unknown op '{op}' (NB201 ops: {})", NB201_OPS.join(", "));
+            }
+            if src > j {
+                bail!("arch '{arch}': node {} reads node {src}", j + 1);
+            }
+            edges.push((op.to_string(), src));
+        }
+        nodes.push(edges);
+    }
+    if nodes.len() != 3 || nodes.iter().enumerate().any(|(j, e)| e.len() != j + 1) {
+        bail!("arch '{arch}': an NB201 cell has 3 nodes with 1, 2 and 3 edges");
+    }
+    Ok(nodes)
+}
+
+/// SplitMix64: a tiny, fully specified generator so that a seed means the same weights on
+/// every platform and version.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-b, b).
+    fn uniform(&mut self, b: f64) -> f32 {
+        let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        ((2.0 * u - 1.0) * b) as f32
+    }
+}
+
+struct Gen {
+    rng: Rng,
+    nodes: Vec<pb::NodeProto>,
+    inits: Vec<pb::TensorProto>,
+    count: usize,
+}
+
+impl Gen {
+    fn tensor(&mut self, name: &str, shape: &[usize], f: impl FnMut(&mut Rng) -> f32) -> String {
+        let mut f = f;
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| f(&mut self.rng)).collect();
+        let t = HostTensor::F32(ArrayD::from_shape_vec(IxDyn(shape), data).unwrap());
+        self.inits.push(t.to_proto(name));
+        name.to_string()
+    }
+    fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<pb::AttributeProto>) -> String {
+        self.count += 1;
+        let out = format!("t{}_{}", self.count, op.to_ascii_lowercase());
+        self.nodes.push(pb::NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.clone()],
+            name: format!("n{}_{op}", self.count),
+            op_type: op.into(),
+            attribute: attrs,
+            ..Default::default()
+        });
+        out
+    }
+    /// Conv2d, bias=False, Kaiming-uniform a=√5: U(±1/√fan_in).
+    fn conv(&mut self, x: &str, name: &str, cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> String {
+        let b = 1.0 / ((cin * k * k) as f64).sqrt();
+        let w = self.tensor(name, &[cout, cin, k, k], |r| r.uniform(b));
+        let p = pad as i64;
+        self.node(
+            "Conv",
+            &[x, &w],
+            vec![
+                attr::ints("dilations", &[1, 1]),
+                attr::i("group", 1),
+                attr::ints("kernel_shape", &[k as i64, k as i64]),
+                attr::ints("pads", &[p, p, p, p]),
+                attr::ints("strides", &[stride as i64, stride as i64]),
+            ],
+        )
+    }
+    /// BatchNorm2d (γ = 1, β = 0, running statistics 0 and 1), training mode as PyTorch exports.
+    fn bn(&mut self, x: &str, prefix: &str, c: usize) -> String {
+        let g = self.tensor(&format!("{prefix}.weight"), &[c], |_| 1.0);
+        let b = self.tensor(&format!("{prefix}.bias"), &[c], |_| 0.0);
+        let m = self.tensor(&format!("{prefix}.running_mean"), &[c], |_| 0.0);
+        let v = self.tensor(&format!("{prefix}.running_var"), &[c], |_| 1.0);
+        let y = self.node(
+            "BatchNormalization",
+            &[x, &g, &b, &m, &v],
+            vec![
+                attr::f("epsilon", 1e-5),
+                attr::f("momentum", 0.9),
+                attr::i("training_mode", 1),
+            ],
+        );
+        // PyTorch's export also names the updated running statistics.
+        let last = self.nodes.last_mut().unwrap();
+        last.output.push(format!("{y}_mean"));
+        last.output.push(format!("{y}_var"));
+        y
+    }
+    fn relu_conv_bn(&mut self, x: &str, prefix: &str, cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> String {
+        let r = self.node("Relu", &[x], vec![]);
+        let c = self.conv(&r, &format!("{prefix}.op.1.weight"), cin, cout, k, stride, pad);
+        self.bn(&c, &format!("{prefix}.op.2"), cout)
+    }
+    fn avg_pool(&mut self, x: &str, k: i64, stride: i64, pad: i64) -> String {
+        self.node(
+            "AveragePool",
+            &[x],
+            vec![
+                attr::i("ceil_mode", 0),
+                attr::i("count_include_pad", 0),
+                attr::ints("kernel_shape", &[k, k]),
+                attr::ints("pads", &[pad, pad, pad, pad]),
+                attr::ints("strides", &[stride, stride]),
+            ],
+        )
+    }
+}
+
+/// The ONNX model of NB201 cell `arch` with channels `c`, `n` cells per stage, 10 classes, and
+/// weights drawn with `seed`.
+pub fn nb201_model(arch: &str, seed: u64, c: usize, n: usize) -> Result<pb::ModelProto> {
+    let cell = parse_arch(arch)?;
+    let mut g = Gen {
+        rng: Rng(seed),
+        nodes: vec![],
+        inits: vec![],
+        count: 0,
+    };
+    let zero = "ga.zero".to_string();
+    let stem = g.conv("input", "stem.0.weight", 3, c, 3, 1, 1);
+    let mut x = g.bn(&stem, "stem.1", c);
+    let mut chans = vec![c; n];
+    chans.push(2 * c);
+    chans.extend(vec![2 * c; n]);
+    chans.push(4 * c);
+    chans.extend(vec![4 * c; n]);
+    let mut c_prev = c;
+    let mut uses_zero = false;
+    for (k, &cc) in chans.iter().enumerate() {
+        let reduction = k == n || k == 2 * n + 1;
+        let p = format!("cells.{k}");
+        if reduction {
+            let a = g.relu_conv_bn(&x, &format!("{p}.conv_a"), c_prev, cc, 3, 2, 1);
+            let b = g.relu_conv_bn(&a, &format!("{p}.conv_b"), cc, cc, 3, 1, 1);
+            let pooled = g.avg_pool(&x, 2, 2, 0);
+            let d = g.conv(&pooled, &format!("{p}.downsample.1.weight"), c_prev, cc, 1, 1, 0);
+            x = g.node("Add", &[&d, &b], vec![]);
+        } else {
+            let mut nodes = vec![x.clone()];
+            let mut layer = 0;
+            for edges in &cell {
+                let mut sum: Option<String> = None;
+                for (op, src) in edges {
+                    let lp = format!("{p}.layers.{layer}");
+                    layer += 1;
+                    let inp = nodes[*src].clone();
+                    let y = match op.as_str() {
+                        "none" => {
+                            uses_zero = true;
+                            g.node("Mul", &[&inp, &zero], vec![])
+                        }
+                        "skip_connect" => inp,
+                        "nor_conv_1x1" => g.relu_conv_bn(&inp, &lp, cc, cc, 1, 1, 0),
+                        "nor_conv_3x3" => g.relu_conv_bn(&inp, &lp, cc, cc, 3, 1, 1),
+                        _ => g.avg_pool(&inp, 3, 1, 1),
+                    };
+                    sum = Some(match sum {
+                        None => y,
+                        Some(s) => g.node("Add", &[&s, &y], vec![]),
+                    });
+                }
+                nodes.push(sum.unwrap());
+            }
+            x = nodes.pop().unwrap();
+        }
+        c_prev = cc;
+    }
+    let a = g.bn(&x, "lastact.0", c_prev);
+    let r = g.node("Relu", &[&a], vec![]);
+    let pooled = g.node("GlobalAveragePool", &[&r], vec![]);
+    let flat = g.node("Flatten", &[&pooled], vec![attr::i("axis", 1)]);
+    let bound = 1.0 / (c_prev as f64).sqrt();
+    let w = g.tensor("classifier.weight", &[10, c_prev], |r| r.uniform(bound));
+    let b = g.tensor("classifier.bias", &[10], |r| r.uniform(bound));
+    g.count += 1;
+    g.nodes.push(pb::NodeProto {
+        input: vec![flat, w, b],
+        output: vec!["logits".into()],
+        name: "classifier".into(),
+        op_type: "Gemm".into(),
+        attribute: vec![attr::f("alpha", 1.0), attr::f("beta", 1.0), attr::i("transB", 1)],
+        ..Default::default()
+    });
+    if uses_zero {
+        let z = HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), 0.0));
+        g.inits.push(z.to_proto(&zero));
+    }
+    let mut input = value_info("input", DType::F32, &[1, 3, 32, 32]);
+    // Dynamic batch, like a PyTorch export with dynamic_axes.
+    if let Some(pb::type_proto::Value::TensorType(t)) = input.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+        if let Some(s) = t.shape.as_mut() {
+            s.dim[0].value = Some(pb::tensor_shape_proto::dimension::Value::DimParam("N".into()));
+        }
+    }
+    Ok(pb::ModelProto {
+        ir_version: 8,
+        producer_name: "gradalign-zoo".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(pb::GraphProto {
+            name: format!("nb201 {arch}"),
+            node: g.nodes,
+            initializer: g.inits,
+            input: vec![input],
+            output: vec![value_info("logits", DType::F32, &[1, 10])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects_arch_strings() {
+        let a = parse_arch("|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|").unwrap();
+        assert_eq!(a[2][1], ("none".to_string(), 1));
+        assert!(parse_arch("|conv~0|+|none~0|none~1|+|none~0|none~1|none~2|").is_err());
+        assert!(parse_arch("|none~1|+|none~0|none~1|+|none~0|none~1|none~2|").is_err());
+        assert!(parse_arch("|none~0|+|none~0|").is_err());
+    }
+
+    #[test]
+    fn init_bounds_and_seeding() {
+        let m = nb201_model("|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|", 7, 16, 5).unwrap();
+        let g = m.graph.as_ref().unwrap();
+        let stem = g.initializer.iter().find(|t| t.name == "stem.0.weight").unwrap();
+        let w = HostTensor::from_proto(stem).unwrap();
+        let HostTensor::F32(a) = w else { panic!() };
+        let b = 1.0 / 27f32.sqrt();
+        assert!(a.iter().all(|v| v.abs() <= b));
+        // Uniform on [-b, b]: variance b²/3.
+        let var = a.iter().map(|v| v * v).sum::<f32>() / a.len() as f32;
+        assert!((var - b * b / 3.0).abs() < 0.2 * b * b / 3.0, "{var}");
+        let again = nb201_model("|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|", 7, 16, 5).unwrap();
+        assert_eq!(m, again);
+        let other = nb201_model("|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|", 8, 16, 5).unwrap();
+        assert_ne!(m, other);
+    }
+}

@@ -1,0 +1,413 @@
+//! `cargo xtask bench nb201`: NAS-Bench-201 architectures generated in Rust, scored in process,
+//! correlated with the ground truth (data/nb201_accuracies.csv), written as a resumable
+//! scores.csv, a report and SVG plots.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use gradalign::grad::GradOptions;
+use gradalign::onnx::Model;
+use gradalign::plugin::Registry;
+use gradalign::probe::Probe;
+use gradalign::runtime::{Backend, Device};
+use gradalign::stats::{kendall_tau_b, spearman};
+
+pub struct Arch {
+    pub index: usize,
+    pub arch: String,
+    /// cifar10_test, cifar100_test, imagenet16_120_test
+    pub acc: [f64; 3],
+}
+
+
+pub fn load_archs(root: &Path) -> Result<Vec<Arch>> {
+    let text = std::fs::read_to_string(root.join("data/nb201_accuracies.csv"))
+        .context("data/nb201_accuracies.csv")?;
+    let mut out = vec![];
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        out.push(Arch {
+            index: f[0].parse()?,
+            arch: f[1].to_string(),
+            acc: [f[2].parse()?, f[3].parse()?, f[4].parse()?],
+        });
+    }
+    Ok(out)
+}
+
+/// Seeded sample of `k` distinct indices (Fisher–Yates with SplitMix64), in sampled order.
+pub fn sample(n: usize, k: usize, seed: u64) -> Vec<usize> {
+    let mut s = seed;
+    let mut next = || {
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in 0..k.min(n) {
+        let j = i + (next() % (n - i) as u64) as usize;
+        v.swap(i, j);
+    }
+    v.truncate(k.min(n));
+    v
+}
+
+pub struct Options {
+    pub indices: Vec<usize>,
+    pub seed: u64,
+    pub n: usize,
+    pub scorers: String,
+    pub backend: Backend,
+    pub jobs: usize,
+    pub out: PathBuf,
+    pub sample_desc: String,
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+}
+
+/// Weight seed of architecture `index` in a run seeded `seed`.
+pub fn weight_seed(seed: u64, index: usize) -> u64 {
+    seed.wrapping_mul(1_000_003).wrapping_add(index as u64)
+}
+
+pub fn run(root: &Path, o: &Options) -> Result<()> {
+    let archs = load_archs(root)?;
+    std::fs::create_dir_all(&o.out)?;
+    let reg = Registry::builtin();
+    let scorers = reg.select(&o.scorers)?;
+    let names: Vec<String> = scorers.iter().map(|s| s.name.clone()).collect();
+    let scores_path = o.out.join("scores.csv");
+    let times_path = o.out.join("timings.csv");
+    let header = format!("index,arch_str,{}", names.join(","));
+    let mut done: HashSet<usize> = HashSet::new();
+    if scores_path.exists() {
+        let text = std::fs::read_to_string(&scores_path)?;
+        let complete = text.rfind('\n').map_or(0, |i| i + 1);
+        if complete < text.len() {
+            // A torn row from a killed run.
+            let f = OpenOptions::new().write(true).open(&scores_path)?;
+            f.set_len(complete as u64)?;
+        }
+        let mut lines = text[..complete].lines();
+        if let Some(h) = lines.next() {
+            if h != header {
+                bail!("{} has other columns ({h}); use the same --scorers or another --out", scores_path.display());
+            }
+        }
+        done.extend(lines.filter_map(|l| l.split(',').next()?.parse::<usize>().ok()));
+    }
+    let mut scores_file = OpenOptions::new().create(true).append(true).open(&scores_path)?;
+    if scores_file.metadata()?.len() == 0 {
+        writeln!(scores_file, "{header}")?;
+    }
+    let mut times_file = OpenOptions::new().create(true).append(true).open(&times_path)?;
+    if times_file.metadata()?.len() == 0 {
+        writeln!(times_file, "index,grad_seconds,score_seconds,total_seconds")?;
+    }
+    let todo: Vec<usize> = o.indices.iter().copied().filter(|i| !done.contains(i)).collect();
+    eprintln!(
+        "nb201: {} architectures ({} already in {}), N = {}, scorers {}, {} job(s)",
+        o.indices.len(),
+        o.indices.len() - todo.len(),
+        scores_path.display(),
+        o.n,
+        names.join(","),
+        o.jobs
+    );
+    let probe = Probe::shipped(o.n)?;
+    let files = Mutex::new((scores_file, times_file));
+    let next = AtomicUsize::new(0);
+    let finished = AtomicUsize::new(0);
+    let t0 = Instant::now();
+    let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..o.jobs.max(1) {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, Ordering::SeqCst);
+                if k >= todo.len() || failure.lock().unwrap().is_some() {
+                    break;
+                }
+                let a = &archs[todo[k]];
+                let t = Instant::now();
+                let res = (|| -> Result<gradalign::score::ScoreReport> {
+                    let proto = gradalign::zoo::nb201_model(&a.arch, weight_seed(o.seed, a.index), 16, 5)?;
+                    let model = Model::from_proto(&proto, &format!("nb201 #{}", a.index))?;
+                    gradalign::score::score_model(
+                        &model,
+                        &probe,
+                        true,
+                        GradOptions::default(),
+                        o.backend,
+                        Device::Cpu,
+                        &scorers,
+                    )
+                })();
+                let total = t.elapsed().as_secs_f64();
+                let (row, times) = match &res {
+                    Ok(r) => {
+                        let vals: Vec<String> = names
+                            .iter()
+                            .map(|n| {
+                                r.scores
+                                    .iter()
+                                    .find(|(k, _)| k == n)
+                                    .and_then(|(_, v)| *v)
+                                    .map(|v| format!("{v:?}"))
+                                    .unwrap_or_default()
+                            })
+                            .collect();
+                        (
+                            format!("{},{},{}\n", a.index, a.arch, vals.join(",")),
+                            format!("{},{:.4},{:.4},{:.4}\n", a.index, r.grad_seconds, r.score_seconds, total),
+                        )
+                    }
+                    Err(e) => {
+                        *failure.lock().unwrap() = Some(anyhow::anyhow!("arch {}: {e:#}", a.index));
+                        break;
+                    }
+                };
+                {
+                    let mut f = files.lock().unwrap();
+                    if let Err(e) = f
+                        .1
+                        .write_all(times.as_bytes())
+                        .and_then(|_| f.0.write_all(row.as_bytes()))
+                        .and_then(|_| f.0.sync_data())
+                    {
+                        *failure.lock().unwrap() = Some(e.into());
+                        break;
+                    }
+                }
+                let k = finished.fetch_add(1, Ordering::SeqCst) + 1;
+                let el = t0.elapsed().as_secs_f64();
+                let eta = el / k as f64 * (todo.len() - k) as f64;
+                let bar = (30 * k) / todo.len().max(1);
+                eprint!(
+                    "\r[{}{}] {k}/{} {:.2}s/arch ETA {:.0}m{:02.0}s\x1b[K",
+                    "#".repeat(bar),
+                    " ".repeat(30 - bar),
+                    todo.len(),
+                    el / k as f64,
+                    (eta / 60.0).floor(),
+                    eta % 60.0
+                );
+            });
+        }
+    });
+    eprintln!();
+    if let Some(e) = failure.into_inner().unwrap() {
+        return Err(e);
+    }
+    let peak = peak_rss_mib();
+    report(root, o, &archs, peak)
+}
+
+struct Table {
+    names: Vec<String>,
+    rows: Vec<(usize, Vec<Option<f64>>)>,
+}
+
+fn read_scores(path: &Path) -> Result<Table> {
+    let text = std::fs::read_to_string(path)?;
+    let mut lines = text.lines();
+    let names: Vec<String> = lines.next().context("empty scores.csv")?.split(',').skip(2).map(String::from).collect();
+    let mut rows = vec![];
+    for l in lines {
+        let f: Vec<&str> = l.split(',').collect();
+        if f.len() != names.len() + 2 {
+            continue;
+        }
+        let vals = f[2..].iter().map(|v| v.parse::<f64>().ok().filter(|x| x.is_finite())).collect();
+        rows.push((f[0].parse()?, vals));
+    }
+    Ok(Table { names, rows })
+}
+
+/// Fraction of the scorer's top k that is in the ground truth's top k.
+fn hit_rate(score: &[f64], acc: &[f64], k: usize) -> f64 {
+    let top = |v: &[f64]| {
+        let mut i: Vec<usize> = (0..v.len()).collect();
+        i.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
+        i.truncate(k);
+        i.into_iter().collect::<HashSet<_>>()
+    };
+    let (a, b) = (top(score), top(acc));
+    a.intersection(&b).count() as f64 / k as f64
+}
+
+fn report(root: &Path, o: &Options, archs: &[Arch], peak: Option<f64>) -> Result<()> {
+    let t = read_scores(&o.out.join("scores.csv"))?;
+    let times = std::fs::read_to_string(o.out.join("timings.csv"))?;
+    let mut tg = vec![];
+    let mut ts = vec![];
+    for l in times.lines().skip(1) {
+        let f: Vec<f64> = l.split(',').filter_map(|v| v.parse().ok()).collect();
+        if f.len() == 4 {
+            tg.push(f[1]);
+            ts.push(f[2]);
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let by_index: BTreeMap<usize, &Arch> = archs.iter().map(|a| (a.index, a)).collect();
+    let mut md = format!(
+        "# NAS-Bench-201: training-free scores vs ground truth\n\n\
+         Run: `cargo xtask bench nb201` with {} — {} architectures, N = {} CIFAR-10 probe \
+         images (the shipped class-balanced test-set probe; the same CIFAR-10 probe is used for all \
+         three datasets' rankings), per-sample BatchNorm, f32, backend `{:?}`, weights: Rust \
+         generator (PyTorch default initialisation distributions) seeded {}. Ground truth: \
+         `data/nb201_accuracies.csv` (200-epoch test accuracy).\n\n",
+        o.sample_desc,
+        t.rows.len(),
+        o.n,
+        o.backend,
+        o.seed
+    );
+    md += "| scorer | archs | τ-b C10 | ρ C10 | τ-b C100 | ρ C100 | τ-b IN16 | ρ IN16 | top-10 hit (C10) | top-1% hit (C10) |\n|---|---|---|---|---|---|---|---|---|---|\n";
+    let mut taus = vec![];
+    for (j, name) in t.names.iter().enumerate() {
+        let pts: Vec<(f64, &Arch)> = t
+            .rows
+            .iter()
+            .filter_map(|(i, v)| Some((v[j]?, *by_index.get(i)?)))
+            .collect();
+        let s: Vec<f64> = pts.iter().map(|p| p.0).collect();
+        let mut cells = vec![];
+        for d in 0..3 {
+            let acc: Vec<f64> = pts.iter().map(|p| p.1.acc[d]).collect();
+            let tau = kendall_tau_b(&s, &acc);
+            if d == 0 {
+                taus.push((name.clone(), tau.unwrap_or(f64::NAN)));
+            }
+            cells.push(tau.map_or("—".into(), |v| format!("{v:.3}")));
+            cells.push(spearman(&s, &acc).map_or("—".into(), |v| format!("{v:.3}")));
+        }
+        let acc10: Vec<f64> = pts.iter().map(|p| p.1.acc[0]).collect();
+        let k1 = (s.len() as f64 * 0.01).ceil().max(1.0) as usize;
+        md += &format!(
+            "| {name} | {} | {} | {:.2} | {:.2} |\n",
+            s.len(),
+            cells.join(" | "),
+            if s.len() >= 10 { hit_rate(&s, &acc10, 10) } else { f64::NAN },
+            hit_rate(&s, &acc10, k1.min(s.len().max(1)))
+        );
+        plot_scatter(&o.out.join(format!("scatter_{name}.svg")), name, &s, &acc10)?;
+    }
+    plot_bars(&o.out.join("kendall_tau.svg"), &taus)?;
+    md += &format!(
+        "\nTop-k hit rate: fraction of the scorer's k best architectures that are among the k most \
+         accurate ones (k = 10, and k = 1% of the sample).\n\n\
+         Seconds per architecture (mean, this machine): inputs (graph generation, gradients and \
+         extra passes) {:.3} s, scorers {:.3} s. Peak resident memory of the benchmark process: {}.\n\n",
+        mean(&tg),
+        mean(&ts),
+        peak.map_or("—".into(), |m| format!("{m:.0} MiB"))
+    );
+    md += &torch_comparison(root, o, &t, archs, mean(&tg) + mean(&ts));
+    md += "\nPlots: `kendall_tau.svg` (τ-b against CIFAR-10 test accuracy per scorer) and \
+           `scatter_<scorer>.svg` (CIFAR-10 test accuracy against the score's rank percentile).\n";
+    std::fs::write(o.out.join("report.md"), &md)?;
+    println!("{md}");
+    Ok(())
+}
+
+/// PyTorch's batch-of-one loop on the first three architectures of the run, when torch is
+/// importable (tests/golden/torch_loop.py), next to our mean time.
+fn torch_comparison(root: &Path, o: &Options, t: &Table, archs: &[Arch], ours: f64) -> String {
+    let script = root.join("tests/golden/torch_loop.py");
+    let mut secs = vec![];
+    for (i, _) in t.rows.iter().take(3) {
+        let out = std::process::Command::new("python3")
+            .arg(&script)
+            .arg(&archs[*i].arch)
+            .args(["--n", &o.n.to_string()])
+            .output();
+        let Ok(out) = out else { break };
+        if !out.status.success() {
+            break;
+        }
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+            if let Some(s) = v["seconds"].as_f64() {
+                secs.push(s);
+            }
+        }
+    }
+    if secs.is_empty() {
+        return "PyTorch loop: not measured (torch not importable; `pip install torch==2.8.0 numpy`).\n".into();
+    }
+    let m = secs.iter().sum::<f64>() / secs.len() as f64;
+    format!(
+        "PyTorch batch-of-one loop (per-sample gradients only, N = {}, same machine, first {} \
+         architectures of this run): {m:.2} s per architecture, against {ours:.2} s for \
+         gradalign's whole per-architecture pipeline (generation, gradients, scoring) — {:.2}×.\n",
+        o.n,
+        secs.len(),
+        m / ours
+    )
+}
+
+fn plot_scatter(path: &Path, name: &str, score: &[f64], acc: &[f64]) -> Result<()> {
+    use plotters::prelude::*;
+    let ranks = gradalign::stats::average_ranks(score);
+    let n = score.len().max(1) as f64;
+    let root = SVGBackend::new(path, (480, 360)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("{name} (τ-b {:.3})", kendall_tau_b(score, acc).unwrap_or(f64::NAN)), ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(45)
+        .build_cartesian_2d(0f64..1f64, 0f64..100f64)?;
+    chart
+        .configure_mesh()
+        .x_desc("score rank percentile")
+        .y_desc("CIFAR-10 test accuracy (%)")
+        .draw()?;
+    chart.draw_series(
+        ranks
+            .iter()
+            .zip(acc)
+            .map(|(r, a)| Circle::new((r / n, *a), 2, BLUE.mix(0.4).filled())),
+    )?;
+    root.present()?;
+    Ok(())
+}
+
+fn plot_bars(path: &Path, taus: &[(String, f64)]) -> Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (720, 40 + 28 * taus.len() as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Kendall τ-b vs CIFAR-10 test accuracy", ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(130)
+        .build_cartesian_2d(-1f64..1f64, 0f64..taus.len() as f64)?;
+    let labels: Vec<String> = taus.iter().map(|t| t.0.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(taus.len())
+        .y_label_formatter(&|y| {
+            let i = (*y - 0.5).round() as usize;
+            labels.get(i).cloned().unwrap_or_default()
+        })
+        .draw()?;
+    chart.draw_series(taus.iter().enumerate().map(|(i, (_, t))| {
+        let t = if t.is_finite() { *t } else { 0.0 };
+        Rectangle::new([(0.0, i as f64 + 0.15), (t, i as f64 + 0.85)], BLUE.mix(0.6).filled())
+    }))?;
+    root.present()?;
+    Ok(())
+}
