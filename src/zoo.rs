@@ -70,6 +70,9 @@ struct Gen {
     nodes: Vec<pb::NodeProto>,
     inits: Vec<pb::TensorProto>,
     count: usize,
+    /// ReLU output per input tensor: two ReLUConvBN edges leaving one cell node share one Relu,
+    /// as in PyTorch's ONNX export (its common-subexpression pass merges them).
+    relus: std::collections::HashMap<String, String>,
 }
 
 impl Gen {
@@ -133,7 +136,14 @@ impl Gen {
         y
     }
     fn relu_conv_bn(&mut self, x: &str, prefix: &str, cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> String {
-        let r = self.node("Relu", &[x], vec![]);
+        let r = match self.relus.get(x) {
+            Some(r) => r.clone(),
+            None => {
+                let r = self.node("Relu", &[x], vec![]);
+                self.relus.insert(x.to_string(), r.clone());
+                r
+            }
+        };
         let c = self.conv(&r, &format!("{prefix}.op.1.weight"), cin, cout, k, stride, pad);
         self.bn(&c, &format!("{prefix}.op.2"), cout)
     }
@@ -161,6 +171,7 @@ pub fn nb201_model(arch: &str, seed: u64, c: usize, n: usize) -> Result<pb::Mode
         nodes: vec![],
         inits: vec![],
         count: 0,
+        relus: Default::default(),
     };
     let zero = "ga.zero".to_string();
     let stem = g.conv("input", "stem.0.weight", 3, c, 3, 1, 1);

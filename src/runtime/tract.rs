@@ -11,6 +11,9 @@ use crate::onnx::{pb, HostTensor};
 
 pub struct TractRunner {
     plan: Arc<TypedRunnableModel>,
+    /// Kept to rebuild an unoptimised plan when tract's optimiser produced one that cannot run
+    /// (seen: a 'Dummy' op left in place of a float64 Conv).
+    proto: Option<pb::ModelProto>,
 }
 
 static THREADS: Once = Once::new();
@@ -34,25 +37,32 @@ fn init_threads() {
 
 impl TractRunner {
     pub fn new(model: &pb::ModelProto) -> Result<TractRunner> {
+        let level = std::env::var("GRADALIGN_TRACT_OPT").unwrap_or_default();
+        let plan = Self::plan(model, &level)?;
+        Ok(TractRunner {
+            plan,
+            proto: (level != "declutter" && level != "none").then(|| model.clone()),
+        })
+    }
+
+    fn plan(model: &pb::ModelProto, level: &str) -> Result<Arc<TypedRunnableModel>> {
         init_threads();
         let typed = tract_onnx::onnx()
             .model_for_proto_model(model)
-            .map_err(|e| anyhow!("{e:?}"))
+            .map_err(|e| anyhow!("{e:#}"))
             .context("tract could not load the gradient graph")?
             .into_typed()
-            .map_err(|e| anyhow!("{e:?}"))
+            .map_err(|e| anyhow!("{e:#}"))
             .context("tract could not type the gradient graph")?;
-        let level = std::env::var("GRADALIGN_TRACT_OPT").unwrap_or_default();
-        let typed = match level.as_str() {
+        let typed = match level {
             "none" => typed,
-            "declutter" => typed.into_decluttered().map_err(|e| anyhow!("{e:?}"))?,
+            "declutter" => typed.into_decluttered().map_err(|e| anyhow!("{e:#}"))?,
             _ => typed
                 .into_optimized()
-                .map_err(|e| anyhow!("{e:?}"))
+                .map_err(|e| anyhow!("{e:#}"))
                 .context("tract could not optimise the gradient graph")?,
         };
-        let plan = typed.into_runnable().map_err(|e| anyhow!("{e:?}"))?;
-        Ok(TractRunner { plan })
+        typed.into_runnable().map_err(|e| anyhow!("{e:#}"))
     }
 }
 
@@ -97,11 +107,18 @@ impl GraphRunner for TractRunner {
             to_tract(images).into(),
             labels.clone().into_dyn().into_tensor().into()
         ];
-        let outs = self
-            .plan
-            .run(inputs)
-            .map_err(|e| anyhow!("{e:?}"))
-            .context("tract failed running the gradient graph")?;
+        let outs = match self.plan.run(inputs.clone()) {
+            Ok(o) => o,
+            Err(e) if self.proto.is_some() && format!("{e:#}").contains("Dummy") => {
+                let plan = Self::plan(self.proto.as_ref().unwrap(), "declutter")?;
+                plan.run(inputs)
+                    .map_err(|e| anyhow!("{e:#}"))
+                    .context("tract failed running the (unoptimised) gradient graph")?
+            }
+            Err(e) => {
+                return Err(anyhow!("{e:#}")).context("tract failed running the gradient graph")
+            }
+        };
         outs.iter().map(|t| from_tract(t)).collect()
     }
     fn name(&self) -> &'static str {

@@ -294,7 +294,7 @@ fn main() -> Result<()> {
             bench_grads(n, repeat, &backends, get("--out").as_deref().map(Path::new))
         }
         Some("fetch-ort") => fetch_ort(args.iter().any(|a| a == "--gpu")),
-        Some("bench") if args.get(1).map(String::as_str) == Some("nb201") => {
+        Some("bench") if matches!(args.get(1).map(String::as_str), Some("nb201" | "naslib-check")) => {
             let archs = nb201::load_archs(&root())?.len();
             let seed: u64 = get("--seed").map(|v| v.parse()).transpose()?.unwrap_or(0);
             let (indices, desc) = if args.iter().any(|a| a == "--all") {
@@ -323,11 +323,15 @@ fn main() -> Result<()> {
                 }),
                 backend,
                 jobs,
-                out: get("--out").map(PathBuf::from).unwrap_or_else(|| root().join("target/bench-nb201")),
+                out: get("--out").map(PathBuf::from).unwrap_or_else(|| root().join(format!("target/bench-{}", args[1]))),
                 sample_desc: format!("{desc} [{}]", args[2..].join(" ")),
             };
             gradalign::runtime::check_backend(backend)?;
-            nb201::run(&root(), &o)
+            if args[1] == "naslib-check" {
+                nb201::naslib_check(&root(), &o)
+            } else {
+                nb201::run(&root(), &o)
+            }
         }
         _ => bail!("usage: cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR]"),
     }

@@ -112,6 +112,10 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
     if scores_file.metadata()?.len() == 0 {
         writeln!(scores_file, "{header}")?;
     }
+    let mut errors_file = OpenOptions::new().create(true).append(true).open(o.out.join("errors.csv"))?;
+    if errors_file.metadata()?.len() == 0 {
+        writeln!(errors_file, "index,scorer,error")?;
+    }
     let mut times_file = OpenOptions::new().create(true).append(true).open(&times_path)?;
     if times_file.metadata()?.len() == 0 {
         writeln!(times_file, "index,grad_seconds,score_seconds,total_seconds")?;
@@ -127,7 +131,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         o.jobs
     );
     let probe = Probe::shipped(o.n)?;
-    let files = Mutex::new((scores_file, times_file));
+    let files = Mutex::new((scores_file, times_file, errors_file));
     let next = AtomicUsize::new(0);
     let finished = AtomicUsize::new(0);
     let t0 = Instant::now();
@@ -155,7 +159,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
                     )
                 })();
                 let total = t.elapsed().as_secs_f64();
-                let (row, times) = match &res {
+                let (row, times, errs) = match &res {
                     Ok(r) => {
                         let vals: Vec<String> = names
                             .iter()
@@ -168,9 +172,15 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
                                     .unwrap_or_default()
                             })
                             .collect();
+                        let errs: String = r
+                            .errors
+                            .iter()
+                            .map(|(k, e)| format!("{},{k},\"{}\"\n", a.index, e.replace('"', "'")))
+                            .collect();
                         (
                             format!("{},{},{}\n", a.index, a.arch, vals.join(",")),
                             format!("{},{:.4},{:.4},{:.4}\n", a.index, r.grad_seconds, r.score_seconds, total),
+                            errs,
                         )
                     }
                     Err(e) => {
@@ -181,8 +191,9 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
                 {
                     let mut f = files.lock().unwrap();
                     if let Err(e) = f
-                        .1
-                        .write_all(times.as_bytes())
+                        .2
+                        .write_all(errs.as_bytes())
+                        .and_then(|_| f.1.write_all(times.as_bytes()))
                         .and_then(|_| f.0.write_all(row.as_bytes()))
                         .and_then(|_| f.0.sync_data())
                     {
@@ -409,5 +420,99 @@ fn plot_bars(path: &Path, taus: &[(String, f64)]) -> Result<()> {
         Rectangle::new([(0.0, i as f64 + 0.15), (t, i as f64 + 0.85)], BLUE.mix(0.6).filled())
     }))?;
     root.present()?;
+    Ok(())
+}
+
+/// `bench naslib-check`: our baselines against NAS-Bench-Suite-Zero's precomputed values on the
+/// CIFAR-10 architectures of data/nb201_zc_naslib_subset.csv (Spearman across architectures),
+/// and each one's Spearman with NASLib's `val_accuracy`, side by side.
+pub fn naslib_check(root: &Path, o: &Options) -> Result<()> {
+    const PAIRS: [(&str, &str); 9] = [
+        ("synflow", "synflow"),
+        ("snip", "snip"),
+        ("grad_norm", "grad_norm"),
+        ("naswot", "nwot"),
+        ("jacob_cov", "jacov"),
+        ("fisher", "fisher"),
+        ("grasp", "grasp"),
+        ("params", "params"),
+        ("flops", "flops"),
+    ];
+    let text = std::fs::read_to_string(root.join("data/nb201_zc_naslib_subset.csv"))?;
+    let mut lines = text.lines();
+    let head: Vec<&str> = lines.next().context("empty NASLib file")?.split(',').collect();
+    let col = |name: &str| head.iter().position(|h| *h == name).with_context(|| format!("no column {name}"));
+    let (c_ds, c_idx, c_val) = (col("dataset")?, col("index")?, col("val_accuracy")?);
+    let mut theirs: BTreeMap<usize, (f64, Vec<f64>)> = BTreeMap::new();
+    for l in lines {
+        let f: Vec<&str> = l.split(',').collect();
+        if f[c_ds] != "cifar10" {
+            continue;
+        }
+        let vals = PAIRS
+            .iter()
+            .map(|(_, t)| col(t).map(|c| f[c].parse::<f64>().unwrap_or(f64::NAN)))
+            .collect::<Result<Vec<_>>>()?;
+        theirs.insert(f[c_idx].parse()?, (f[c_val].parse()?, vals));
+    }
+    if let Ok(limit) = std::env::var("NASLIB_CHECK_LIMIT") {
+        // Smoke tests: only the first architectures.
+        let limit: usize = limit.parse()?;
+        theirs = theirs.into_iter().take(limit).collect();
+    }
+    let ours_scorers: Vec<&str> = PAIRS.iter().map(|p| p.0).filter(|n| *n != "grasp").collect();
+    let run_opts = Options {
+        indices: theirs.keys().copied().collect(),
+        scorers: ours_scorers.join(","),
+        out: o.out.clone(),
+        seed: o.seed,
+        n: o.n,
+        backend: o.backend,
+        jobs: o.jobs,
+        sample_desc: o.sample_desc.clone(),
+    };
+    run(root, &run_opts)?;
+    let t = read_scores(&o.out.join("scores.csv"))?;
+    let mut md = format!(
+        "# naslib-check: our baselines vs NAS-Bench-Suite-Zero (NB201, CIFAR-10)\n\n\
+         {} architectures of `data/nb201_zc_naslib_subset.csv` (dataset `cifar10`), scored by \
+         `cargo xtask bench naslib-check` ({}; N = {}, shipped CIFAR-10 probe, per-sample \
+         BatchNorm, our own seeded weights). Spearman ρ across architectures.\n\n\
+         | scorer (ours / NASLib) | ρ(ours, NASLib) | ρ(ours, val_accuracy) | ρ(NASLib, val_accuracy) | archs |\n|---|---|---|---|---|\n",
+        theirs.len(),
+        o.sample_desc,
+        o.n
+    );
+    for (k, (ours_name, their_name)) in PAIRS.iter().enumerate() {
+        let j = t.names.iter().position(|n| n == ours_name);
+        let mut a = vec![];
+        let mut b = vec![];
+        let mut acc = vec![];
+        let mut tb = vec![];
+        let mut tacc = vec![];
+        for (i, (va, vals)) in &theirs {
+            if vals[k].is_finite() {
+                tb.push(vals[k]);
+                tacc.push(*va);
+            }
+            let Some(j) = j else { continue };
+            let Some((_, row)) = t.rows.iter().find(|(x, _)| x == i) else { continue };
+            if let (Some(ours), true) = (row[j], vals[k].is_finite()) {
+                a.push(ours);
+                b.push(vals[k]);
+                acc.push(*va);
+            }
+        }
+        let f = |v: Option<f64>| v.map_or("—".to_string(), |x| format!("{x:.3}"));
+        md += &format!(
+            "| {ours_name} / {their_name} | {} | {} | {} | {} |\n",
+            if j.is_some() { f(spearman(&a, &b)) } else { "not computed".into() },
+            if j.is_some() { f(spearman(&a, &acc)) } else { "—".into() },
+            f(spearman(&tb, &tacc)),
+            a.len()
+        );
+    }
+    std::fs::write(o.out.join("naslib-check.md"), &md)?;
+    println!("{md}");
     Ok(())
 }
