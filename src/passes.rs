@@ -147,3 +147,98 @@ pub fn synflow_grads(model: &Model, sample_shape: &[usize]) -> Result<HashMap<St
     }
     Ok(res)
 }
+
+/// Per-parameter-name sums over the probe of the per-sample gradients (f64), and the ReLU codes
+/// of the same run.
+fn batch_grads_and_codes(
+    model: &Model,
+    probe: &Probe,
+    opts: GradOptions,
+) -> Result<(HashMap<String, Vec<f64>>, Vec<bool>)> {
+    let spec = GraphSpec {
+        relu_codes: true,
+        ..Default::default()
+    };
+    let (an, gg) = build_graph_with(model, probe.sample_shape(), probe.len(), opts, spec)?;
+    let runner = runtime::load(&gg.model, Backend::Tract, Device::Cpu, true)?;
+    let outs = runner.run(&probe.images_tensor().cast(an.float), &probe.labels)?;
+    let mut sums = HashMap::new();
+    let mut k = 1;
+    for g in &gg.grads {
+        let p = &an.params[g.param];
+        let v = match g.output {
+            Some(_) => {
+                let HostTensor::F64(a) = outs[k].cast(crate::onnx::DType::F64) else {
+                    unreachable!("cast to f64")
+                };
+                k += 1;
+                let a = a.into_shape_with_order((probe.len(), p.numel()))?;
+                a.sum_axis(ndarray::Axis(0)).to_vec()
+            }
+            None => vec![0.0; p.numel()],
+        };
+        sums.insert(p.name.clone(), v);
+    }
+    let mut codes = vec![];
+    for t in &outs[k..] {
+        let HostTensor::Bool(b) = t else {
+            bail!("ReLU code output has an unexpected type")
+        };
+        codes.extend(b.iter().copied());
+    }
+    Ok((sums, codes))
+}
+
+/// H·g for GraSP: the Hessian of the summed per-sample loss with respect to the weights (Conv,
+/// ConvTranspose, Gemm, MatMul) times the batch gradient g, by a central difference of exact f64
+/// gradients along u = g/‖g‖: Hg ≈ ‖g‖ (∇L(θ + hu) − ∇L(θ − hu)) / 2h. ReLU is piecewise
+/// linear, so the difference equals autograd's Hessian-vector product only when no ReLU input
+/// changes sign between θ − hu and θ + hu; the ReLU codes of both runs are compared and h is
+/// reduced until they agree (h = 1e-8 first: roundoff ≈ 1e-16/h relative, truncation ≈ h²).
+pub fn hessian_grad_product(
+    model: &Model,
+    probe: &Probe,
+    opts: GradOptions,
+) -> Result<HashMap<String, Vec<f64>>> {
+    let f64_weights = GradOptions {
+        params: ParamSelect::Weights,
+        precision: Precision::F64,
+        ..opts
+    };
+    let (g, _) = batch_grads_and_codes(model, probe, f64_weights)?;
+    let norm = g.values().flatten().map(|v| v * v).sum::<f64>().sqrt();
+    if norm == 0.0 {
+        return Ok(g.into_iter().map(|(k, v)| (k, vec![0.0; v.len()])).collect());
+    }
+    let shifted = |h: f64| -> Model {
+        let mut m = model.clone();
+        for (name, t) in &mut m.initializers {
+            if let Some(gv) = g.get(name) {
+                let HostTensor::F64(mut a) = t.cast(crate::onnx::DType::F64) else {
+                    unreachable!("cast to f64")
+                };
+                for (w, d) in a.iter_mut().zip(gv) {
+                    *w += h * d / norm;
+                }
+                *t = HostTensor::F64(a);
+            }
+        }
+        m
+    };
+    for h in [1e-8, 1e-9, 1e-10] {
+        let (plus, cp) = batch_grads_and_codes(&shifted(h), probe, f64_weights)?;
+        let (minus, cm) = batch_grads_and_codes(&shifted(-h), probe, f64_weights)?;
+        if cp != cm {
+            continue; // a ReLU switched inside the step: not a Hessian of one linear region
+        }
+        return Ok(plus
+            .into_iter()
+            .map(|(k, p)| {
+                let m = &minus[&k];
+                let hv = p.iter().zip(m).map(|(a, b)| (a - b) / (2.0 * h) * norm).collect();
+                (k, hv)
+            })
+            .collect());
+    }
+    bail!("a ReLU changes sign within every difference step down to 1e-10: H·g is not defined here")
+}

@@ -28,11 +28,6 @@ pub struct ScoreReport {
     pub score_seconds: f64,
 }
 
-/// Inputs computed by passes this engine does not have yet.
-const NOT_YET: &[(u64, &str)] = &[(
-    flag::HESSIAN_GRAD_PRODUCT,
-    "the Hessian-gradient product (an exact double-backward pass)",
-)];
 
 /// Role and output-channel axis of a parameter, from the node that first consumes it.
 fn role_of(model: &Model, name: &str) -> (u32, i64) {
@@ -267,6 +262,23 @@ pub fn score_model(
             Err(e) => fail(flag::SYNFLOW_GRADS, "SynFlow pass", &e, &mut errors),
         }
     }
+    if wants(flag::HESSIAN_GRAD_PRODUCT) {
+        match crate::passes::hessian_grad_product(model, probe, opts) {
+            Ok(by_name) => {
+                for d in [selected.as_mut(), all_params.as_mut()].into_iter().flatten() {
+                    let mut v = vec![];
+                    for p in &d.params {
+                        match by_name.get(&p.name) {
+                            Some(g) => v.extend_from_slice(g),
+                            None => v.extend(std::iter::repeat_n(0.0, p.numel)),
+                        }
+                    }
+                    d.hessian_grad_product = Some(v);
+                }
+            }
+            Err(e) => fail(flag::HESSIAN_GRAD_PRODUCT, "Hessian-gradient pass", &e, &mut errors),
+        }
+    }
     let grad_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let raw_sel = selected.as_ref().map(|d| d.raw());
@@ -274,14 +286,6 @@ pub fn score_model(
     let mut scores = vec![];
     for s in scorers {
         if errors.contains_key(&s.name) {
-            scores.push((s.name.clone(), None));
-            continue;
-        }
-        if let Some((_, what)) = NOT_YET.iter().find(|(f, _)| s.inputs & f != 0) {
-            errors.insert(
-                s.name.clone(),
-                format!("needs {what}, which this engine does not compute yet"),
-            );
             scores.push((s.name.clone(), None));
             continue;
         }

@@ -177,6 +177,24 @@ def synflow(model):
     return float(sum((mod.weight * mod.weight.grad).abs().sum().item() for mod in m.modules() if isinstance(mod, (nn.Conv2d, nn.Linear))))
 
 
+def grasp(model, x, y, blocks):
+    """zero-cost-nas GraSP with the summed per-sample loss: Hg by double backward, -Σ w ⊙ Hg."""
+    ws = [m.weight for _, m, _ in blocks]
+    g = [torch.zeros_like(w) for w in ws]
+    for i in range(len(y)):
+        loss = F.cross_entropy(model(torch.from_numpy(x[i:i + 1]).double()), torch.from_numpy(y[i:i + 1]))
+        for a, b in zip(g, torch.autograd.grad(loss, ws)):
+            a += b
+    hg = [torch.zeros_like(w) for w in ws]
+    for i in range(len(y)):
+        loss = F.cross_entropy(model(torch.from_numpy(x[i:i + 1]).double()), torch.from_numpy(y[i:i + 1]))
+        gf = torch.autograd.grad(loss, ws, create_graph=True)
+        z = sum((a * b).sum() for a, b in zip(g, gf))
+        for a, b in zip(hg, torch.autograd.grad(z, ws)):
+            a += b
+    return float(-sum((w.detach() * h).sum().item() for w, h in zip(ws, hg)))
+
+
 def flops(model):
     macs = []
     hooks = []
@@ -226,6 +244,7 @@ def main():
             "naswot": naswot(model, x),
             "jacob_cov": jacob_cov(model, x),
             "synflow": synflow(model),
+            "grasp": grasp(model, x, y, blocks),
             "params": float(sum(p.numel() for p in model.parameters())),
             "flops": flops(model),
         }
