@@ -324,7 +324,11 @@ fn main() -> Result<()> {
                 backend,
                 jobs,
                 out: get("--out").map(PathBuf::from).unwrap_or_else(|| root().join(format!("target/bench-{}", args[1]))),
-                sample_desc: format!("{desc} [{}]", args[2..].join(" ")),
+                sample_desc: if args[1] == "naslib-check" {
+                    args[2..].join(" ")
+                } else {
+                    format!("{desc} [{}]", args[2..].join(" "))
+                },
             };
             gradalign::runtime::check_backend(backend)?;
             if args[1] == "naslib-check" {
