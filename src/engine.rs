@@ -115,7 +115,12 @@ pub fn per_sample_grads_on(
         );
     }
     probe.check_labels(an.num_classes)?;
-    let runner = runtime::load(&gg.model, backend, device, an.float == crate::onnx::DType::F64)?;
+    let runner = runtime::load(
+        &gg.model,
+        backend,
+        device,
+        an.float == crate::onnx::DType::F64,
+    )?;
     let build_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let images = probe.images_tensor().cast(an.float);

@@ -10,7 +10,7 @@ pub mod passes;
 pub mod plugin;
 pub mod probe;
 pub mod rank;
+pub mod runtime;
 pub mod score;
 pub mod stats;
-pub mod runtime;
 pub mod zoo;

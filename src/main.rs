@@ -180,7 +180,14 @@ fn grads(
     let (probe, shipped) = load_probe(&m, probe)?;
     gradalign::runtime::check_backend(grad.backend)?;
     let t1 = std::time::Instant::now();
-    let g = engine::per_sample_grads_on(&m, &probe, grad.options(), shipped, grad.backend, grad.device)?;
+    let g = engine::per_sample_grads_on(
+        &m,
+        &probe,
+        grad.options(),
+        shipped,
+        grad.backend,
+        grad.device,
+    )?;
     let t2 = std::time::Instant::now();
     for note in &g.notes {
         eprintln!("note: {note}");

@@ -38,7 +38,12 @@ pub fn probe_pass(
         relu_codes: relu,
     };
     let (an, gg) = build_graph_with(model, probe.sample_shape(), probe.len(), opts, spec)?;
-    let runner = runtime::load(&gg.model, backend, device, an.float == crate::onnx::DType::F64)?;
+    let runner = runtime::load(
+        &gg.model,
+        backend,
+        device,
+        an.float == crate::onnx::DType::F64,
+    )?;
     let outs = runner.run(&probe.images_tensor().cast(an.float), &probe.labels)?;
     let n = probe.len();
     let mut next = 1; // output 0: logits
@@ -66,7 +71,9 @@ pub fn probe_pass(
                 bail!("ReLU code output has an unexpected type");
             };
             let a = a.as_standard_layout();
-            let flat = a.as_slice().ok_or_else(|| anyhow!("non-contiguous codes"))?;
+            let flat = a
+                .as_slice()
+                .ok_or_else(|| anyhow!("non-contiguous codes"))?;
             for i in 0..n {
                 for (dst, &b) in codes[i * units + col..i * units + col + u]
                     .iter_mut()
@@ -208,7 +215,10 @@ pub fn hessian_grad_product(
     let (g, _) = batch_grads_and_codes(model, probe, f64_weights)?;
     let norm = g.values().flatten().map(|v| v * v).sum::<f64>().sqrt();
     if norm == 0.0 {
-        return Ok(g.into_iter().map(|(k, v)| (k, vec![0.0; v.len()])).collect());
+        return Ok(g
+            .into_iter()
+            .map(|(k, v)| (k, vec![0.0; v.len()]))
+            .collect());
     }
     let shifted = |h: f64| -> Model {
         let mut m = model.clone();
@@ -235,7 +245,11 @@ pub fn hessian_grad_product(
             .into_iter()
             .map(|(k, p)| {
                 let m = &minus[&k];
-                let hv = p.iter().zip(m).map(|(a, b)| (a - b) / (2.0 * h) * norm).collect();
+                let hv = p
+                    .iter()
+                    .zip(m)
+                    .map(|(a, b)| (a - b) / (2.0 * h) * norm)
+                    .collect();
                 (k, hv)
             })
             .collect());

@@ -65,8 +65,8 @@ impl ResultsFile {
     pub fn open(path: &Path, header: &str) -> Result<ResultsFile> {
         let mut done = HashSet::new();
         if path.exists() {
-            let text = std::fs::read(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
+            let text =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
             // Everything after the last newline is a row torn by a kill: drop it.
             let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
             if complete < text.len() {
@@ -111,12 +111,22 @@ impl ResultsFile {
     }
 
     /// Appends one row in a single write, then fsyncs.
-    pub fn append(&mut self, model: &str, scorers: &[String], result: &Result<ScoreReport>, seconds: f64) -> Result<()> {
+    pub fn append(
+        &mut self,
+        model: &str,
+        scorers: &[String],
+        result: &Result<ScoreReport>,
+        seconds: f64,
+    ) -> Result<()> {
         let mut fields = vec![csv_field(model)];
         match result {
             Ok(r) => {
                 for name in scorers {
-                    let v = r.scores.iter().find(|(n, _)| n == name).and_then(|(_, v)| *v);
+                    let v = r
+                        .scores
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .and_then(|(_, v)| *v);
                     fields.push(fmt_score(v));
                 }
                 let errs: Vec<String> = r.errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
@@ -177,7 +187,10 @@ mod tests {
     fn csv_round_trip() {
         let f = ["a,b", "say \"hi\"", "plain"].map(csv_field).join(",");
         assert_eq!(split_csv(&f), vec!["a,b", "say \"hi\"", "plain"]);
-        assert_eq!(fmt_score(Some(0.1 + 0.2)).parse::<f64>().unwrap(), 0.1 + 0.2);
+        assert_eq!(
+            fmt_score(Some(0.1 + 0.2)).parse::<f64>().unwrap(),
+            0.1 + 0.2
+        );
     }
 
     #[test]
@@ -189,7 +202,10 @@ mod tests {
         std::fs::write(&p, format!("{h}\nm1.onnx,1.0,,0.1\nm2.onnx,2.")).unwrap();
         let r = ResultsFile::open(&p, &h).unwrap();
         assert!(r.done.contains("m1.onnx") && !r.done.contains("m2.onnx"));
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), format!("{h}\nm1.onnx,1.0,,0.1\n"));
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            format!("{h}\nm1.onnx,1.0,,0.1\n")
+        );
         assert!(ResultsFile::open(&p, "model,other,error,seconds").is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -28,7 +28,6 @@ pub struct ScoreReport {
     pub score_seconds: f64,
 }
 
-
 /// Role and output-channel axis of a parameter, from the node that first consumes it.
 fn role_of(model: &Model, name: &str) -> (u32, i64) {
     for node in &model.nodes {
@@ -39,7 +38,11 @@ fn role_of(model: &Model, name: &str) -> (u32, i64) {
                 ("ConvTranspose", 1) => (role::WEIGHT, 1),
                 ("Gemm", 1) => (
                     role::WEIGHT,
-                    if node.attr_i("transB").unwrap_or(0) != 0 { 0 } else { 1 },
+                    if node.attr_i("transB").unwrap_or(0) != 0 {
+                        0
+                    } else {
+                        1
+                    },
                 ),
                 ("MatMul", 0 | 1) => (role::WEIGHT, ndim - 1),
                 ("Conv" | "ConvTranspose" | "Gemm", 2) => (role::BIAS, -1),
@@ -72,9 +75,27 @@ fn metas(model: &Model, layout: &[LayoutEntry]) -> Vec<ParamMeta> {
 fn param_values(model: &Model, metas: &[ParamMeta]) -> Vec<f64> {
     let mut v = Vec::with_capacity(metas.iter().map(|m| m.numel).sum());
     for m in metas {
-        match model.initializer(&m.name).map(|t| t.cast(crate::onnx::DType::F64)) {
+        match model
+            .initializer(&m.name)
+            .map(|t| t.cast(crate::onnx::DType::F64))
+        {
             Some(HostTensor::F64(a)) => v.extend(a.iter().copied()),
             _ => v.extend(std::iter::repeat_n(0.0, m.numel)),
+        }
+    }
+    v
+}
+
+/// A per-name result laid out in `params`' columns; parameters it lacks get zeros.
+fn columns_by_name(
+    params: &[ParamMeta],
+    by_name: &std::collections::HashMap<String, Vec<f64>>,
+) -> Vec<f64> {
+    let mut v = Vec::with_capacity(params.iter().map(|p| p.numel).sum());
+    for p in params {
+        match by_name.get(&p.name) {
+            Some(g) => v.extend_from_slice(g),
+            None => v.extend(std::iter::repeat_n(0.0, p.numel)),
         }
     }
     v
@@ -131,7 +152,10 @@ fn input_data(
             }
             macro_rules! select {
                 ($a:expr, $variant:ident, $t:ty) => {{
-                    let a = $a.view().into_dimensionality::<ndarray::Ix2>().expect("2-D");
+                    let a = $a
+                        .view()
+                        .into_dimensionality::<ndarray::Ix2>()
+                        .expect("2-D");
                     let mut out = ndarray::Array2::<$t>::zeros((n, offset));
                     for (m, from) in &kept {
                         out.slice_mut(ndarray::s![.., m.offset..m.offset + m.numel])
@@ -188,7 +212,11 @@ pub fn score_model(
     if union & grad_flags != 0 {
         let wants_all = union & flag::ALL_PARAMS != 0;
         let run_opts = GradOptions {
-            params: if wants_all { ParamSelect::All } else { opts.params },
+            params: if wants_all {
+                ParamSelect::All
+            } else {
+                opts.params
+            },
             ..opts
         };
         let g = engine::per_sample_grads_on(model, probe, run_opts, shipped, backend, device)?;
@@ -214,7 +242,10 @@ pub fn score_model(
     if union & flag::MODEL_INFO != 0 {
         match engine::model_info(model, probe.sample_shape()) {
             Ok((p, f)) => {
-                for d in [selected.as_mut(), all_params.as_mut()].into_iter().flatten() {
+                for d in [selected.as_mut(), all_params.as_mut()]
+                    .into_iter()
+                    .flatten()
+                {
                     d.model_params = p as f64;
                     d.model_flops = f;
                 }
@@ -237,26 +268,30 @@ pub fn score_model(
     if relu || jac {
         match crate::passes::probe_pass(model, probe, opts, backend, device, relu, jac) {
             Ok(p) => {
-                for d in [selected.as_mut(), all_params.as_mut()].into_iter().flatten() {
+                for d in [selected.as_mut(), all_params.as_mut()]
+                    .into_iter()
+                    .flatten()
+                {
                     d.relu_codes = p.relu_codes.clone();
                     d.input_jacobian = p.input_jacobian.clone();
                 }
             }
-            Err(e) => fail(flag::RELU_CODES | flag::INPUT_JACOBIAN, "probe pass", &e, &mut errors),
+            Err(e) => fail(
+                flag::RELU_CODES | flag::INPUT_JACOBIAN,
+                "probe pass",
+                &e,
+                &mut errors,
+            ),
         }
     }
     if wants(flag::SYNFLOW_GRADS) {
         match crate::passes::synflow_grads(model, probe.sample_shape()) {
             Ok(by_name) => {
-                for d in [selected.as_mut(), all_params.as_mut()].into_iter().flatten() {
-                    let mut v = vec![];
-                    for p in &d.params {
-                        match by_name.get(&p.name) {
-                            Some(g) => v.extend_from_slice(g),
-                            None => v.extend(std::iter::repeat_n(0.0, p.numel)),
-                        }
-                    }
-                    d.synflow_grads = Some(v);
+                for d in [selected.as_mut(), all_params.as_mut()]
+                    .into_iter()
+                    .flatten()
+                {
+                    d.synflow_grads = Some(columns_by_name(&d.params, &by_name));
                 }
             }
             Err(e) => fail(flag::SYNFLOW_GRADS, "SynFlow pass", &e, &mut errors),
@@ -265,18 +300,19 @@ pub fn score_model(
     if wants(flag::HESSIAN_GRAD_PRODUCT) {
         match crate::passes::hessian_grad_product(model, probe, opts) {
             Ok(by_name) => {
-                for d in [selected.as_mut(), all_params.as_mut()].into_iter().flatten() {
-                    let mut v = vec![];
-                    for p in &d.params {
-                        match by_name.get(&p.name) {
-                            Some(g) => v.extend_from_slice(g),
-                            None => v.extend(std::iter::repeat_n(0.0, p.numel)),
-                        }
-                    }
-                    d.hessian_grad_product = Some(v);
+                for d in [selected.as_mut(), all_params.as_mut()]
+                    .into_iter()
+                    .flatten()
+                {
+                    d.hessian_grad_product = Some(columns_by_name(&d.params, &by_name));
                 }
             }
-            Err(e) => fail(flag::HESSIAN_GRAD_PRODUCT, "Hessian-gradient pass", &e, &mut errors),
+            Err(e) => fail(
+                flag::HESSIAN_GRAD_PRODUCT,
+                "Hessian-gradient pass",
+                &e,
+                &mut errors,
+            ),
         }
     }
     let grad_seconds = t0.elapsed().as_secs_f64();

@@ -138,7 +138,10 @@ mod tests {
         for i in 0..x.len() {
             for j in i + 1..x.len() {
                 let (a, b) = ((x[i] - x[j]).signum(), (y[i] - y[j]).signum());
-                let (a, b) = (if x[i] == x[j] { 0.0 } else { a }, if y[i] == y[j] { 0.0 } else { b });
+                let (a, b) = (
+                    if x[i] == x[j] { 0.0 } else { a },
+                    if y[i] == y[j] { 0.0 } else { b },
+                );
                 if a == 0.0 && b != 0.0 {
                     tx += 1.0;
                 } else if b == 0.0 && a != 0.0 {
@@ -170,7 +173,9 @@ mod tests {
     fn agrees_with_the_quadratic_definition_and_edge_cases() {
         let mut s = 12345u64;
         let mut rnd = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 33) % 7) as f64 // many ties
         };
         for _ in 0..20 {

@@ -31,7 +31,10 @@ pub fn parse_arch(arch: &str) -> Result<Vec<Vec<(String, usize)>>> {
                 .parse()
                 .map_err(|_| anyhow::anyhow!("arch '{arch}': bad source in '{e}'"))?;
             if !NB201_OPS.contains(&op) {
-                bail!("arch '{arch}': unknown op '{op}' (NB201 ops: {})", NB201_OPS.join(", "));
+                bail!(
+                    "arch '{arch}': unknown op '{op}' (NB201 ops: {})",
+                    NB201_OPS.join(", ")
+                );
             }
             if src > j {
                 bail!("arch '{arch}': node {} reads node {src}", j + 1);
@@ -98,7 +101,16 @@ impl Gen {
         out
     }
     /// Conv2d, bias=False, Kaiming-uniform a=√5: U(±1/√fan_in).
-    fn conv(&mut self, x: &str, name: &str, cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> String {
+    fn conv(
+        &mut self,
+        x: &str,
+        name: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> String {
         let b = 1.0 / ((cin * k * k) as f64).sqrt();
         let w = self.tensor(name, &[cout, cin, k, k], |r| r.uniform(b));
         let p = pad as i64;
@@ -135,7 +147,16 @@ impl Gen {
         last.output.push(format!("{y}_var"));
         y
     }
-    fn relu_conv_bn(&mut self, x: &str, prefix: &str, cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> String {
+    fn relu_conv_bn(
+        &mut self,
+        x: &str,
+        prefix: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> String {
         let r = match self.relus.get(x) {
             Some(r) => r.clone(),
             None => {
@@ -144,7 +165,15 @@ impl Gen {
                 r
             }
         };
-        let c = self.conv(&r, &format!("{prefix}.op.1.weight"), cin, cout, k, stride, pad);
+        let c = self.conv(
+            &r,
+            &format!("{prefix}.op.1.weight"),
+            cin,
+            cout,
+            k,
+            stride,
+            pad,
+        );
         self.bn(&c, &format!("{prefix}.op.2"), cout)
     }
     fn avg_pool(&mut self, x: &str, k: i64, stride: i64, pad: i64) -> String {
@@ -190,7 +219,15 @@ pub fn nb201_model(arch: &str, seed: u64, c: usize, n: usize) -> Result<pb::Mode
             let a = g.relu_conv_bn(&x, &format!("{p}.conv_a"), c_prev, cc, 3, 2, 1);
             let b = g.relu_conv_bn(&a, &format!("{p}.conv_b"), cc, cc, 3, 1, 1);
             let pooled = g.avg_pool(&x, 2, 2, 0);
-            let d = g.conv(&pooled, &format!("{p}.downsample.1.weight"), c_prev, cc, 1, 1, 0);
+            let d = g.conv(
+                &pooled,
+                &format!("{p}.downsample.1.weight"),
+                c_prev,
+                cc,
+                1,
+                1,
+                0,
+            );
             x = g.node("Add", &[&d, &b], vec![]);
         } else {
             let mut nodes = vec![x.clone()];
@@ -235,7 +272,11 @@ pub fn nb201_model(arch: &str, seed: u64, c: usize, n: usize) -> Result<pb::Mode
         output: vec!["logits".into()],
         name: "classifier".into(),
         op_type: "Gemm".into(),
-        attribute: vec![attr::f("alpha", 1.0), attr::f("beta", 1.0), attr::i("transB", 1)],
+        attribute: vec![
+            attr::f("alpha", 1.0),
+            attr::f("beta", 1.0),
+            attr::i("transB", 1),
+        ],
         ..Default::default()
     });
     if uses_zero {
@@ -244,9 +285,13 @@ pub fn nb201_model(arch: &str, seed: u64, c: usize, n: usize) -> Result<pb::Mode
     }
     let mut input = value_info("input", DType::F32, &[1, 3, 32, 32]);
     // Dynamic batch, like a PyTorch export with dynamic_axes.
-    if let Some(pb::type_proto::Value::TensorType(t)) = input.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+    if let Some(pb::type_proto::Value::TensorType(t)) =
+        input.r#type.as_mut().and_then(|t| t.value.as_mut())
+    {
         if let Some(s) = t.shape.as_mut() {
-            s.dim[0].value = Some(pb::tensor_shape_proto::dimension::Value::DimParam("N".into()));
+            s.dim[0].value = Some(pb::tensor_shape_proto::dimension::Value::DimParam(
+                "N".into(),
+            ));
         }
     }
     Ok(pb::ModelProto {
@@ -275,7 +320,10 @@ mod tests {
 
     #[test]
     fn parses_and_rejects_arch_strings() {
-        let a = parse_arch("|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|").unwrap();
+        let a = parse_arch(
+            "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|",
+        )
+        .unwrap();
         assert_eq!(a[2][1], ("none".to_string(), 1));
         assert!(parse_arch("|conv~0|+|none~0|none~1|+|none~0|none~1|none~2|").is_err());
         assert!(parse_arch("|none~1|+|none~0|none~1|+|none~0|none~1|none~2|").is_err());
@@ -284,9 +332,19 @@ mod tests {
 
     #[test]
     fn init_bounds_and_seeding() {
-        let m = nb201_model("|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|", 7, 16, 5).unwrap();
+        let m = nb201_model(
+            "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|",
+            7,
+            16,
+            5,
+        )
+        .unwrap();
         let g = m.graph.as_ref().unwrap();
-        let stem = g.initializer.iter().find(|t| t.name == "stem.0.weight").unwrap();
+        let stem = g
+            .initializer
+            .iter()
+            .find(|t| t.name == "stem.0.weight")
+            .unwrap();
         let w = HostTensor::from_proto(stem).unwrap();
         let HostTensor::F32(a) = w else { panic!() };
         let b = 1.0 / 27f32.sqrt();
@@ -294,9 +352,21 @@ mod tests {
         // Uniform on [-b, b]: variance b²/3.
         let var = a.iter().map(|v| v * v).sum::<f32>() / a.len() as f32;
         assert!((var - b * b / 3.0).abs() < 0.2 * b * b / 3.0, "{var}");
-        let again = nb201_model("|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|", 7, 16, 5).unwrap();
+        let again = nb201_model(
+            "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|",
+            7,
+            16,
+            5,
+        )
+        .unwrap();
         assert_eq!(m, again);
-        let other = nb201_model("|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|", 8, 16, 5).unwrap();
+        let other = nb201_model(
+            "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|",
+            8,
+            16,
+            5,
+        )
+        .unwrap();
         assert_ne!(m, other);
     }
 }

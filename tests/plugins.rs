@@ -18,7 +18,11 @@ fn root() -> PathBuf {
 }
 /// `target/<profile>/deps`, where cargo puts the cdylibs of (dev-)dependencies.
 fn deps() -> PathBuf {
-    std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 fn lib(name: &str) -> PathBuf {
     let p = deps().join(format!("lib{name}.so"));
@@ -35,8 +39,16 @@ fn score(reg: &Registry, spec: &str) -> ScoreReport {
     let model = Model::load(&root().join("models/nb201_avg_pool_heavy.onnx")).unwrap();
     let probe = Probe::shipped(10).unwrap();
     let scorers = reg.select(spec).unwrap();
-    score_model(&model, &probe, true, GradOptions::default(), Backend::Tract, Device::Cpu, &scorers)
-        .unwrap()
+    score_model(
+        &model,
+        &probe,
+        true,
+        GradOptions::default(),
+        Backend::Tract,
+        Device::Cpu,
+        &scorers,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -47,11 +59,16 @@ fn builtin_cdylibs_load_and_equal_the_static_tables() {
     let stat = Registry::builtin();
     let names = |r: &Registry| r.scorers.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
     assert_eq!(names(&dynamic), names(&stat));
-    assert!(dynamic.scorers[0].origin.ends_with("libgradalign_scorers.so"));
+    assert!(dynamic.scorers[0]
+        .origin
+        .ends_with("libgradalign_scorers.so"));
     let spec = "gradalign-i,gradalign-ii,gradsign,gradalign-i-cos,grad_norm,snip,zico,params";
     let (a, b) = (score(&dynamic, spec), score(&stat, spec));
     assert!(a.errors.is_empty(), "{:?}", a.errors);
-    assert_eq!(a.scores, b.scores, "dynamic and static tables must agree bit for bit");
+    assert_eq!(
+        a.scores, b.scores,
+        "dynamic and static tables must agree bit for bit"
+    );
 }
 
 #[test]
@@ -65,32 +82,60 @@ fn faulty_scorers_fail_alone() {
     let get = |n: &str| r.scores.iter().find(|(k, _)| k == n).unwrap().1;
     assert!(get("gradsign").unwrap() > 0.0);
     assert_eq!(get("faulty_ok"), Some(10.0));
-    for n in ["faulty_panics", "faulty_nan", "faulty_error", "faulty_undeclared"] {
+    for n in [
+        "faulty_panics",
+        "faulty_nan",
+        "faulty_error",
+        "faulty_undeclared",
+    ] {
         assert_eq!(get(n), None, "{n}");
     }
     let e = |n: &str| r.errors[n].clone();
-    assert!(e("faulty_panics").contains("panicked: deliberate panic"), "{}", e("faulty_panics"));
+    assert!(
+        e("faulty_panics").contains("panicked: deliberate panic"),
+        "{}",
+        e("faulty_panics")
+    );
     assert!(e("faulty_nan").contains("NaN"), "{}", e("faulty_nan"));
     assert_eq!(e("faulty_error"), "deliberate error");
-    assert!(e("faulty_undeclared").contains("not provided"), "{}", e("faulty_undeclared"));
+    assert!(
+        e("faulty_undeclared").contains("not provided"),
+        "{}",
+        e("faulty_undeclared")
+    );
 }
 
 #[test]
 fn other_abi_version_and_non_plugins_are_refused_clearly() {
     let mut reg = Registry::builtin();
-    let e = reg.load_library(&lib("gradalign_faulty_abi")).unwrap_err().to_string();
-    assert!(e.contains("ABI version 999") && e.contains("speaks version 1"), "{e}");
+    let e = reg
+        .load_library(&lib("gradalign_faulty_abi"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("ABI version 999") && e.contains("speaks version 1"),
+        "{e}"
+    );
     let d = tmpdir("notplugin");
     let junk = d.join("libjunk.so");
     std::fs::write(&junk, b"not an ELF file").unwrap();
     let e = reg.load_library(&junk).unwrap_err().to_string();
-    assert!(e.contains("libjunk.so") && e.contains("not a loadable shared library"), "{e}");
+    assert!(
+        e.contains("libjunk.so") && e.contains("not a loadable shared library"),
+        "{e}"
+    );
     // A real shared library without the table symbol.
     let other = d.join("libother.so");
     std::fs::copy(lib("gradalign_faulty_abi"), &other).unwrap();
     let e = reg.load_library(&other).unwrap_err().to_string();
-    assert!(e.contains("exports neither") && e.contains("other_plugin_table"), "{e}");
-    let e = reg.load_library(&d.join("missing.so")).unwrap_err().to_string();
+    assert!(
+        e.contains("exports neither") && e.contains("other_plugin_table"),
+        "{e}"
+    );
+    let e = reg
+        .load_library(&d.join("missing.so"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no such file"), "{e}");
     // Nothing was half-registered: the built-ins are all still there and nothing else.
     assert_eq!(reg.scorers.len(), Registry::builtin().scorers.len());
@@ -100,7 +145,12 @@ fn other_abi_version_and_non_plugins_are_refused_clearly() {
 /// Builds `plugins/example` exactly as its README says (its own workspace), into a private
 /// target folder.
 fn build_example() -> PathBuf {
-    let target = deps().parent().unwrap().parent().unwrap().join("example-plugin");
+    let target = deps()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("example-plugin");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .args(["build", "--release", "--offline", "--manifest-path"])
@@ -109,7 +159,11 @@ fn build_example() -> PathBuf {
         .arg(&target)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     target.join("release/libgradalign_example_plugin.so")
 }
 
@@ -133,16 +187,30 @@ fn out_of_tree_example_builds_lists_and_scores() {
     let model = root().join("models/nb201_all_none.onnx");
     let (code, out, err) = cli(&["plugins", "--plugin", so.to_str().unwrap()], &[]);
     assert_eq!(code, 0, "{err}");
-    let line = out.lines().find(|l| l.starts_with("mean_abs_grad")).expect(&out);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("mean_abs_grad"))
+        .expect(&out);
     assert!(line.contains("libgradalign_example_plugin.so") && line.contains("per-sample-grads"));
-    assert!(out.lines().any(|l| l.starts_with("gradalign-ii ") && l.contains("built-in")));
+    assert!(out
+        .lines()
+        .any(|l| l.starts_with("gradalign-ii ") && l.contains("built-in")));
 
     // Its value equals mean |g| of the gradients `gradalign grads` writes.
     let d = tmpdir("example");
     let g = d.join("g.npy");
     let args = ["--n", "10", "--backend", "tract"];
     let (code, _, err) = cli(
-        &[&["grads", model.to_str().unwrap(), "--out", g.to_str().unwrap()][..], &args].concat(),
+        &[
+            &[
+                "grads",
+                model.to_str().unwrap(),
+                "--out",
+                g.to_str().unwrap(),
+            ][..],
+            &args,
+        ]
+        .concat(),
         &[],
     );
     assert_eq!(code, 0, "{err}");
@@ -152,14 +220,27 @@ fn out_of_tree_example_builds_lists_and_scores() {
     let want = gm.iter().map(|v| v.abs() as f64).sum::<f64>() / gm.len() as f64;
     // Through GRADALIGN_PLUGIN_PATH (a folder) this time.
     let (code, out, err) = cli(
-        &[&["score", model.to_str().unwrap(), "--scorer", "mean_abs_grad,gradsign", "--format", "json"][..], &args]
-            .concat(),
+        &[
+            &[
+                "score",
+                model.to_str().unwrap(),
+                "--scorer",
+                "mean_abs_grad,gradsign",
+                "--format",
+                "json",
+            ][..],
+            &args,
+        ]
+        .concat(),
         &[("GRADALIGN_PLUGIN_PATH", so.parent().unwrap())],
     );
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let got = v["scores"]["mean_abs_grad"].as_f64().unwrap();
-    assert!((got - want).abs() <= 1e-12 * want.max(1e-30), "{got} vs {want}");
+    assert!(
+        (got - want).abs() <= 1e-12 * want.max(1e-30),
+        "{got} vs {want}"
+    );
     std::fs::remove_dir_all(&d).ok();
 }
 
@@ -193,10 +274,16 @@ fn score_cli_reports_plugin_failures_in_json_and_keeps_the_rest() {
     assert_eq!(v["scores"]["faulty_ok"], 10.0);
     assert_eq!(v["scores"]["params"], 73306.0);
     assert!(v["scores"]["faulty_panics"].is_null() && v["scores"]["faulty_nan"].is_null());
-    assert!(v["errors"]["faulty_panics"].as_str().unwrap().contains("panicked"));
+    assert!(v["errors"]["faulty_panics"]
+        .as_str()
+        .unwrap()
+        .contains("panicked"));
     assert!(v["errors"]["faulty_nan"].as_str().unwrap().contains("NaN"));
     // Unknown scorer names list what exists.
     let (code, _, err) = cli(&["score", model.to_str().unwrap(), "--scorer", "nope"], &[]);
     assert_eq!(code, 1);
-    assert!(err.contains("unknown scorer 'nope'") && err.contains("gradalign-ii"), "{err}");
+    assert!(
+        err.contains("unknown scorer 'nope'") && err.contains("gradalign-ii"),
+        "{err}"
+    );
 }

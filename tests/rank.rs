@@ -15,7 +15,15 @@ fn rank(dir: &Path, out: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_gradalign"));
     c.args(["rank"])
         .arg(dir)
-        .args(["--n", "10", "--backend", "tract", "--scorer", "gradsign,params", "--out"])
+        .args([
+            "--n",
+            "10",
+            "--backend",
+            "tract",
+            "--scorer",
+            "gradsign,params",
+            "--out",
+        ])
         .arg(out);
     c
 }
@@ -43,15 +51,27 @@ fn sigkill_half_way_then_resume_gives_every_model_exactly_once() {
     std::fs::write(models.join("m21_broken.onnx"), b"garbage").unwrap();
     let out = d.join("results.csv");
 
-    let mut child = rank(&models, &out).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = rank(&models, &out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let t0 = Instant::now();
     loop {
-        let n = std::fs::read_to_string(&out).map(|t| t.lines().count()).unwrap_or(0);
+        let n = std::fs::read_to_string(&out)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
         if n >= 1 + 6 {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(300), "rank made no progress");
-        assert!(child.try_wait().unwrap().is_none(), "rank finished before the kill");
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "rank made no progress"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "rank finished before the kill"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap(); // SIGKILL
@@ -61,10 +81,20 @@ fn sigkill_half_way_then_resume_gives_every_model_exactly_once() {
 
     let res = rank(&models, &out).output().unwrap();
     let stderr = String::from_utf8_lossy(&res.stderr);
-    assert_eq!(res.status.code(), Some(2), "one model is broken: exit 2\n{stderr}");
-    assert!(stderr.contains(&format!("resuming: {before} of 22")), "{stderr}");
+    assert_eq!(
+        res.status.code(),
+        Some(2),
+        "one model is broken: exit 2\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("resuming: {before} of 22")),
+        "{stderr}"
+    );
     let stdout = String::from_utf8_lossy(&res.stdout);
-    assert!(stdout.lines().next().unwrap().contains("gradsign"), "{stdout}");
+    assert!(
+        stdout.lines().next().unwrap().contains("gradsign"),
+        "{stdout}"
+    );
 
     let rows = rows(&out);
     let mut seen: HashMap<String, usize> = HashMap::new();

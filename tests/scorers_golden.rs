@@ -46,8 +46,16 @@ fn check(precision: Precision, tol: f64, skip: &[&str]) {
     let mut worst = 0.0f64;
     for fx in FIXTURES {
         let model = Model::load(&root().join(format!("models/{fx}.onnx"))).unwrap();
-        let r = score_model(&model, &probe, true, opts, Backend::Tract, Device::Cpu, &scorers)
-            .unwrap();
+        let r = score_model(
+            &model,
+            &probe,
+            true,
+            opts,
+            Backend::Tract,
+            Device::Cpu,
+            &scorers,
+        )
+        .unwrap();
         for (name, ours) in &r.scores {
             let want = &golden[fx][name];
             match (want.as_f64(), ours) {

@@ -44,7 +44,12 @@ fn generated_nb201_equals_the_pytorch_export_with_the_same_weights() {
             let w = theirs
                 .initializer(&t.name)
                 .unwrap_or_else(|| panic!("{name}: the export has no '{}'", t.name));
-            assert_eq!(w.shape(), HostTensor::from_proto(t).unwrap().shape(), "{}", t.name);
+            assert_eq!(
+                w.shape(),
+                HostTensor::from_proto(t).unwrap().shape(),
+                "{}",
+                t.name
+            );
             *t = w.to_proto(&t.name);
             loaded += 1;
         }
@@ -66,7 +71,10 @@ fn generated_nb201_equals_the_pytorch_export_with_the_same_weights() {
         assert_eq!(key(&a.layout), key(&b.layout), "{name}: layouts differ");
         let (za, zb) = (max_abs(&a.logits), max_abs(&b.logits));
         let zs = za.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let dz = za.iter().zip(&zb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let dz = za
+            .iter()
+            .zip(&zb)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         assert!(dz <= 1e-5 * zs, "{name}: logits differ by {dz}");
         let (ga, gb) = (max_abs(&a.grads), max_abs(&b.grads));
         let p = ga.len() / 10;
@@ -80,7 +88,11 @@ fn generated_nb201_equals_the_pytorch_export_with_the_same_weights() {
                 }
             }
             // Layers whose gradient is analytically ~0 are judged against the global scale.
-            let tol = if scale < 1e-6 * global { 1e-6 * global } else { 1e-4 * scale };
+            let tol = if scale < 1e-6 * global {
+                1e-6 * global
+            } else {
+                1e-4 * scale
+            };
             assert!(diff <= tol, "{name} {}: {diff} vs {scale}", e.name);
         }
         eprintln!("{name}: {} parameters, logits max|Δ| {dz:e}", ga.len() / 10);

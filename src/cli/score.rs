@@ -31,10 +31,23 @@ fn registry(plugins: &[PathBuf]) -> Registry {
     r
 }
 
-fn score_one(path: &Path, probe: &ProbeArgs, grad: &GradArgs, scorers: &[ScorerInfo]) -> Result<ScoreReport> {
+fn score_one(
+    path: &Path,
+    probe: &ProbeArgs,
+    grad: &GradArgs,
+    scorers: &[ScorerInfo],
+) -> Result<ScoreReport> {
     let m = Model::load(path)?;
     let (p, shipped) = load_probe(&m, probe)?;
-    let mut r = score_model(&m, &p, shipped, grad.options(), grad.backend, grad.device, scorers)?;
+    let mut r = score_model(
+        &m,
+        &p,
+        shipped,
+        grad.options(),
+        grad.backend,
+        grad.device,
+        scorers,
+    )?;
     r.model = path.display().to_string();
     Ok(r)
 }
@@ -71,7 +84,13 @@ pub fn score(
             writeln!(out, "{},{}", rank::csv_field(&r.model), vals.join(","))?;
         }
         Format::Table => {
-            let w = r.scores.iter().map(|(n, _)| n.len()).max().unwrap_or(5).max(6);
+            let w = r
+                .scores
+                .iter()
+                .map(|(n, _)| n.len())
+                .max()
+                .unwrap_or(5)
+                .max(6);
             writeln!(out, "{:<w$}  score", "scorer")?;
             for (n, v) in &r.scores {
                 let shown = v.map_or("—".to_string(), |v| format!("{v:.6e}"));
@@ -92,7 +111,10 @@ pub fn score(
 pub fn plugins(plugins: &[PathBuf]) -> Result<i32> {
     let reg = registry(plugins);
     let w = reg.scorers.iter().map(|s| s.name.len()).max().unwrap_or(4);
-    println!("{:<w$}  {:<22}  {:<40}  description", "name", "origin", "inputs");
+    println!(
+        "{:<w$}  {:<22}  {:<40}  description",
+        "name", "origin", "inputs"
+    );
     for s in &reg.scorers {
         println!(
             "{:<w$}  {:<22}  {:<40}  {}",
@@ -131,7 +153,11 @@ pub fn rank(
         .collect();
     let skipped = all.len() - todo.len();
     if skipped > 0 {
-        eprintln!("resuming: {skipped} of {} models already in {}", all.len(), out.display());
+        eprintln!(
+            "resuming: {skipped} of {} models already in {}",
+            all.len(),
+            out.display()
+        );
     }
     let results = Mutex::new(results);
     let next = AtomicUsize::new(0);
@@ -154,10 +180,11 @@ pub fn rank(
                     failed.fetch_add(1, Ordering::SeqCst);
                 }
                 let secs = t.elapsed().as_secs_f64();
-                if let Err(e) = results
-                    .lock()
-                    .unwrap()
-                    .append(&path.display().to_string(), &names, &res, secs)
+                if let Err(e) =
+                    results
+                        .lock()
+                        .unwrap()
+                        .append(&path.display().to_string(), &names, &res, secs)
                 {
                     *write_error.lock().unwrap() = Some(e);
                     break;
@@ -188,7 +215,10 @@ pub fn rank(
     print_ranking(out, &names)?;
     let failed = failed.load(Ordering::SeqCst);
     if failed > 0 {
-        eprintln!("{failed} model(s) failed; their errors are in {}", out.display());
+        eprintln!(
+            "{failed} model(s) failed; their errors are in {}",
+            out.display()
+        );
     }
     Ok(if failed > 0 { 2 } else { 0 })
 }

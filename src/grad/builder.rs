@@ -225,7 +225,11 @@ impl<'a> GradGraphBuilder<'a> {
             &an.infos[&an.logits].shape,
         )];
         let mut grad_outputs = vec![];
-        let selected: &[usize] = if self.spec.param_grads { &an.selected } else { &[] };
+        let selected: &[usize] = if self.spec.param_grads {
+            &an.selected
+        } else {
+            &[]
+        };
         for &pi in selected {
             let p = &an.params[pi];
             let output = match grads.get(&p.name) {

@@ -96,7 +96,11 @@ impl InputData {
             _ => (
                 abi::precision::F32,
                 std::ptr::null(),
-                self.params.iter().map(|p| p.offset + p.numel).max().unwrap_or(0),
+                self.params
+                    .iter()
+                    .map(|p| p.offset + p.numel)
+                    .max()
+                    .unwrap_or(0),
             ),
         };
         let inputs = GaInputs {

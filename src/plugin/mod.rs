@@ -54,7 +54,9 @@ impl ScorerInfo {
         // SAFETY: `inputs` follows the ABI (built by `inputs::InputData`), `err` is writable.
         let rc = unsafe { (self.score)(inputs, &mut out, err.as_mut_ptr(), err.len()) };
         if rc != 0 {
-            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
+                .to_string_lossy()
+                .into_owned();
             return Err(if msg.is_empty() {
                 format!("failed with code {rc} and no message")
             } else {
@@ -148,7 +150,10 @@ impl Registry {
         }
         let t = unsafe { &*table };
         if t.n_scorers > 0 && t.scorers.is_null() {
-            bail!("{origin}: the table lists {} scorers but no array", t.n_scorers);
+            bail!(
+                "{origin}: the table lists {} scorers but no array",
+                t.n_scorers
+            );
         }
         let rows = if t.n_scorers == 0 {
             &[][..]
@@ -192,9 +197,8 @@ impl Registry {
             bail!("plugin {shown}: no such file");
         }
         // SAFETY: loading a library runs its initialisers; that is what --plugin asks for.
-        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
-            anyhow::anyhow!("plugin {shown} is not a loadable shared library: {e}")
-        })?;
+        let lib = unsafe { libloading::Library::new(path) }
+            .map_err(|e| anyhow::anyhow!("plugin {shown} is not a loadable shared library: {e}"))?;
         let stem = path
             .file_stem()
             .and_then(|s| s.to_str())

@@ -22,8 +22,13 @@ pub fn cache_dir(gpu: bool) -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(std::env::temp_dir);
-    let flavour = if gpu { "onnxruntime-gpu" } else { "onnxruntime" };
-    base.join("gradalign").join(format!("{flavour}-{ORT_VERSION}"))
+    let flavour = if gpu {
+        "onnxruntime-gpu"
+    } else {
+        "onnxruntime"
+    };
+    base.join("gradalign")
+        .join(format!("{flavour}-{ORT_VERSION}"))
 }
 
 /// `ORT_DYLIB_PATH`, else the fetched library in the cache folder: the GPU build (which also

@@ -247,7 +247,12 @@ fn fetch_ort(gpu: bool) -> Result<()> {
     let ok = Command::new("python3")
         .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
         .args(["--python-version", pyver])
-        .args(["--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_27_x86_64"])
+        .args([
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "--platform",
+            "manylinux_2_27_x86_64",
+        ])
         .args(["--platform", "manylinux_2_17_x86_64"])
         .arg(format!("{package}=={VERSION}"))
         .arg("-d")

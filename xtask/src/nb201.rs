@@ -25,7 +25,6 @@ pub struct Arch {
     pub acc: [f64; 3],
 }
 
-
 pub fn load_archs(root: &Path) -> Result<Vec<Arch>> {
     let text = std::fs::read_to_string(root.join("data/nb201_accuracies.csv"))
         .context("data/nb201_accuracies.csv")?;
@@ -103,24 +102,41 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         let mut lines = text[..complete].lines();
         if let Some(h) = lines.next() {
             if h != header {
-                bail!("{} has other columns ({h}); use the same --scorers or another --out", scores_path.display());
+                bail!(
+                    "{} has other columns ({h}); use the same --scorers or another --out",
+                    scores_path.display()
+                );
             }
         }
         done.extend(lines.filter_map(|l| l.split(',').next()?.parse::<usize>().ok()));
     }
-    let mut scores_file = OpenOptions::new().create(true).append(true).open(&scores_path)?;
+    let mut scores_file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&scores_path)?;
     if scores_file.metadata()?.len() == 0 {
         writeln!(scores_file, "{header}")?;
     }
-    let mut errors_file = OpenOptions::new().create(true).append(true).open(o.out.join("errors.csv"))?;
+    let mut errors_file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(o.out.join("errors.csv"))?;
     if errors_file.metadata()?.len() == 0 {
         writeln!(errors_file, "index,scorer,error")?;
     }
-    let mut times_file = OpenOptions::new().create(true).append(true).open(&times_path)?;
+    let mut times_file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&times_path)?;
     if times_file.metadata()?.len() == 0 {
         writeln!(times_file, "index,grad_seconds,score_seconds,total_seconds")?;
     }
-    let todo: Vec<usize> = o.indices.iter().copied().filter(|i| !done.contains(i)).collect();
+    let todo: Vec<usize> = o
+        .indices
+        .iter()
+        .copied()
+        .filter(|i| !done.contains(i))
+        .collect();
     eprintln!(
         "nb201: {} architectures ({} already in {}), N = {}, scorers {}, {} job(s)",
         o.indices.len(),
@@ -146,7 +162,8 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
                 let a = &archs[todo[k]];
                 let t = Instant::now();
                 let res = (|| -> Result<gradalign::score::ScoreReport> {
-                    let proto = gradalign::zoo::nb201_model(&a.arch, weight_seed(o.seed, a.index), 16, 5)?;
+                    let proto =
+                        gradalign::zoo::nb201_model(&a.arch, weight_seed(o.seed, a.index), 16, 5)?;
                     let model = Model::from_proto(&proto, &format!("nb201 #{}", a.index))?;
                     gradalign::score::score_model(
                         &model,
@@ -179,7 +196,10 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
                             .collect();
                         (
                             format!("{},{},{}\n", a.index, a.arch, vals.join(",")),
-                            format!("{},{:.4},{:.4},{:.4}\n", a.index, r.grad_seconds, r.score_seconds, total),
+                            format!(
+                                "{},{:.4},{:.4},{:.4}\n",
+                                a.index, r.grad_seconds, r.score_seconds, total
+                            ),
                             errs,
                         )
                     }
@@ -190,12 +210,11 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
                 };
                 {
                     let mut f = files.lock().unwrap();
-                    if let Err(e) = f
-                        .2
-                        .write_all(errs.as_bytes())
-                        .and_then(|_| f.1.write_all(times.as_bytes()))
-                        .and_then(|_| f.0.write_all(row.as_bytes()))
-                        .and_then(|_| f.0.sync_data())
+                    if let Err(e) =
+                        f.2.write_all(errs.as_bytes())
+                            .and_then(|_| f.1.write_all(times.as_bytes()))
+                            .and_then(|_| f.0.write_all(row.as_bytes()))
+                            .and_then(|_| f.0.sync_data())
                     {
                         *failure.lock().unwrap() = Some(e.into());
                         break;
@@ -233,14 +252,23 @@ struct Table {
 fn read_scores(path: &Path) -> Result<Table> {
     let text = std::fs::read_to_string(path)?;
     let mut lines = text.lines();
-    let names: Vec<String> = lines.next().context("empty scores.csv")?.split(',').skip(2).map(String::from).collect();
+    let names: Vec<String> = lines
+        .next()
+        .context("empty scores.csv")?
+        .split(',')
+        .skip(2)
+        .map(String::from)
+        .collect();
     let mut rows = vec![];
     for l in lines {
         let f: Vec<&str> = l.split(',').collect();
         if f.len() != names.len() + 2 {
             continue;
         }
-        let vals = f[2..].iter().map(|v| v.parse::<f64>().ok().filter(|x| x.is_finite())).collect();
+        let vals = f[2..]
+            .iter()
+            .map(|v| v.parse::<f64>().ok().filter(|x| x.is_finite()))
+            .collect();
         rows.push((f[0].parse()?, vals));
     }
     Ok(Table { names, rows })
@@ -310,7 +338,11 @@ fn report(root: &Path, o: &Options, archs: &[Arch], peak: Option<f64>) -> Result
             "| {name} | {} | {} | {:.2} | {:.2} |\n",
             s.len(),
             cells.join(" | "),
-            if s.len() >= 10 { hit_rate(&s, &acc10, 10) } else { f64::NAN },
+            if s.len() >= 10 {
+                hit_rate(&s, &acc10, 10)
+            } else {
+                f64::NAN
+            },
             hit_rate(&s, &acc10, k1.min(s.len().max(1)))
         );
         plot_scatter(&o.out.join(format!("scatter_{name}.svg")), name, &s, &acc10)?;
@@ -375,7 +407,13 @@ fn plot_scatter(path: &Path, name: &str, score: &[f64], acc: &[f64]) -> Result<(
     let root = SVGBackend::new(path, (480, 360)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{name} (τ-b {:.3})", kendall_tau_b(score, acc).unwrap_or(f64::NAN)), ("sans-serif", 18))
+        .caption(
+            format!(
+                "{name} (τ-b {:.3})",
+                kendall_tau_b(score, acc).unwrap_or(f64::NAN)
+            ),
+            ("sans-serif", 18),
+        )
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(45)
@@ -417,7 +455,10 @@ fn plot_bars(path: &Path, taus: &[(String, f64)]) -> Result<()> {
         .draw()?;
     chart.draw_series(taus.iter().enumerate().map(|(i, (_, t))| {
         let t = if t.is_finite() { *t } else { 0.0 };
-        Rectangle::new([(0.0, i as f64 + 0.15), (t, i as f64 + 0.85)], BLUE.mix(0.6).filled())
+        Rectangle::new(
+            [(0.0, i as f64 + 0.15), (t, i as f64 + 0.85)],
+            BLUE.mix(0.6).filled(),
+        )
     }))?;
     root.present()?;
     Ok(())
@@ -440,8 +481,16 @@ pub fn naslib_check(root: &Path, o: &Options) -> Result<()> {
     ];
     let text = std::fs::read_to_string(root.join("data/nb201_zc_naslib_subset.csv"))?;
     let mut lines = text.lines();
-    let head: Vec<&str> = lines.next().context("empty NASLib file")?.split(',').collect();
-    let col = |name: &str| head.iter().position(|h| *h == name).with_context(|| format!("no column {name}"));
+    let head: Vec<&str> = lines
+        .next()
+        .context("empty NASLib file")?
+        .split(',')
+        .collect();
+    let col = |name: &str| {
+        head.iter()
+            .position(|h| *h == name)
+            .with_context(|| format!("no column {name}"))
+    };
     let (c_ds, c_idx, c_val) = (col("dataset")?, col("index")?, col("val_accuracy")?);
     let mut theirs: BTreeMap<usize, (f64, Vec<f64>)> = BTreeMap::new();
     for l in lines {
@@ -460,7 +509,11 @@ pub fn naslib_check(root: &Path, o: &Options) -> Result<()> {
         let limit: usize = limit.parse()?;
         theirs = theirs.into_iter().take(limit).collect();
     }
-    let ours_scorers: Vec<&str> = PAIRS.iter().map(|p| p.0).filter(|n| *n != "grasp").collect();
+    let ours_scorers: Vec<&str> = PAIRS
+        .iter()
+        .map(|p| p.0)
+        .filter(|n| *n != "grasp")
+        .collect();
     let run_opts = Options {
         indices: theirs.keys().copied().collect(),
         scorers: ours_scorers.join(","),
@@ -496,7 +549,9 @@ pub fn naslib_check(root: &Path, o: &Options) -> Result<()> {
                 tacc.push(*va);
             }
             let Some(j) = j else { continue };
-            let Some((_, row)) = t.rows.iter().find(|(x, _)| x == i) else { continue };
+            let Some((_, row)) = t.rows.iter().find(|(x, _)| x == i) else {
+                continue;
+            };
             if let (Some(ours), true) = (row[j], vals[k].is_finite()) {
                 a.push(ours);
                 b.push(vals[k]);
@@ -506,8 +561,16 @@ pub fn naslib_check(root: &Path, o: &Options) -> Result<()> {
         let f = |v: Option<f64>| v.map_or("—".to_string(), |x| format!("{x:.3}"));
         md += &format!(
             "| {ours_name} / {their_name} | {} | {} | {} | {} |\n",
-            if j.is_some() { f(spearman(&a, &b)) } else { "not computed".into() },
-            if j.is_some() { f(spearman(&a, &acc)) } else { "—".into() },
+            if j.is_some() {
+                f(spearman(&a, &b))
+            } else {
+                "not computed".into()
+            },
+            if j.is_some() {
+                f(spearman(&a, &acc))
+            } else {
+                "—".into()
+            },
             f(spearman(&tb, &tacc)),
             a.len()
         );

@@ -82,7 +82,9 @@ unsafe fn cstr(p: *const c_char) -> String {
 
 unsafe fn slice<'a, T>(p: *const T, len: usize, what: &str) -> Result<&'a [T], String> {
     if p.is_null() {
-        Err(format!("input '{what}' was not provided (declare it in the scorer's INPUTS)"))
+        Err(format!(
+            "input '{what}' was not provided (declare it in the scorer's INPUTS)"
+        ))
     } else if len == 0 {
         Ok(&[])
     } else {
@@ -137,12 +139,20 @@ impl<'a> Inputs<'a> {
         unsafe {
             match self.raw.precision {
                 abi::precision::F32 => Ok(Grads::F32(Matrix {
-                    data: slice(self.raw.grads as *const f32, rows * cols, "per-sample grads")?,
+                    data: slice(
+                        self.raw.grads as *const f32,
+                        rows * cols,
+                        "per-sample grads",
+                    )?,
                     rows,
                     cols,
                 })),
                 abi::precision::F64 => Ok(Grads::F64(Matrix {
-                    data: slice(self.raw.grads as *const f64, rows * cols, "per-sample grads")?,
+                    data: slice(
+                        self.raw.grads as *const f64,
+                        rows * cols,
+                        "per-sample grads",
+                    )?,
                     rows,
                     cols,
                 })),
@@ -178,7 +188,13 @@ impl<'a> Inputs<'a> {
         unsafe { slice(self.raw.synflow_grads, self.n_columns(), "synflow grads") }
     }
     pub fn hessian_grad_product(&self) -> Result<&'a [f64], String> {
-        unsafe { slice(self.raw.hessian_grad_product, self.n_columns(), "Hessian-gradient product") }
+        unsafe {
+            slice(
+                self.raw.hessian_grad_product,
+                self.n_columns(),
+                "Hessian-gradient product",
+            )
+        }
     }
     pub fn model_params(&self) -> f64 {
         self.raw.model_params

@@ -20,12 +20,20 @@ macro_rules! scorer {
     };
 }
 
-scorer!(GradNorm, "grad_norm", BATCH_GRADS, "Σ_layers ‖∂L/∂W‖₂ of the batch gradient", |x| {
-    Ok(math::grad_norm(x.params(), x.batch_grads()?))
-});
-scorer!(Snip, "snip", BATCH_GRADS | PARAM_VALUES, "SNIP: Σ |W ⊙ ∂L/∂W|", |x| {
-    Ok(math::snip(x.params(), x.param_values()?, x.batch_grads()?))
-});
+scorer!(
+    GradNorm,
+    "grad_norm",
+    BATCH_GRADS,
+    "Σ_layers ‖∂L/∂W‖₂ of the batch gradient",
+    |x| Ok(math::grad_norm(x.params(), x.batch_grads()?))
+);
+scorer!(
+    Snip,
+    "snip",
+    BATCH_GRADS | PARAM_VALUES,
+    "SNIP: Σ |W ⊙ ∂L/∂W|",
+    |x| Ok(math::snip(x.params(), x.param_values()?, x.batch_grads()?))
+);
 scorer!(
     Synflow,
     "synflow",
@@ -79,9 +87,19 @@ scorer!(
     "grasp",
     HESSIAN_GRAD_PRODUCT | PARAM_VALUES,
     "GraSP: −Σ W ⊙ (H g), H the loss Hessian, g the batch gradient",
-    |x| Ok(math::grasp(x.params(), x.param_values()?, x.hessian_grad_product()?))
+    |x| Ok(math::grasp(
+        x.params(),
+        x.param_values()?,
+        x.hessian_grad_product()?
+    ))
 );
-scorer!(Params, "params", MODEL_INFO, "number of trainable parameters", |x| Ok(x.model_params()));
+scorer!(
+    Params,
+    "params",
+    MODEL_INFO,
+    "number of trainable parameters",
+    |x| Ok(x.model_params())
+);
 scorer!(
     Flops,
     "flops",

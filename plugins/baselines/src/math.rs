@@ -9,7 +9,13 @@ pub fn grad_norm(params: &[Param], batch_grads: &[f64]) -> f64 {
     params
         .iter()
         .filter(|p| p.is_weight())
-        .map(|p| batch_grads[p.columns()].iter().map(|g| g * g).sum::<f64>().sqrt())
+        .map(|p| {
+            batch_grads[p.columns()]
+                .iter()
+                .map(|g| g * g)
+                .sum::<f64>()
+                .sqrt()
+        })
         .sum()
 }
 
@@ -43,9 +49,9 @@ pub fn fisher<T: Copy + Into<f64>>(
 ) -> Result<f64, String> {
     let mut total = 0.0;
     for w in params.iter().filter(|p| p.is_weight()) {
-        let axis = w.channel_axis.ok_or_else(|| {
-            format!("weight '{}' has no known output-channel axis", w.name)
-        })?;
+        let axis = w
+            .channel_axis
+            .ok_or_else(|| format!("weight '{}' has no known output-channel axis", w.name))?;
         let channels = w.shape[axis];
         let stride: usize = w.shape[axis + 1..].iter().product();
         let bias = params
@@ -178,7 +184,14 @@ mod tests {
     use super::*;
     use gradalign_plugin_api::abi::role;
 
-    fn param(name: &str, node: &str, role: u32, shape: &[usize], offset: usize, axis: Option<usize>) -> Param {
+    fn param(
+        name: &str,
+        node: &str,
+        role: u32,
+        shape: &[usize],
+        offset: usize,
+        axis: Option<usize>,
+    ) -> Param {
         Param {
             name: name.into(),
             node: node.into(),
@@ -205,7 +218,11 @@ mod tests {
     ];
 
     fn gm() -> Matrix<'static, f64> {
-        Matrix { data: &G, rows: 2, cols: 6 }
+        Matrix {
+            data: &G,
+            rows: 2,
+            cols: 6,
+        }
     }
 
     #[test]
@@ -221,7 +238,8 @@ mod tests {
     fn fisher_by_hand() {
         // sample 0: ch0 = 1·1 + (−2)·1 + 0.1·0.5 = −0.95; ch1 = 0.5·(−1) + 3·2 + (−1)·1 = 4.5
         // sample 1: ch0 = 3 + 2 − 0.05 = 4.95;             ch1 = 0 + 3 − 2 = 1
-        let want = 0.5 * (0.95f64.powi(2) + 4.95f64.powi(2)) / 2.0 + 0.5 * (4.5f64.powi(2) + 1.0) / 2.0;
+        let want =
+            0.5 * (0.95f64.powi(2) + 4.95f64.powi(2)) / 2.0 + 0.5 * (4.5f64.powi(2) + 1.0) / 2.0;
         assert!((fisher(&layer(), &W, gm()).unwrap() - want).abs() < 1e-12);
     }
 
@@ -232,7 +250,17 @@ mod tests {
         assert!((zico(&layer(), gm()) - 7f64.ln()).abs() < 1e-14);
         // an all-zero block contributes nothing
         let z = [0.0f64; 12];
-        assert_eq!(zico(&layer(), Matrix { data: &z, rows: 2, cols: 6 }), 0.0);
+        assert_eq!(
+            zico(
+                &layer(),
+                Matrix {
+                    data: &z,
+                    rows: 2,
+                    cols: 6
+                }
+            ),
+            0.0
+        );
     }
 
     #[test]
@@ -240,16 +268,39 @@ mod tests {
         // rows (1,0), (1,1): K = [[1,1],[1,2]] → eigenvalues (3 ∓ √5)/2
         let g = [1.0f64, 0.0, 1.0, 1.0];
         let want = -((3.0 + 5f64.sqrt()) / (3.0 - 5f64.sqrt()));
-        assert!((ntk_cond(Matrix { data: &g, rows: 2, cols: 2 }).unwrap() - want).abs() < 1e-10);
+        assert!(
+            (ntk_cond(Matrix {
+                data: &g,
+                rows: 2,
+                cols: 2
+            })
+            .unwrap()
+                - want)
+                .abs()
+                < 1e-10
+        );
         let zero_row = [1.0f64, 0.0, 0.0, 0.0];
-        assert!(ntk_cond(Matrix { data: &zero_row, rows: 2, cols: 2 }).is_err());
+        assert!(ntk_cond(Matrix {
+            data: &zero_row,
+            rows: 2,
+            cols: 2
+        })
+        .is_err());
     }
 
     #[test]
     fn naswot_by_hand() {
         // codes (1,0,1), (1,1,1): agreements [[3,2],[2,3]] → log det = ln 5
         let c = [1u8, 0, 1, 1, 1, 1];
-        assert!((naswot(Matrix { data: &c, rows: 2, cols: 3 }) - 5f64.ln()).abs() < 1e-14);
+        assert!(
+            (naswot(Matrix {
+                data: &c,
+                rows: 2,
+                cols: 3
+            }) - 5f64.ln())
+            .abs()
+                < 1e-14
+        );
     }
 
     #[test]
@@ -262,6 +313,16 @@ mod tests {
             .iter()
             .map(|v| (v + k).ln() + 1.0 / (v + k))
             .sum::<f64>();
-        assert!((jacob_cov(Matrix { data: &j, rows: 2, cols: 3 }).unwrap() - want).abs() < 1e-9);
+        assert!(
+            (jacob_cov(Matrix {
+                data: &j,
+                rows: 2,
+                cols: 3
+            })
+            .unwrap()
+                - want)
+                .abs()
+                < 1e-9
+        );
     }
 }
