@@ -51,11 +51,7 @@ pub fn probe_pass(
         Some(_) => {
             let t = &outs[next];
             next += 1;
-            let d = t.shape()[1];
-            match t.cast(crate::onnx::DType::F64) {
-                HostTensor::F64(a) => Some((a.iter().copied().collect(), d)),
-                _ => unreachable!("cast to f64"),
-            }
+            Some((t.to_f64_vec(), t.shape()[1]))
         }
         None => None,
     };
@@ -135,24 +131,32 @@ pub fn synflow_grads(model: &Model, sample_shape: &[usize]) -> Result<HashMap<St
     let runner = runtime::load(&gg.model, Backend::Tract, Device::Cpu, true)?;
     let ones = HostTensor::F64(ArrayD::from_elem(IxDyn(&shape1), 1.0));
     let outs = runner.run(&ones, &ndarray::Array1::zeros(1))?;
-    let mut res = HashMap::new();
-    let mut k = 1;
+    Ok(summed_grads_by_name(&an, &gg, &outs, 1).0)
+}
+
+/// The gradient outputs of one run, summed over the samples, per parameter name (zeros where a
+/// parameter cannot reach the loss), and the index of the first output after them.
+fn summed_grads_by_name(
+    an: &crate::grad::analysis::Analysis,
+    gg: &crate::grad::builder::GradGraph,
+    outs: &[HostTensor],
+    n: usize,
+) -> (HashMap<String, Vec<f64>>, usize) {
+    let mut sums = HashMap::new();
+    let mut k = 1; // output 0: logits
     for g in &gg.grads {
         let p = &an.params[g.param];
-        let v = match g.output {
-            Some(_) => {
-                let t = &outs[k];
-                k += 1;
-                match t.cast(crate::onnx::DType::F64) {
-                    HostTensor::F64(a) => a.iter().copied().collect(),
-                    _ => unreachable!("cast to f64"),
-                }
+        let mut v = vec![0.0; p.numel()];
+        if g.output.is_some() {
+            let rows = outs[k].to_f64_vec();
+            k += 1;
+            for row in rows.chunks(p.numel()).take(n) {
+                v.iter_mut().zip(row).for_each(|(s, x)| *s += x);
             }
-            None => vec![0.0; p.numel()],
-        };
-        res.insert(p.name.clone(), v);
+        }
+        sums.insert(p.name.clone(), v);
     }
-    Ok(res)
+    (sums, k)
 }
 
 /// Per-parameter-name sums over the probe of the per-sample gradients (f64), and the ReLU codes
@@ -169,23 +173,7 @@ fn batch_grads_and_codes(
     let (an, gg) = build_graph_with(model, probe.sample_shape(), probe.len(), opts, spec)?;
     let runner = runtime::load(&gg.model, Backend::Tract, Device::Cpu, true)?;
     let outs = runner.run(&probe.images_tensor().cast(an.float), &probe.labels)?;
-    let mut sums = HashMap::new();
-    let mut k = 1;
-    for g in &gg.grads {
-        let p = &an.params[g.param];
-        let v = match g.output {
-            Some(_) => {
-                let HostTensor::F64(a) = outs[k].cast(crate::onnx::DType::F64) else {
-                    unreachable!("cast to f64")
-                };
-                k += 1;
-                let a = a.into_shape_with_order((probe.len(), p.numel()))?;
-                a.sum_axis(ndarray::Axis(0)).to_vec()
-            }
-            None => vec![0.0; p.numel()],
-        };
-        sums.insert(p.name.clone(), v);
-    }
+    let (sums, k) = summed_grads_by_name(&an, &gg, &outs, probe.len());
     let mut codes = vec![];
     for t in &outs[k..] {
         let HostTensor::Bool(b) = t else {

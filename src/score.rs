@@ -101,13 +101,6 @@ fn columns_by_name(
     v
 }
 
-fn to_f64_vec(t: &HostTensor) -> Vec<f64> {
-    match t.cast(crate::onnx::DType::F64) {
-        HostTensor::F64(a) => a.iter().copied().collect(),
-        _ => unreachable!("cast to f64"),
-    }
-}
-
 fn column_sums(g: &HostTensor) -> Vec<f64> {
     macro_rules! sums {
         ($a:expr) => {{
@@ -177,7 +170,7 @@ fn input_data(
         classes: g.logits.shape().get(1).copied().unwrap_or(0),
         param_values: (flags & (flag::PARAM_VALUES) != 0).then(|| param_values(model, &params)),
         batch_grads: (flags & flag::BATCH_GRADS != 0).then(|| column_sums(&grads)),
-        logits: (flags & flag::LOGITS != 0).then(|| to_f64_vec(&g.logits)),
+        logits: (flags & flag::LOGITS != 0).then(|| g.logits.to_f64_vec()),
         labels: g.labels.to_vec(),
         params,
         grads: (flags & flag::PER_SAMPLE_GRADS != 0).then_some(grads),

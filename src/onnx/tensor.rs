@@ -114,6 +114,14 @@ impl HostTensor {
             HostTensor::Bool(a) => a.mapv(|v| v as u8 as f64),
         }
     }
+    /// The values as float64, row-major.
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        match self.cast(DType::F64) {
+            HostTensor::F64(a) => a.iter().copied().collect(),
+            _ => unreachable!("cast to f64 gives F64"),
+        }
+    }
+
     pub fn cast(&self, to: DType) -> HostTensor {
         match to {
             DType::F32 => HostTensor::F32(self.to_f64().mapv(|v| v as f32)),
