@@ -69,6 +69,9 @@ pub fn build_graph_with(
     opts: GradOptions,
     spec: GraphSpec,
 ) -> Result<(Analysis, GradGraph)> {
+    if opts.bn == crate::grad::BnMode::Batch && (spec.param_grads || spec.input_grad) {
+        bail!("batch-statistics BatchNormalization mixes samples: it serves forward passes only, not per-sample gradients");
+    }
     let mut shape = vec![n];
     shape.extend(sample_shape);
     let an = Analysis::new(model, &shape, opts)?;

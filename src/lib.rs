@@ -10,6 +10,7 @@ pub mod passes;
 pub mod plugin;
 pub mod probe;
 pub mod rank;
+pub mod regions;
 pub mod runtime;
 pub mod score;
 pub mod stats;

@@ -142,6 +142,9 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         jobs: usize,
     },
+    /// Count linear regions (distinct ReLU activation patterns) at the stored weights and under
+    /// seeded weight perturbations; with several models, how stable their ranking is.
+    LinearRegions(cli::regions::RegionArgs),
     /// List every scorer found: built-in and external, with its inputs and origin.
     Plugins {
         #[arg(long)]
@@ -298,6 +301,7 @@ fn main() -> ExitCode {
             out,
             jobs,
         } => cli::score::rank(models, probe, grad, scorer, plugin, out, *jobs),
+        Cmd::LinearRegions(a) => cli::regions::linear_regions(a),
         Cmd::Plugins { plugin } => cli::score::plugins(plugin),
     };
     match res {

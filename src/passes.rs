@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Result};
 use ndarray::{ArrayD, IxDyn};
 
 use crate::engine::build_graph_with;
-use crate::grad::builder::{GraphSpec, Loss};
+use crate::grad::builder::{GradGraph, GraphSpec, Loss};
 use crate::grad::{GradOptions, ParamSelect, Precision};
 use crate::onnx::{HostTensor, Model};
 use crate::probe::Probe;
@@ -36,6 +36,7 @@ pub fn probe_pass(
         param_grads: false,
         input_grad: jacobian,
         relu_codes: relu,
+        ..Default::default()
     };
     let (an, gg) = build_graph_with(model, probe.sample_shape(), probe.len(), opts, spec)?;
     let runner = runtime::load(
@@ -56,31 +57,7 @@ pub fn probe_pass(
         None => None,
     };
     let relu_codes = if relu {
-        if gg.relu_codes.is_empty() {
-            bail!("the model has no Relu: no ReLU codes to compute");
-        }
-        let units: usize = gg.relu_codes.iter().map(|(_, u)| u).sum();
-        let mut codes = vec![0u8; n * units];
-        let mut col = 0;
-        for (k, (_, u)) in gg.relu_codes.iter().enumerate() {
-            let HostTensor::Bool(a) = &outs[next + k] else {
-                bail!("ReLU code output has an unexpected type");
-            };
-            let a = a.as_standard_layout();
-            let flat = a
-                .as_slice()
-                .ok_or_else(|| anyhow!("non-contiguous codes"))?;
-            for i in 0..n {
-                for (dst, &b) in codes[i * units + col..i * units + col + u]
-                    .iter_mut()
-                    .zip(&flat[i * u..(i + 1) * u])
-                {
-                    *dst = b as u8;
-                }
-            }
-            col += u;
-        }
-        Some((codes, units))
+        Some(codes_from_outputs(&gg, &outs[next..], n)?)
     } else {
         None
     };
@@ -88,6 +65,40 @@ pub fn probe_pass(
         relu_codes,
         input_jacobian,
     })
+}
+
+/// The `input > 0` outputs of a graph built with `relu_codes` (they follow the logits and the
+/// input gradient), laid out as N × units bytes.
+pub(crate) fn codes_from_outputs(
+    gg: &GradGraph,
+    outs: &[HostTensor],
+    n: usize,
+) -> Result<(Vec<u8>, usize)> {
+    if gg.relu_codes.is_empty() {
+        bail!("the model has no Relu: no ReLU codes to compute");
+    }
+    let units: usize = gg.relu_codes.iter().map(|(_, u)| u).sum();
+    let mut codes = vec![0u8; n * units];
+    let mut col = 0;
+    for (k, (_, u)) in gg.relu_codes.iter().enumerate() {
+        let HostTensor::Bool(a) = &outs[k] else {
+            bail!("ReLU code output has an unexpected type");
+        };
+        let a = a.as_standard_layout();
+        let flat = a
+            .as_slice()
+            .ok_or_else(|| anyhow!("non-contiguous codes"))?;
+        for i in 0..n {
+            for (dst, &b) in codes[i * units + col..i * units + col + u]
+                .iter_mut()
+                .zip(&flat[i * u..(i + 1) * u])
+            {
+                *dst = b as u8;
+            }
+        }
+        col += u;
+    }
+    Ok((codes, units))
 }
 
 /// SynFlow (zero-cost-nas): BatchNormalization removed (identity), every trainable parameter

@@ -51,10 +51,10 @@ pub fn parse_arch(arch: &str) -> Result<Vec<Vec<(String, usize)>>> {
 
 /// SplitMix64: a tiny, fully specified generator so that a seed means the same weights on
 /// every platform and version.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -65,6 +65,20 @@ impl Rng {
     fn uniform(&mut self, b: f64) -> f32 {
         let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         ((2.0 * u - 1.0) * b) as f32
+    }
+    /// Uniform in [0, 1).
+    pub(crate) fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in 0..n.
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        ((self.unit() * n as f64) as usize).min(n - 1)
+    }
+    /// Standard normal (Box–Muller, one draw per call).
+    pub(crate) fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.unit(); // (0, 1]: ln is finite
+        let u2 = self.unit();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
 }
 
@@ -194,6 +208,47 @@ impl Gen {
 /// The ONNX model of NB201 cell `arch` with channels `c`, `n` cells per stage, 10 classes, and
 /// weights drawn with `seed`.
 pub fn nb201_model(arch: &str, seed: u64, c: usize, n: usize) -> Result<pb::ModelProto> {
+    build(
+        arch,
+        seed,
+        Layout {
+            c,
+            n,
+            stem: true,
+            depth: None,
+            input: [3, 32, 32],
+        },
+    )
+}
+
+/// TE-NAS's thin network for counting linear regions (`prune_tenas.py`, `model_config_thin`:
+/// C = 1, N = 1, depth = 1, no stem): one cell on a 1×3×3 input, then BN, ReLU, global pooling
+/// and the 10-way classifier.
+pub fn nb201_tenas_thin(arch: &str, seed: u64) -> Result<pb::ModelProto> {
+    build(
+        arch,
+        seed,
+        Layout {
+            c: 1,
+            n: 1,
+            stem: false,
+            depth: Some(1),
+            input: [1, 3, 3],
+        },
+    )
+}
+
+struct Layout {
+    c: usize,
+    n: usize,
+    stem: bool,
+    /// Keep only the first `depth` cells (TE-NAS's `depth`).
+    depth: Option<usize>,
+    input: [usize; 3],
+}
+
+fn build(arch: &str, seed: u64, layout: Layout) -> Result<pb::ModelProto> {
+    let Layout { c, n, .. } = layout;
     let cell = parse_arch(arch)?;
     let mut g = Gen {
         rng: Rng(seed),
@@ -203,8 +258,12 @@ pub fn nb201_model(arch: &str, seed: u64, c: usize, n: usize) -> Result<pb::Mode
         relus: Default::default(),
     };
     let zero = "ga.zero".to_string();
-    let stem = g.conv("input", "stem.0.weight", 3, c, 3, 1, 1);
-    let mut x = g.bn(&stem, "stem.1", c);
+    let mut x = if layout.stem {
+        let stem = g.conv("input", "stem.0.weight", layout.input[0], c, 3, 1, 1);
+        g.bn(&stem, "stem.1", c)
+    } else {
+        "input".to_string()
+    };
     let mut chans = vec![c; n];
     chans.push(2 * c);
     chans.extend(vec![2 * c; n]);
@@ -213,6 +272,9 @@ pub fn nb201_model(arch: &str, seed: u64, c: usize, n: usize) -> Result<pb::Mode
     let mut c_prev = c;
     let mut uses_zero = false;
     for (k, &cc) in chans.iter().enumerate() {
+        if layout.depth.is_some_and(|d| k >= d) {
+            break;
+        }
         let reduction = k == n || k == 2 * n + 1;
         let p = format!("cells.{k}");
         if reduction {
@@ -283,7 +345,8 @@ pub fn nb201_model(arch: &str, seed: u64, c: usize, n: usize) -> Result<pb::Mode
         let z = HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), 0.0));
         g.inits.push(z.to_proto(&zero));
     }
-    let mut input = value_info("input", DType::F32, &[1, 3, 32, 32]);
+    let [ic, ih, iw] = layout.input;
+    let mut input = value_info("input", DType::F32, &[1, ic, ih, iw]);
     // Dynamic batch, like a PyTorch export with dynamic_axes.
     if let Some(pb::type_proto::Value::TensorType(t)) =
         input.r#type.as_mut().and_then(|t| t.value.as_mut())

@@ -1,1 +1,2 @@
+pub mod regions;
 pub mod score;

@@ -56,6 +56,8 @@ pub struct GraphSpec {
     pub param_grads: bool,
     pub input_grad: bool,
     pub relu_codes: bool,
+    /// With `relu_codes`: only the Relus whose input has this rank (TE-NAS hooks 4-D ones).
+    pub relu_input_rank: Option<usize>,
 }
 
 impl Default for GraphSpec {
@@ -65,6 +67,7 @@ impl Default for GraphSpec {
             param_grads: true,
             input_grad: false,
             relu_codes: false,
+            relu_input_rank: None,
         }
     }
 }
@@ -273,7 +276,16 @@ impl<'a> GradGraphBuilder<'a> {
         let mut relu_codes = vec![];
         if self.spec.relu_codes {
             let zero = em.scalar(0.0);
-            for node in an.nodes.iter().filter(|n| n.op == "Relu") {
+            let rank_ok = |x: &String| {
+                self.spec
+                    .relu_input_rank
+                    .is_none_or(|r| an.infos[x].shape.len() == r)
+            };
+            for node in an
+                .nodes
+                .iter()
+                .filter(|n| n.op == "Relu" && rank_ok(&n.inputs[0]))
+            {
                 let x = &node.inputs[0];
                 let units: usize = an.infos[x].shape[1..].iter().product();
                 let gt = em.op("Greater", &[x, &zero], vec![]);

@@ -54,6 +54,11 @@ pub enum BnMode {
     Sample,
     /// Normalise with the stored running statistics.
     Eval,
+    /// Normalise with statistics over the whole batch and the spatial axes (PyTorch `train()` on
+    /// the full batch). It mixes samples, so it is only for forward passes (TE-NAS's linear-region
+    /// protocol), never for per-sample gradients, and not offered on the command line.
+    #[value(skip)]
+    Batch,
 }
 
 #[derive(

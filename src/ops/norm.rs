@@ -187,6 +187,11 @@ pub fn lower_batch_norm(lw: &mut Lowering, node: Node) -> Result<()> {
             let axes: Vec<usize> = (2..r).collect();
             s.standardise(&node.inputs[0], &axes, eps)?
         }
+        BnMode::Batch => {
+            let mut axes = vec![0];
+            axes.extend(2..r);
+            s.standardise(&node.inputs[0], &axes, eps)?
+        }
         BnMode::Eval => {
             let mean = s.lw.const_input(&node, 3)?.unwrap().to_f64();
             let var = s.lw.const_input(&node, 4)?.unwrap().to_f64();

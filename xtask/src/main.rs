@@ -13,6 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 mod nb201;
+mod regions;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -299,6 +300,43 @@ fn main() -> Result<()> {
             bench_grads(n, repeat, &backends, get("--out").as_deref().map(Path::new))
         }
         Some("fetch-ort") => fetch_ort(args.iter().any(|a| a == "--gpu")),
+        Some("bench") if args.get(1).map(String::as_str) == Some("linear-regions") => {
+            let archs = nb201::load_archs(&root())?.len();
+            let seed: u64 = get("--seed").map(|v| v.parse()).transpose()?.unwrap_or(0);
+            let k: usize = get("--sample").map(|v| v.parse()).transpose()?.unwrap_or(200);
+            let backend = match get("--backend").as_deref() {
+                None | Some("auto") => gradalign::runtime::Backend::Auto,
+                Some("tract") => gradalign::runtime::Backend::Tract,
+                Some("ort") => gradalign::runtime::Backend::Ort,
+                Some(b) => bail!("--backend {b}: use auto, tract or ort"),
+            };
+            let jobs: usize = get("--jobs").map(|v| v.parse()).transpose()?.unwrap_or(1);
+            if jobs > 1 && std::env::var_os("GRADALIGN_THREADS").is_none() {
+                let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+                std::env::set_var("GRADALIGN_THREADS", (cores / jobs).max(1).to_string());
+            }
+            let sigmas = get("--sigmas")
+                .unwrap_or_else(|| "1e-4,1e-3,1e-2".into())
+                .split(',')
+                .map(|v| v.parse::<f64>().with_context(|| format!("--sigmas: '{v}' is not a number")))
+                .collect::<Result<Vec<f64>>>()?;
+            if sigmas.iter().any(|s| !(*s > 0.0 && s.is_finite())) {
+                bail!("--sigmas: each σ must be a positive number");
+            }
+            let o = regions::Options {
+                indices: nb201::sample(archs, k, seed),
+                seed,
+                n: get("--n").map(|v| v.parse()).transpose()?.unwrap_or(64),
+                repeats: get("--repeats").map(|v| v.parse()).transpose()?.unwrap_or(3),
+                sigmas,
+                backend,
+                jobs,
+                out: get("--out").map(PathBuf::from).unwrap_or_else(|| root().join("target/bench-linear-regions")),
+                desc: args[2..].join(" "),
+            };
+            gradalign::runtime::check_backend(backend)?;
+            regions::run(&root(), &o)
+        }
         Some("bench") if matches!(args.get(1).map(String::as_str), Some("nb201" | "naslib-check")) => {
             let archs = nb201::load_archs(&root())?.len();
             let seed: u64 = get("--seed").map(|v| v.parse()).transpose()?.unwrap_or(0);
@@ -342,6 +380,6 @@ fn main() -> Result<()> {
                 nb201::run(&root(), &o)
             }
         }
-        _ => bail!("usage: cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR]"),
+        _ => bail!("usage: cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR]"),
     }
 }

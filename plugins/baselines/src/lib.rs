@@ -52,6 +52,13 @@ scorer!(
     |x| Ok(math::naswot(x.relu_codes()?))
 );
 scorer!(
+    LinearRegions,
+    "linear_regions",
+    RELU_CODES,
+    "number of distinct ReLU activation patterns over the probe (linear regions)",
+    |x| Ok(math::linear_regions(x.relu_codes()?))
+);
+scorer!(
     JacobCov,
     "jacob_cov",
     INPUT_JACOBIAN,
@@ -111,5 +118,5 @@ scorer!(
 export_plugin!(
     symbol: gradalign_baselines_plugin_table,
     name: "baselines",
-    scorers: [GradNorm, Snip, Synflow, Naswot, JacobCov, Zico, NtkCond, Fisher, Grasp, Params, Flops],
+    scorers: [GradNorm, Snip, Synflow, Naswot, LinearRegions, JacobCov, Zico, NtkCond, Fisher, Grasp, Params, Flops],
 );

@@ -165,6 +165,16 @@ pub fn naswot(codes: Matrix<u8>) -> f64 {
     slogdet(&k, n).1
 }
 
+/// Linear regions: the number of distinct ReLU activation patterns (rows of the code matrix)
+/// over the probe.
+pub fn linear_regions(codes: Matrix<u8>) -> f64 {
+    if codes.cols == 0 {
+        return (codes.rows > 0) as usize as f64;
+    }
+    let rows: std::collections::HashSet<&[u8]> = codes.data.chunks_exact(codes.cols).collect();
+    rows.len() as f64
+}
+
 /// Jacobian covariance: −Σ_v (ln(v + 1e-5) + 1/(v + 1e-5)) over the eigenvalues of the
 /// correlation matrix of the per-sample input Jacobians.
 pub fn jacob_cov(j: Matrix<f64>) -> Result<f64, String> {
@@ -286,6 +296,18 @@ mod tests {
             cols: 2
         })
         .is_err());
+    }
+
+    #[test]
+    fn linear_regions_by_hand() {
+        let data = [1u8, 0, 1, 1, 0, 1, 0, 0, 0, 1, 1, 1];
+        let m = |rows| Matrix {
+            data: &data[..rows * 3],
+            rows,
+            cols: 3,
+        };
+        assert_eq!(linear_regions(m(4)), 3.0);
+        assert_eq!(linear_regions(m(2)), 1.0);
     }
 
     #[test]
