@@ -272,12 +272,16 @@ fn trainable_params(model: &Model) -> Vec<Param> {
             continue;
         }
         let is_weight = weight.contains(name.as_str());
-        // A float scalar multiplying or adding is a constant of the architecture (`x * 0`),
-        // not a parameter.
-        if t.len() <= 1 && !is_weight {
+        // A float scalar in arithmetic is a constant of the architecture (`x * 0`), not a
+        // parameter; a one-element affine of a one-channel normalisation still is one.
+        let (ni, _) = first_use[name.as_str()];
+        let arithmetic = matches!(
+            model.nodes[ni].op.as_str(),
+            "Mul" | "Add" | "Sub" | "Div" | "Pow" | "Max" | "Min" | "Clip" | "Where"
+        );
+        if t.len() <= 1 && !is_weight && arithmetic {
             continue;
         }
-        let (ni, _) = first_use[name.as_str()];
         params.push(Param {
             name: name.clone(),
             op_type: model.nodes[ni].op.clone(),

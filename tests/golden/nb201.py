@@ -126,3 +126,21 @@ def build(arch_str, seed, C=16, N=5):
     """PyTorch default initialisation (Kaiming-uniform a=sqrt(5)), seeded."""
     torch.manual_seed(seed)
     return TinyNetwork(arch_str, C=C, N=N)
+
+
+class ThinNetwork(nn.Module):
+    """TE-NAS's thin network for counting linear regions (VITA-Group/TENAS prune_tenas.py,
+    `model_config_thin`: C=1, N=1, depth=1, use_stem=False): one cell straight on the 1-channel
+    input, then lastact BN + ReLU, global pooling and the classifier."""
+
+    def __init__(self, arch_str, num_classes=10):
+        super().__init__()
+        self.cells = nn.ModuleList([InferCell(parse_arch(arch_str), 1)])
+        self.lastact = nn.Sequential(nn.BatchNorm2d(1), nn.ReLU(inplace=False))
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(1, num_classes)
+
+    def forward(self, x):
+        f = self.cells[0](x)
+        out = self.global_pooling(self.lastact(f))
+        return self.classifier(out.view(out.size(0), -1))

@@ -334,6 +334,9 @@ fn main() -> Result<()> {
                 out: get("--out").map(PathBuf::from).unwrap_or_else(|| root().join("target/bench-linear-regions")),
                 desc: args[2..].join(" "),
             };
+            if args.iter().any(|a| a == "--report-only") {
+                return regions::report(&o, &nb201::load_archs(&root())?);
+            }
             gradalign::runtime::check_backend(backend)?;
             regions::run(&root(), &o)
         }
@@ -380,6 +383,6 @@ fn main() -> Result<()> {
                 nb201::run(&root(), &o)
             }
         }
-        _ => bail!("usage: cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR]"),
+        _ => bail!("usage: cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR] [--report-only]"),
     }
 }
