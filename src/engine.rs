@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use crate::grad::analysis::Analysis;
 use crate::grad::builder::{GradGraph, GradGraphBuilder, GraphSpec};
 use crate::grad::GradOptions;
+use crate::memory;
 use crate::onnx::{HostTensor, Model};
 use crate::probe::Probe;
 use crate::runtime::{self, Backend, Device};
@@ -75,6 +76,20 @@ pub fn build_graph_with(
     let mut shape = vec![n];
     shape.extend(sample_shape);
     let an = Analysis::new(model, &shape, opts)?;
+    let cols: usize = if spec.param_grads {
+        an.selected.iter().map(|&i| an.params[i].numel()).sum()
+    } else {
+        0
+    };
+    let limit = opts.max_memory.unwrap_or_else(memory::default_limit);
+    let fits = memory::batch_that_fits(&an, cols, limit)?;
+    if fits < n {
+        bail!(
+            "the training graph for N = {n} needs more than --max-memory {} (it fits N = {fits}); \
+             lower --n or raise --max-memory",
+            memory::fmt_bytes(limit)
+        );
+    }
     let gg = GradGraphBuilder::with_spec(&an, spec).build()?;
     Ok((an, gg))
 }
@@ -110,7 +125,9 @@ pub fn per_sample_grads_on(
     device: Device,
 ) -> Result<PerSampleGrads> {
     let t0 = Instant::now();
-    let (an, gg) = build_graph(model, probe.sample_shape(), probe.len(), opts)?;
+    let n = probe.len();
+    let chunk = chunk_size(model, probe, opts)?;
+    let (an, gg) = build_graph(model, probe.sample_shape(), chunk, opts)?;
     if shipped_probe && an.num_classes != 10 {
         bail!(
             "the model has {} outputs, so the shipped 10-class CIFAR-10 probe does not fit: pass --data X.npy --labels Y.npy",
@@ -125,12 +142,7 @@ pub fn per_sample_grads_on(
         an.float == crate::onnx::DType::F64,
     )?;
     let build_seconds = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let images = probe.images_tensor().cast(an.float);
-    let outs = runner.run(&images, &probe.labels)?;
-    let run_seconds = t1.elapsed().as_secs_f64();
 
-    let n = probe.len();
     let mut layout = vec![];
     let mut offset = 0;
     for g in &gg.grads {
@@ -145,22 +157,43 @@ pub fn per_sample_grads_on(
         });
         offset += p.numel();
     }
-    // Copy each gradient block into its columns, in the graph's float type (no widening).
+    let t1 = Instant::now();
+    let images = probe.images_tensor().cast(an.float);
+    // Samples are independent (per-sample or running-statistics BN), so the probe can run in
+    // chunks of the graph's batch; the last chunk is padded with copies of its last sample and
+    // the padding rows dropped.
+    let mut logits_rows = vec![];
     macro_rules! assemble {
         ($variant:ident, $t:ty) => {{
+            let HostTensor::$variant(x) = &images else {
+                bail!("probe images have an unexpected type")
+            };
             let mut all = ndarray::Array2::<$t>::zeros((n, offset));
-            let mut out_i = 1; // output 0 holds the logits
-            for (g, e) in gg.grads.iter().zip(&layout) {
-                if g.output.is_none() {
-                    continue; // cannot reach the loss: stays zero
+            for start in (0..n).step_by(chunk) {
+                let end = (start + chunk).min(n);
+                let idx: Vec<usize> = (start..start + chunk).map(|i| i.min(end - 1)).collect();
+                let xs = x.select(ndarray::Axis(0), &idx);
+                let ys = probe.labels.select(ndarray::Axis(0), &idx);
+                let outs = runner.run(&HostTensor::$variant(xs), &ys)?;
+                logits_rows.push(
+                    outs[0]
+                        .to_f64()
+                        .slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..end - start))
+                        .to_owned(),
+                );
+                let mut out_i = 1; // output 0 holds the logits
+                for (g, e) in gg.grads.iter().zip(&layout) {
+                    if g.output.is_none() {
+                        continue; // cannot reach the loss: stays zero
+                    }
+                    let HostTensor::$variant(block) = &outs[out_i] else {
+                        bail!("gradient output has an unexpected type")
+                    };
+                    let block = block.view().into_shape_with_order((chunk, e.numel))?;
+                    all.slice_mut(ndarray::s![start..end, e.offset..e.offset + e.numel])
+                        .assign(&block.slice(ndarray::s![..end - start, ..]));
+                    out_i += 1;
                 }
-                let HostTensor::$variant(block) = &outs[out_i] else {
-                    bail!("gradient output has an unexpected type")
-                };
-                let block = block.view().into_shape_with_order((n, e.numel))?;
-                all.slice_mut(ndarray::s![.., e.offset..e.offset + e.numel])
-                    .assign(&block);
-                out_i += 1;
             }
             HostTensor::$variant(all.into_dyn())
         }};
@@ -169,16 +202,51 @@ pub fn per_sample_grads_on(
         crate::onnx::DType::F64 => assemble!(F64, f64),
         _ => assemble!(F32, f32),
     };
+    let views: Vec<_> = logits_rows.iter().map(|a| a.view()).collect();
+    let logits = HostTensor::F64(ndarray::concatenate(ndarray::Axis(0), &views)?).cast(an.float);
+    let run_seconds = t1.elapsed().as_secs_f64();
+    let mut notes = an.notes.clone();
+    if chunk < n {
+        notes.push(format!(
+            "the probe ran in chunks of {chunk} samples to stay within --max-memory"
+        ));
+    }
     Ok(PerSampleGrads {
         layout,
         grads,
-        logits: outs[0].clone(),
+        logits,
         labels: probe.labels.clone(),
-        notes: an.notes.clone(),
+        notes,
         runtime: runner.name(),
         build_seconds,
         run_seconds,
     })
+}
+
+/// The probe batch the gradient graph is built for: all of it when its estimate fits
+/// `--max-memory` (with the assembled N × P matrix), else the largest chunk that does.
+fn chunk_size(model: &Model, probe: &Probe, opts: GradOptions) -> Result<usize> {
+    let n = probe.len();
+    let limit = opts.max_memory.unwrap_or_else(memory::default_limit);
+    let mut shape = vec![n];
+    shape.extend(probe.sample_shape());
+    let an = Analysis::new(model, &shape, opts)?;
+    let cols: usize = an.selected.iter().map(|&i| an.params[i].numel()).sum();
+    let elem = if an.float == crate::onnx::DType::F64 {
+        8
+    } else {
+        4
+    };
+    let matrix = (n as u64).saturating_mul(cols as u64).saturating_mul(elem);
+    if matrix >= limit {
+        bail!(
+            "the {n} × {cols} gradient matrix alone needs {}, more than --max-memory {}; lower --n \
+             or select fewer parameters",
+            memory::fmt_bytes(matrix),
+            memory::fmt_bytes(limit)
+        );
+    }
+    memory::batch_that_fits(&an, cols, limit - matrix)
 }
 
 /// (trainable parameters, multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul per sample).

@@ -3,6 +3,7 @@
 
 pub mod engine;
 pub mod grad;
+pub mod memory;
 pub mod npy;
 pub mod onnx;
 pub mod ops;

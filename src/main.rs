@@ -61,6 +61,10 @@ pub struct GradArgs {
     /// `--features cuda`, library from `cargo xtask fetch-ort --gpu`).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// Memory budget (e.g. 4G, 512M): graphs whose estimate exceeds it are refused, and the
+    /// probe runs in chunks when that fits. Default: three quarters of physical memory.
+    #[arg(long, value_parser = gradalign::memory::parse_size)]
+    pub max_memory: Option<u64>,
 }
 
 impl GradArgs {
@@ -69,6 +73,7 @@ impl GradArgs {
             bn: self.bn,
             params: self.params,
             precision: self.precision,
+            max_memory: self.max_memory,
         }
     }
 }

@@ -325,6 +325,23 @@ impl Analysis {
                 crate::onnx::tensor::onnx_type_name(input.elem_type)
             );
         }
+        // Integer weights would only surface as a runtime type error deep in the training graph.
+        for node in &model.nodes {
+            for (slot, inp) in node.inputs.iter().enumerate() {
+                if !weight_slot(&node.op, slot) {
+                    continue;
+                }
+                if let Some((_, t)) = model.initializers.iter().find(|(k, _)| k == inp) {
+                    if !t.dtype().is_float() {
+                        bail!(
+                            "{}: weight '{inp}' is {:?}; Conv/ConvTranspose/Gemm/MatMul weights must be float (re-export the model without quantisation)",
+                            node.describe(),
+                            t.dtype()
+                        );
+                    }
+                }
+            }
+        }
         let mut export_batch = None;
         if let Some(dims) = &input.dims {
             if dims.len() != input_shape.len() {

@@ -102,4 +102,6 @@ pub struct GradOptions {
     pub bn: BnMode,
     pub params: ParamSelect,
     pub precision: Precision,
+    /// Memory budget in bytes (`--max-memory`); `None`: [`crate::memory::default_limit`].
+    pub max_memory: Option<u64>,
 }

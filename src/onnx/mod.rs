@@ -1,5 +1,6 @@
 //! ONNX front end: decoding, validation and host tensors. Knows nothing about gradients.
 
+pub mod external;
 pub mod model;
 pub mod tensor;
 

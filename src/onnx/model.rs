@@ -147,12 +147,18 @@ impl Model {
     pub fn load(path: &Path) -> Result<Model> {
         let bytes = std::fs::read(path)
             .with_context(|| format!("cannot read model file {}", path.display()))?;
-        let proto = pb::ModelProto::decode(bytes.as_slice()).map_err(|e| {
+        let mut proto = pb::ModelProto::decode(bytes.as_slice()).map_err(|e| {
             anyhow!(
                 "{} is not a valid ONNX model (protobuf decoding failed: {e})",
                 path.display()
             )
         })?;
+        if let Some(g) = proto.graph.as_mut() {
+            for t in &mut g.initializer {
+                super::external::resolve(t, path)
+                    .with_context(|| format!("invalid model {}", path.display()))?;
+            }
+        }
         Model::from_proto(&proto, &path.display().to_string())
     }
 

@@ -491,12 +491,22 @@ pub fn infer(node: &Node, ins: &[Option<&Info>]) -> Result<Shapes> {
         }
         "Pad" => {
             let p = const_vals(node, ins, 1)?;
-            vec![(
-                (0..r)
-                    .map(|i| x.shape[i] + p[i] as usize + p[i + r] as usize)
-                    .collect(),
-                x.dtype,
-            )]
+            if p.len() != 2 * r || p.iter().any(|&v| v < 0) {
+                bail!(
+                    "{}: pads {p:?} must be {} non-negative values for a rank-{r} input",
+                    node.describe(),
+                    2 * r
+                );
+            }
+            let dims = (0..r)
+                .map(|i| {
+                    x.shape[i]
+                        .checked_add(p[i] as usize)?
+                        .checked_add(p[i + r] as usize)
+                })
+                .collect::<Option<Vec<usize>>>()
+                .ok_or_else(|| anyhow!("{}: padded size overflows", node.describe()))?;
+            vec![(dims, x.dtype)]
         }
         "Gather" => {
             if x.kind == Kind::Batched {
@@ -654,10 +664,12 @@ pub fn eval(node: &Node, vals: &[Option<&HostTensor>]) -> Result<Vec<HostTensor>
             let t = need()?;
             let s = to_usize(&vals[1].unwrap().as_i64_vec()?);
             let out = super::broadcast(node, &t.shape(), &s)?;
+            fold_size(node, &out)?;
             each!(t, a => a.broadcast(IxDyn(&out)).ok_or_else(|| anyhow!("{}: bad expand", node.describe()))?.to_owned())
         }
         "ConstantOfShape" => {
             let s = to_usize(&need()?.as_i64_vec()?);
+            fold_size(node, &s)?;
             let v = match node.attr_t("value") {
                 Some(p) => HostTensor::from_proto(p)?,
                 None => HostTensor::F32(ArrayD::zeros(IxDyn(&[1]))),
@@ -675,13 +687,35 @@ pub fn eval(node: &Node, vals: &[Option<&HostTensor>]) -> Result<Vec<HostTensor>
                 l.iter().next().copied().unwrap_or(0.0),
                 d.iter().next().copied().unwrap_or(1.0),
             );
-            let count = ((l - s) / d).ceil().max(0.0) as usize;
+            let count = ((l - s) / d).ceil().max(0.0);
+            if !count.is_finite() || count > FOLD_LIMIT as f64 {
+                bail!(
+                    "{}: Range({s}, {l}, {d}) has {count} elements; constants are limited to {FOLD_LIMIT}",
+                    node.describe()
+                );
+            }
+            let count = count as usize;
             let v: Vec<f64> = (0..count).map(|i| s + i as f64 * d).collect();
             HostTensor::F64(ArrayD::from_shape_vec(IxDyn(&[count]), v)?).cast(need()?.dtype())
         }
         _ => bail!("{}: cannot fold", node.describe()),
     };
     Ok(vec![out])
+}
+
+/// The most elements a folded constant may have: shape arithmetic never needs more, and a
+/// hostile model must not make gradalign allocate without bound while reading it.
+pub const FOLD_LIMIT: usize = 1 << 24;
+
+fn fold_size(node: &Node, shape: &[usize]) -> Result<()> {
+    match shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
+        Some(n) if n <= FOLD_LIMIT => Ok(()),
+        n => bail!(
+            "{}: folding it would create a constant of shape {shape:?} ({}); constants are limited to {FOLD_LIMIT} elements",
+            node.describe(),
+            n.map_or("more than 2^64 elements".into(), |n| format!("{n} elements"))
+        ),
+    }
 }
 
 /// Shift axes for gradients of parameter-only tensors, which carry a leading sample axis.

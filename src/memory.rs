@@ -1,0 +1,159 @@
+//! Memory bounds (issue 6): an upper estimate of what a training graph needs, checked against
+//! `--max-memory` before anything large is allocated, and the probe chunk size that fits.
+//!
+//! The estimate is 2 × (every tensor of the lowered forward graph) — the backward pass keeps the
+//! forward activations and creates gradients of the same sizes — plus the N × P gradient
+//! outputs. Sample-axis tensors scale with the batch, so a smaller batch (a chunk of the probe)
+//! needs proportionally less.
+
+use anyhow::{bail, Result};
+
+use crate::grad::analysis::Analysis;
+use crate::grad::Kind;
+
+/// Parse `4G`, `512M`, `1.5GiB`, `2048K` or a plain byte count.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--max-memory '{s}': expected a size such as 4G or 512M"))?;
+    let mult = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 1u64,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => bail!("--max-memory '{s}': unknown unit '{unit}' (use K, M, G or T)"),
+    };
+    let bytes = v * mult as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        bail!("--max-memory '{s}': out of range");
+    }
+    Ok(bytes as u64)
+}
+
+/// Three quarters of physical memory (Linux `/proc/meminfo`), else 16 GiB.
+pub fn default_limit() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+    });
+    total.map_or(16 << 30, |kb| kb * 1024 / 4 * 3)
+}
+
+pub fn fmt_bytes(b: u64) -> String {
+    format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+/// The estimate for the analysed batch, split into what scales with the batch and what does not.
+#[derive(Clone, Debug)]
+pub struct Estimate {
+    /// Bytes per probe sample (activations and, with gradients, one gradient row).
+    pub per_sample: u64,
+    /// Bytes independent of the batch (parameter-only tensors).
+    pub fixed: u64,
+    /// The largest tensor: name, shape, bytes (for messages).
+    pub largest: (String, Vec<usize>, u64),
+}
+
+impl Estimate {
+    pub fn for_batch(&self, n: usize) -> Option<u64> {
+        self.per_sample
+            .checked_mul(n as u64)?
+            .checked_add(self.fixed)
+    }
+}
+
+/// Estimate the memory of the training graph of `an`, with `grad_columns` gradient columns per
+/// sample. Fails only when a tensor's size overflows 64 bits.
+pub fn estimate(an: &Analysis, grad_columns: usize) -> Result<Estimate> {
+    let elem = if an.float == crate::onnx::DType::F64 {
+        8
+    } else {
+        4
+    };
+    let mut per_batch: u64 = 0;
+    let mut fixed: u64 = 0;
+    let mut largest = (String::new(), vec![], 0u64);
+    for (name, info) in &an.infos {
+        if info.value.is_some() {
+            continue;
+        }
+        let bytes = info
+            .shape
+            .iter()
+            .try_fold(elem as u64, |a, &d| a.checked_mul(d as u64));
+        let Some(bytes) = bytes else {
+            bail!(
+                "tensor '{name}' has shape {:?}, whose size overflows 64 bits",
+                info.shape
+            );
+        };
+        if bytes > largest.2 {
+            largest = (name.clone(), info.shape.clone(), bytes);
+        }
+        let slot = if info.kind == Kind::Batched {
+            &mut per_batch
+        } else {
+            &mut fixed
+        };
+        *slot = slot.saturating_add(bytes.saturating_mul(2));
+    }
+    let per_sample = (per_batch / an.n.max(1) as u64)
+        .saturating_add((grad_columns as u64).saturating_mul(elem as u64));
+    Ok(Estimate {
+        per_sample,
+        fixed,
+        largest,
+    })
+}
+
+/// The largest batch (≤ n) whose estimate fits in `limit`, or an error naming the largest tensor.
+pub fn batch_that_fits(an: &Analysis, grad_columns: usize, limit: u64) -> Result<usize> {
+    let e = estimate(an, grad_columns)?;
+    let fits = |k: usize| e.for_batch(k).is_some_and(|b| b <= limit);
+    if fits(an.n) {
+        return Ok(an.n);
+    }
+    if !fits(1) {
+        let (name, shape, bytes) = &e.largest;
+        bail!(
+            "the training graph needs an estimated {} even for one probe sample (largest tensor \
+             '{name}', shape {shape:?} for N = {}, {}), more than --max-memory {}; raise \
+             --max-memory or use a smaller model/input",
+            e.for_batch(1)
+                .map_or("more than 2^64 bytes".into(), fmt_bytes),
+            an.n,
+            fmt_bytes(*bytes),
+            fmt_bytes(limit)
+        );
+    }
+    let per = e.per_sample.max(1);
+    Ok((((limit - e.fixed) / per) as usize).clamp(1, an.n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("2048").unwrap(), 2048);
+        assert!(parse_size("4Q").is_err());
+        assert!(parse_size("-1G").is_err());
+        assert!(parse_size("").is_err());
+        assert!(default_limit() > 1 << 28);
+    }
+}
