@@ -2,6 +2,7 @@
 //! neural architecture search.
 
 pub mod engine;
+pub mod fuzz;
 pub mod grad;
 pub mod memory;
 pub mod npy;

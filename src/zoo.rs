@@ -51,10 +51,11 @@ pub fn parse_arch(arch: &str) -> Result<Vec<Vec<(String, usize)>>> {
 
 /// SplitMix64: a tiny, fully specified generator so that a seed means the same weights on
 /// every platform and version.
-pub(crate) struct Rng(pub(crate) u64);
+/// SplitMix64: the seeded generator of the zoo, the perturbations and the fuzzer.
+pub struct Rng(pub u64);
 
 impl Rng {
-    pub(crate) fn next_u64(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -67,15 +68,15 @@ impl Rng {
         ((2.0 * u - 1.0) * b) as f32
     }
     /// Uniform in [0, 1).
-    pub(crate) fn unit(&mut self) -> f64 {
+    pub fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
     /// Uniform in 0..n.
-    pub(crate) fn below(&mut self, n: usize) -> usize {
+    pub fn below(&mut self, n: usize) -> usize {
         ((self.unit() * n as f64) as usize).min(n - 1)
     }
     /// Standard normal (Box–Muller, one draw per call).
-    pub(crate) fn normal(&mut self) -> f64 {
+    pub fn normal(&mut self) -> f64 {
         let u1 = 1.0 - self.unit(); // (0, 1]: ln is finite
         let u2 = self.unit();
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()

@@ -84,7 +84,67 @@ pub fn unsupported(node: &Node) -> anyhow::Error {
     )
 }
 
+/// (min inputs, max inputs, min outputs, max outputs) of an ONNX op as gradalign reads it;
+/// empty optional inputs count as present.
+fn arity(op: &str) -> (usize, usize, usize, usize) {
+    match op {
+        "Constant" => (0, 0, 1, 1),
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Greater" | "Less" | "MatMul" => {
+            (2, 2, 1, 1)
+        }
+        "Max" | "Concat" => (1, usize::MAX, 1, 1),
+        "Where" => (3, 3, 1, 1),
+        "Conv" | "Gemm" => (2, 3, 1, 1),
+        "BatchNormalization" => (5, 5, 1, 3),
+        "LayerNormalization" => (2, 3, 1, 3),
+        "Dropout" => (1, 3, 1, 2),
+        "Split" => (1, 2, 1, usize::MAX),
+        "Slice" => (1, 5, 1, 1), // opset < 10 passes starts/ends as attributes
+        "Pad" => (1, 4, 1, 1),   // opset < 11 passes pads as an attribute
+        "Clip" => (1, 3, 1, 1),
+        "Reshape" | "Expand" => (2, 2, 1, 1),
+        "Squeeze" | "Unsqueeze" => (1, 2, 1, 1),
+        "Range" => (3, 3, 1, 1),
+        "Gather" => (2, 2, 1, 1),
+        "ReduceMean" | "ReduceSum" => (1, 2, 1, 1),
+        "MaxPool" => (1, 1, 1, 2),
+        _ => (1, 1, 1, 1),
+    }
+}
+
+/// Error unless the node has as many inputs and outputs as its op takes.
+pub fn check_arity(node: &Node) -> Result<()> {
+    let (lo, hi, olo, ohi) = arity(&node.op);
+    let (i, o) = (node.inputs.len(), node.outputs.len());
+    if i < lo || i > hi {
+        anyhow::bail!(
+            "{}: has {i} inputs; {} takes {}",
+            node.describe(),
+            node.op,
+            if lo == hi {
+                lo.to_string()
+            } else if hi == usize::MAX {
+                format!("at least {lo}")
+            } else {
+                format!("{lo} to {hi}")
+            }
+        );
+    }
+    if o < olo || o > ohi {
+        anyhow::bail!(
+            "{}: has {o} outputs; {} makes {olo} to {ohi}",
+            node.describe(),
+            node.op
+        );
+    }
+    if node.inputs.iter().take(lo).any(|n| n.is_empty()) {
+        anyhow::bail!("{}: a required input is empty", node.describe());
+    }
+    Ok(())
+}
+
 pub fn lower(lw: &mut Lowering, node: Node) -> Result<()> {
+    check_arity(&node)?;
     match node.op.as_str() {
         "Constant" => shape::lower_constant(lw, node),
         "Identity" | "Dropout" => shape::lower_identity(lw, node),
@@ -219,7 +279,7 @@ pub fn broadcast(node: &Node, a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
 /// with the other operands.
 pub fn check_batched_broadcast(node: &Node, ins: &[Option<&Info>], out: &[usize]) -> Result<()> {
     for i in ins.iter().flatten() {
-        let aligned0 = if i.shape.len() == out.len() {
+        let aligned0 = if i.shape.len() == out.len() && !i.shape.is_empty() {
             Some(i.shape[0])
         } else {
             None

@@ -138,6 +138,9 @@ pub fn lower_reshape(lw: &mut Lowering, node: Node) -> Result<()> {
                 .map(|&a| super::norm_axis(&node, a, out_r))
                 .collect::<Result<_>>()?;
             axes.sort_unstable();
+            if axes.windows(2).any(|w| w[0] == w[1]) {
+                bail!("{}: Unsqueeze axes repeat", node.describe());
+            }
             let mut it = x.shape.iter();
             (0..out_r)
                 .map(|i| {
@@ -433,13 +436,7 @@ pub fn infer(node: &Node, ins: &[Option<&Info>]) -> Result<Shapes> {
             vec![(s.iter().map(|&d| d as usize).collect(), x.dtype)]
         }
         "Transpose" => {
-            let perm: Vec<usize> = match node.attr_ints("perm") {
-                Some(p) => p
-                    .iter()
-                    .map(|&a| norm_axis(node, a, r))
-                    .collect::<Result<_>>()?,
-                None => (0..r).rev().collect(),
-            };
+            let perm = transpose_perm(node, r)?;
             if perm.len() != r {
                 bail!(
                     "{}: perm has {} entries for rank {r}",
@@ -581,18 +578,15 @@ pub fn eval(node: &Node, vals: &[Option<&HostTensor>]) -> Result<Vec<HostTensor>
         "Transpose" => {
             let t = need()?;
             let r = t.shape().len();
-            let perm: Vec<usize> = match node.attr_ints("perm") {
-                Some(p) => p
-                    .iter()
-                    .map(|&a| norm_axis(node, a, r))
-                    .collect::<Result<_>>()?,
-                None => (0..r).rev().collect(),
-            };
+            let perm = transpose_perm(node, r)?;
             each!(t, a => a.clone().permuted_axes(IxDyn(&perm)).as_standard_layout().to_owned())
         }
         "Concat" => {
             let parts: Vec<&HostTensor> = vals.iter().flatten().copied().collect();
-            let r = parts[0].shape().len();
+            let r = parts.first().map_or(0, |p| p.shape().len());
+            if r == 0 || parts.iter().any(|p| p.shape().len() != r) {
+                bail!("{}: Concat needs inputs of one rank ≥ 1", node.describe());
+            }
             let axis = Axis(norm_axis(node, node.attr_i("axis").unwrap_or(0), r)?);
             let dt = parts[0].dtype();
             let cast: Vec<HostTensor> = parts.iter().map(|p| p.cast(dt)).collect();
@@ -703,6 +697,26 @@ pub fn eval(node: &Node, vals: &[Option<&HostTensor>]) -> Result<Vec<HostTensor>
     Ok(vec![out])
 }
 
+/// Transpose's `perm` (default: reversed axes), checked to be a permutation of `0..r`.
+fn transpose_perm(node: &Node, r: usize) -> Result<Vec<usize>> {
+    let perm: Vec<usize> = match node.attr_ints("perm") {
+        Some(p) => p
+            .iter()
+            .map(|&a| norm_axis(node, a, r))
+            .collect::<Result<_>>()?,
+        None => (0..r).rev().collect(),
+    };
+    let mut seen = perm.clone();
+    seen.sort_unstable();
+    if seen != (0..r).collect::<Vec<_>>() {
+        bail!(
+            "{}: perm {perm:?} is not a permutation of the {r} axes",
+            node.describe()
+        );
+    }
+    Ok(perm)
+}
+
 /// The most elements a folded constant may have: shape arithmetic never needs more, and a
 /// hostile model must not make gradalign allocate without bound while reading it.
 pub const FOLD_LIMIT: usize = 1 << 24;
@@ -747,13 +761,7 @@ pub fn backward(
         }
         "Transpose" => {
             let r = b.info(&x).shape.len();
-            let perm: Vec<usize> = match node.attr_ints("perm") {
-                Some(p) => p
-                    .iter()
-                    .map(|&a| norm_axis(node, a, r))
-                    .collect::<Result<_>>()?,
-                None => (0..r).rev().collect(),
-            };
+            let perm = transpose_perm(node, r)?;
             let mut inv = vec![0; r];
             for (i, &p) in perm.iter().enumerate() {
                 inv[p] = i;

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+mod fuzz;
 mod nb201;
 mod regions;
 
@@ -300,6 +301,14 @@ fn main() -> Result<()> {
             bench_grads(n, repeat, &backends, get("--out").as_deref().map(Path::new))
         }
         Some("fetch-ort") => fetch_ort(args.iter().any(|a| a == "--gpu")),
+        Some("fuzz") => fuzz::run(&fuzz::Options {
+            execs: get("--execs").map(|v| v.parse()).transpose()?.unwrap_or(1_000_000),
+            seconds: get("--seconds").map(|v| v.parse()).transpose()?.unwrap_or(1800),
+            seed: get("--seed").map(|v| v.parse()).transpose()?.unwrap_or(0),
+            jobs: get("--jobs").map(|v| v.parse()).transpose()?.unwrap_or(1),
+            corpus: get("--corpus").map(PathBuf::from).unwrap_or_else(|| root().join("fuzz/corpus")),
+            crashes: get("--crashes").map(PathBuf::from).unwrap_or_else(|| root().join("fuzz/crashes")),
+        }),
         Some("bench") if args.get(1).map(String::as_str) == Some("linear-regions") => {
             let archs = nb201::load_archs(&root())?.len();
             let seed: u64 = get("--seed").map(|v| v.parse()).transpose()?.unwrap_or(0);
@@ -383,6 +392,6 @@ fn main() -> Result<()> {
                 nb201::run(&root(), &o)
             }
         }
-        _ => bail!("usage: cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR] [--report-only]"),
+        _ => bail!("usage: cargo xtask fuzz [--execs 1000000] [--seconds 1800] [--seed S] [--jobs J] [--corpus DIR] [--crashes DIR] | cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR] [--report-only]"),
     }
 }
