@@ -126,6 +126,10 @@ enum Cmd {
         plugin: Vec<PathBuf>,
         #[arg(long, value_enum, default_value_t = cli::score::Format::Table)]
         format: cli::score::Format,
+        /// Run each external plugin scorer in its own child process, so that one that aborts or
+        /// segfaults loses only its own result.
+        #[arg(long)]
+        isolate: bool,
     },
     /// Score many models (files or folders of .onnx) into a resumable CSV, then print the ranking.
     Rank {
@@ -146,6 +150,16 @@ enum Cmd {
         /// Models scored in parallel.
         #[arg(long, default_value_t = 1)]
         jobs: usize,
+        /// Run each external plugin scorer in its own child process (see `score --isolate`).
+        #[arg(long)]
+        isolate: bool,
+    },
+    /// Internal: runs one isolated plugin scorer on inputs read from stdin.
+    #[command(name = "__scorer-worker", hide = true)]
+    ScorerWorker {
+        library: PathBuf,
+        scorer: String,
+        flags: u64,
     },
     /// Count linear regions (distinct ReLU activation patterns) at the stored weights and under
     /// seeded weight perturbations; with several models, how stable their ranking is.
@@ -296,7 +310,8 @@ fn main() -> ExitCode {
             scorer,
             plugin,
             format,
-        } => cli::score::score(model, probe, grad, scorer, plugin, *format),
+            isolate,
+        } => cli::score::score(model, probe, grad, scorer, plugin, *format, *isolate),
         Cmd::Rank {
             models,
             probe,
@@ -305,7 +320,15 @@ fn main() -> ExitCode {
             plugin,
             out,
             jobs,
-        } => cli::score::rank(models, probe, grad, scorer, plugin, out, *jobs),
+            isolate,
+        } => cli::score::rank(models, probe, grad, scorer, plugin, out, *jobs, *isolate),
+        Cmd::ScorerWorker {
+            library,
+            scorer,
+            flags,
+        } => Ok(gradalign::plugin::isolate::worker_main(
+            library, scorer, *flags,
+        )),
         Cmd::LinearRegions(a) => cli::regions::linear_regions(a),
         Cmd::Plugins { plugin } => cli::score::plugins(plugin),
     };

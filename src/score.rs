@@ -318,13 +318,19 @@ pub fn score_model(
             scores.push((s.name.clone(), None));
             continue;
         }
-        let raw = match (&raw_sel, &raw_all) {
-            (Some(sel), _) if s.inputs & flag::ALL_PARAMS == 0 => sel,
-            (_, Some(all)) => all,
-            (Some(sel), None) => sel,
+        let (data, raw) = match (&raw_sel, &raw_all) {
+            (Some(sel), _) if s.inputs & flag::ALL_PARAMS == 0 => (selected.as_ref(), sel),
+            (_, Some(all)) => (all_params.as_ref(), all),
+            (Some(sel), None) => (selected.as_ref(), sel),
             (None, None) => unreachable!("one input set always exists"),
         };
-        match s.call(&crate::plugin::inputs::masked(&raw.inputs, s.inputs)) {
+        let result = match data {
+            Some(d) if s.isolated && s.library.is_some() => {
+                crate::plugin::isolate::call_isolated(s, d)
+            }
+            _ => s.call(&crate::plugin::inputs::masked(&raw.inputs, s.inputs)),
+        };
+        match result {
             Ok(v) => scores.push((s.name.clone(), Some(v))),
             Err(e) => {
                 errors.insert(s.name.clone(), e);

@@ -84,6 +84,7 @@ fn compare_on(
         bn,
         params: ParamSelect::All,
         precision,
+        ..Default::default()
     };
     let ours = per_sample_grads_with(&g.model, &g.probe, o, false, backend).unwrap();
     let ours_m = matrix(ours.grads);
@@ -216,6 +217,7 @@ fn logits_match_pytorch() {
         bn: BnMode::Sample,
         params: ParamSelect::Weights,
         precision: Precision::F64,
+        ..Default::default()
     };
     let ours = matrix(
         per_sample_grads_with(&g.model, &g.probe, o, false, Backend::Tract)
@@ -258,6 +260,7 @@ fn ort_cpu_matches_pytorch_and_tract() {
             bn: BnMode::Sample,
             params: ParamSelect::All,
             precision: Precision::F32,
+            ..Default::default()
         };
         let a = per_sample_grads_with(&g.model, &g.probe, o, false, Backend::Ort).unwrap();
         let b = per_sample_grads_with(&g.model, &g.probe, o, false, Backend::Tract).unwrap();

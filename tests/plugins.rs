@@ -287,3 +287,86 @@ fn score_cli_reports_plugin_failures_in_json_and_keeps_the_rest() {
         "{err}"
     );
 }
+
+/// `--isolate`: a plugin that aborts or segfaults kills only its worker process; the other
+/// scorers (built-in and plugin) keep their results, and isolated results equal in-process ones
+/// bit for bit. Without `--isolate` the same abort takes the whole process down.
+#[test]
+fn isolate_survives_aborting_and_segfaulting_plugins() {
+    let model = root().join("models/nb201_random_a.onnx");
+    let faulty = lib("gradalign_faulty");
+    let base = |scorers: &str, isolate: bool| {
+        let mut a = vec![
+            "score",
+            model.to_str().unwrap(),
+            "--n",
+            "8",
+            "--backend",
+            "tract",
+            "--plugin",
+            faulty.to_str().unwrap(),
+            "--scorer",
+            scorers,
+            "--format",
+            "json",
+        ];
+        if isolate {
+            a.push("--isolate");
+        }
+        let a: Vec<String> = a.into_iter().map(String::from).collect();
+        let r: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+        cli(&r, &[])
+    };
+    let (code, out, err) = base(
+        "gradsign,faulty_ok,faulty_grad_sum,faulty_abort,faulty_segfault,faulty_panics",
+        true,
+    );
+    assert_eq!(code, 2, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["scores"]["faulty_ok"], 8.0);
+    assert!(v["scores"]["gradsign"].as_f64().unwrap() > 0.0);
+    let e = |k: &str| v["errors"][k].as_str().unwrap_or("").to_string();
+    assert!(
+        e("faulty_abort").contains("SIGABRT"),
+        "{}",
+        e("faulty_abort")
+    );
+    assert!(
+        e("faulty_segfault").contains("SIGSEGV"),
+        "{}",
+        e("faulty_segfault")
+    );
+    assert!(
+        e("faulty_panics").contains("panicked"),
+        "{}",
+        e("faulty_panics")
+    );
+
+    let (code, inproc, err) = base("gradsign,faulty_grad_sum", false);
+    assert_eq!(code, 0, "{err}");
+    let w: serde_json::Value = serde_json::from_str(&inproc).unwrap();
+    assert_eq!(
+        v["scores"]["faulty_grad_sum"].as_f64().unwrap().to_bits(),
+        w["scores"]["faulty_grad_sum"].as_f64().unwrap().to_bits()
+    );
+    assert_eq!(v["scores"]["gradsign"], w["scores"]["gradsign"]);
+
+    // In process, the abort is the end of everything.
+    let out = Command::new(env!("CARGO_BIN_EXE_gradalign"))
+        .args([
+            "score",
+            model.to_str().unwrap(),
+            "--n",
+            "8",
+            "--backend",
+            "tract",
+        ])
+        .arg("--plugin")
+        .arg(&faulty)
+        .args(["--scorer", "gradsign,faulty_abort"])
+        .env_remove("GRADALIGN_PLUGIN_PATH")
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(6), "SIGABRT without --isolate");
+}

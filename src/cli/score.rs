@@ -21,6 +21,15 @@ pub enum Format {
     Csv,
 }
 
+/// With `--isolate`, external scorers run in a child process each (built-ins stay in process:
+/// they are part of gradalign).
+fn isolated(mut scorers: Vec<ScorerInfo>, isolate: bool) -> Vec<ScorerInfo> {
+    for s in &mut scorers {
+        s.isolated = isolate && s.library.is_some();
+    }
+    scorers
+}
+
 pub const DEFAULT_SCORERS: &str = "gradalign-i,gradalign-ii,gradsign";
 
 fn registry(plugins: &[PathBuf]) -> Registry {
@@ -61,9 +70,10 @@ pub fn score(
     scorer: &str,
     plugins: &[PathBuf],
     format: Format,
+    isolate: bool,
 ) -> Result<i32> {
     let reg = registry(plugins);
-    let scorers = reg.select(scorer)?;
+    let scorers = isolated(reg.select(scorer)?, isolate);
     gradalign::runtime::check_backend(grad.backend)?;
     let r = score_one(model, probe, grad, &scorers)?;
     let mut out = std::io::stdout().lock();
@@ -136,9 +146,10 @@ pub fn rank(
     plugins: &[PathBuf],
     out: &Path,
     jobs: usize,
+    isolate: bool,
 ) -> Result<i32> {
     let reg = registry(plugins);
-    let scorers = reg.select(scorer)?;
+    let scorers = isolated(reg.select(scorer)?, isolate);
     gradalign::runtime::check_backend(grad.backend)?;
     let names: Vec<String> = scorers.iter().map(|s| s.name.clone()).collect();
     let all = rank::collect_models(models)?;

@@ -384,6 +384,14 @@ pub fn lower_pad(lw: &mut Lowering, node: Node) -> Result<()> {
     };
     if let Some(axes) = lw.const_input(&node, 3)? {
         let axes = axes.as_i64_vec()?;
+        if pads.len() != 2 * axes.len() {
+            bail!(
+                "{}: {} pads for {} axes; Pad needs two per axis",
+                node.describe(),
+                pads.len(),
+                axes.len()
+            );
+        }
         let mut full = vec![0i64; 2 * r];
         for (i, &a) in axes.iter().enumerate() {
             let a = norm_axis(&node, a, r)?;

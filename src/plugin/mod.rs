@@ -3,6 +3,7 @@
 //! that calls across the C ABI.
 
 pub mod inputs;
+pub mod isolate;
 
 use std::ffi::{c_char, CStr};
 use std::path::{Path, PathBuf};
@@ -22,6 +23,10 @@ pub struct ScorerInfo {
     score: ScoreFn,
     /// Keeps an external library mapped while its scorers exist.
     _lib: Option<Arc<libloading::Library>>,
+    /// The shared library an external scorer came from.
+    pub library: Option<PathBuf>,
+    /// Run in a child process (`--isolate`; external scorers only).
+    pub isolated: bool,
 }
 
 /// Names of the input flags, for listings and messages.
@@ -184,6 +189,8 @@ impl Registry {
                 origin: origin.to_string(),
                 score: row.score,
                 _lib: lib.clone(),
+                library: lib.as_ref().map(|_| PathBuf::from(origin)),
+                isolated: false,
             });
         }
         self.scorers.extend(new);

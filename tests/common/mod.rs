@@ -147,6 +147,7 @@ pub fn opts(bn: BnMode, params: ParamSelect) -> GradOptions {
         bn,
         params,
         precision: Precision::F64,
+        ..Default::default()
     }
 }
 

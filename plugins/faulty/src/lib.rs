@@ -56,5 +56,51 @@ impl Scorer for CountLabels {
 export_plugin!(
     symbol: gradalign_faulty_plugin_table,
     name: "faulty",
-    scorers: [Panics, Nan, Fails, Undeclared, CountLabels],
+    scorers: [Panics, Nan, Fails, Undeclared, CountLabels, GradSum, Aborts, Segfaults],
 );
+
+/// Works, and reads every kind of input that crosses the isolation boundary.
+pub struct GradSum;
+impl Scorer for GradSum {
+    const NAME: &'static str = "faulty_grad_sum";
+    const DESCRIPTION: &'static str = "Σ per-sample gradients · label + Σ param values (works)";
+    const INPUTS: u64 =
+        inputs::LABELS | inputs::PER_SAMPLE_GRADS | inputs::PARAM_VALUES | inputs::RELU_CODES;
+    fn score(x: &Inputs) -> Result<f64, String> {
+        let labels = x.labels()?;
+        let mut s = 0.0;
+        gradalign_plugin_api::with_grads!(x.grads()?, |m| {
+            for i in 0..m.rows {
+                s += m.row(i).iter().map(|&v| v as f64).sum::<f64>() * (labels[i] + 1) as f64;
+            }
+        });
+        s += x.param_values()?.iter().sum::<f64>();
+        s += x.relu_codes()?.data.iter().map(|&c| c as f64).sum::<f64>();
+        Ok(s)
+    }
+}
+
+/// Kills the whole process: only `--isolate` can keep the other scorers' results.
+pub struct Aborts;
+impl Scorer for Aborts {
+    const NAME: &'static str = "faulty_abort";
+    const DESCRIPTION: &'static str = "aborts the process";
+    const INPUTS: u64 = inputs::LABELS;
+    fn score(_: &Inputs) -> Result<f64, String> {
+        std::process::abort()
+    }
+}
+
+/// Dies of SIGSEGV (a write through a null pointer, done with a volatile store so the
+/// optimiser keeps it).
+pub struct Segfaults;
+impl Scorer for Segfaults {
+    const NAME: &'static str = "faulty_segfault";
+    const DESCRIPTION: &'static str = "segfaults";
+    const INPUTS: u64 = inputs::LABELS | inputs::PER_SAMPLE_GRADS;
+    fn score(x: &Inputs) -> Result<f64, String> {
+        let p = std::hint::black_box(std::ptr::null_mut::<u64>());
+        unsafe { std::ptr::write_volatile(p, x.n_samples() as u64) };
+        Ok(0.0)
+    }
+}

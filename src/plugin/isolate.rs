@@ -1,0 +1,366 @@
+//! `--isolate`: external scorers run in a child process (`gradalign __scorer-worker`), so a
+//! plugin that aborts or segfaults costs only its own result. The parent sends the scorer's
+//! declared inputs over the child's stdin in a small little-endian format and reads
+//! `ok <f64 bits>` or `err <message>` back.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{anyhow, bail, Result};
+use gradalign_plugin_api::abi::inputs as flag;
+
+use super::inputs::{InputData, ParamMeta};
+use super::{Registry, ScorerInfo};
+use crate::onnx::HostTensor;
+
+/// The hidden subcommand the worker runs as.
+pub const WORKER_COMMAND: &str = "__scorer-worker";
+
+struct W(Vec<u8>);
+
+impl W {
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u64(b.len() as u64);
+        self.0.extend_from_slice(b);
+    }
+    fn str(&mut self, s: &str) {
+        self.bytes(s.as_bytes());
+    }
+    fn f64s(&mut self, v: &[f64]) {
+        self.u64(v.len() as u64);
+        for x in v {
+            self.0.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    fn opt_f64s(&mut self, v: &Option<Vec<f64>>, on: bool) {
+        match v {
+            Some(v) if on => {
+                self.u64(1);
+                self.f64s(v);
+            }
+            _ => self.u64(0),
+        }
+    }
+}
+
+struct R<'a>(&'a [u8]);
+
+impl R<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        if self.0.len() < n {
+            bail!("truncated worker input");
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into()?))
+    }
+    fn len(&mut self, elem: usize) -> Result<usize> {
+        let n = self.u64()? as usize;
+        if n.saturating_mul(elem) > self.0.len() {
+            bail!("truncated worker input");
+        }
+        Ok(n)
+    }
+    fn bytes(&mut self) -> Result<Vec<u8>> {
+        let n = self.len(1)?;
+        Ok(self.take(n)?.to_vec())
+    }
+    fn str(&mut self) -> Result<String> {
+        Ok(String::from_utf8(self.bytes()?)?)
+    }
+    fn f64s(&mut self) -> Result<Vec<f64>> {
+        let n = self.len(8)?;
+        let b = self.take(n * 8)?;
+        Ok(b.chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+    fn opt_f64s(&mut self) -> Result<Option<Vec<f64>>> {
+        Ok(if self.u64()? == 1 {
+            Some(self.f64s()?)
+        } else {
+            None
+        })
+    }
+}
+
+/// The inputs `flags` declares, encoded.
+pub fn encode(d: &InputData, flags: u64) -> Vec<u8> {
+    let has = |f: u64| flags & f != 0;
+    let mut w = W(vec![]);
+    w.u64(d.n as u64);
+    w.u64(d.classes as u64);
+    w.u64(d.params.len() as u64);
+    for p in &d.params {
+        w.str(&p.name);
+        w.str(&p.node);
+        w.str(&p.op_type);
+        w.u64(p.role as u64);
+        w.u64(p.shape.len() as u64);
+        for &s in &p.shape {
+            w.u64(s as u64);
+        }
+        w.u64(p.channel_axis as u64);
+        w.u64(p.offset as u64);
+        w.u64(p.numel as u64);
+    }
+    match &d.grads {
+        Some(HostTensor::F32(a)) if has(flag::PER_SAMPLE_GRADS) => {
+            w.u64(1);
+            w.u64(a.shape()[0] as u64);
+            w.u64(a.shape()[1] as u64);
+            let mut b = Vec::with_capacity(a.len() * 4);
+            for x in a.iter() {
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+            w.bytes(&b);
+        }
+        Some(HostTensor::F64(a)) if has(flag::PER_SAMPLE_GRADS) => {
+            w.u64(2);
+            w.u64(a.shape()[0] as u64);
+            w.u64(a.shape()[1] as u64);
+            w.f64s(a.as_slice().expect("standard layout"));
+        }
+        _ => w.u64(0),
+    }
+    w.opt_f64s(&d.param_values, has(flag::PARAM_VALUES));
+    w.opt_f64s(&d.batch_grads, has(flag::BATCH_GRADS));
+    w.u64(d.labels.len() as u64);
+    for &l in &d.labels {
+        w.u64(l as u64);
+    }
+    w.opt_f64s(&d.logits, has(flag::LOGITS));
+    match &d.relu_codes {
+        Some((c, u)) if has(flag::RELU_CODES) => {
+            w.u64(1);
+            w.bytes(c);
+            w.u64(*u as u64);
+        }
+        _ => w.u64(0),
+    }
+    match &d.input_jacobian {
+        Some((j, n)) if has(flag::INPUT_JACOBIAN) => {
+            w.u64(1);
+            w.f64s(j);
+            w.u64(*n as u64);
+        }
+        _ => w.u64(0),
+    }
+    w.opt_f64s(&d.synflow_grads, has(flag::SYNFLOW_GRADS));
+    w.opt_f64s(&d.hessian_grad_product, has(flag::HESSIAN_GRAD_PRODUCT));
+    w.0.extend_from_slice(&d.model_params.to_le_bytes());
+    w.0.extend_from_slice(&d.model_flops.to_le_bytes());
+    w.0
+}
+
+pub fn decode(b: &[u8]) -> Result<InputData> {
+    let mut r = R(b);
+    let mut d = InputData {
+        n: r.u64()? as usize,
+        classes: r.u64()? as usize,
+        ..Default::default()
+    };
+    let np = r.len(8)?;
+    for _ in 0..np {
+        let (name, node, op_type) = (r.str()?, r.str()?, r.str()?);
+        let role = r.u64()? as u32;
+        let nd = r.len(8)?;
+        let shape = (0..nd)
+            .map(|_| r.u64().map(|v| v as usize))
+            .collect::<Result<_>>()?;
+        d.params.push(ParamMeta {
+            name,
+            node,
+            op_type,
+            role,
+            shape,
+            channel_axis: r.u64()? as i64,
+            offset: r.u64()? as usize,
+            numel: r.u64()? as usize,
+        });
+    }
+    d.grads = match r.u64()? {
+        0 => None,
+        tag => {
+            let (rows, cols) = (r.u64()? as usize, r.u64()? as usize);
+            let shape = ndarray::IxDyn(&[rows, cols]);
+            Some(if tag == 1 {
+                let b = r.bytes()?;
+                let v: Vec<f32> = b
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                HostTensor::F32(ndarray::ArrayD::from_shape_vec(shape, v)?)
+            } else {
+                HostTensor::F64(ndarray::ArrayD::from_shape_vec(shape, r.f64s()?)?)
+            })
+        }
+    };
+    d.param_values = r.opt_f64s()?;
+    d.batch_grads = r.opt_f64s()?;
+    let nl = r.len(8)?;
+    d.labels = (0..nl)
+        .map(|_| r.u64().map(|v| v as i64))
+        .collect::<Result<_>>()?;
+    d.logits = r.opt_f64s()?;
+    if r.u64()? == 1 {
+        let c = r.bytes()?;
+        d.relu_codes = Some((c, r.u64()? as usize));
+    }
+    if r.u64()? == 1 {
+        let j = r.f64s()?;
+        d.input_jacobian = Some((j, r.u64()? as usize));
+    }
+    d.synflow_grads = r.opt_f64s()?;
+    d.hessian_grad_product = r.opt_f64s()?;
+    d.model_params = f64::from_bits(r.u64()?);
+    d.model_flops = f64::from_bits(r.u64()?);
+    Ok(d)
+}
+
+/// The gradalign executable the worker runs as: `GRADALIGN_BIN`, else this process.
+fn worker_exe() -> Result<PathBuf> {
+    match std::env::var_os("GRADALIGN_BIN") {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => Ok(std::env::current_exe()?),
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        4 => "SIGILL",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        _ => "signal",
+    }
+}
+
+/// Run external scorer `s` on `d` in a child process.
+pub fn call_isolated(s: &ScorerInfo, d: &InputData) -> std::result::Result<f64, String> {
+    let run = || -> Result<std::result::Result<f64, String>> {
+        let lib = s
+            .library
+            .as_ref()
+            .ok_or_else(|| anyhow!("built-in scorers run in process"))?;
+        let mut child = Command::new(worker_exe()?)
+            .arg(WORKER_COMMAND)
+            .arg(lib)
+            .arg(&s.name)
+            .arg(s.inputs.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let payload = encode(d, s.inputs);
+        let mut stdin = child.stdin.take().expect("piped");
+        // A worker that dies early closes the pipe: the status below says why.
+        let writer = std::thread::spawn(move || stdin.write_all(&payload));
+        let out = child.wait_with_output()?;
+        let _ = writer.join();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if let Some(bits) = stdout.strip_prefix("ok ") {
+            return Ok(Ok(f64::from_bits(bits.trim().parse()?)));
+        }
+        if let Some(msg) = stdout.strip_prefix("err ") {
+            return Ok(Err(msg.trim_end().to_string()));
+        }
+        use std::os::unix::process::ExitStatusExt;
+        let how = match out.status.signal() {
+            Some(sig) => format!("was killed by {} ({sig})", signal_name(sig)),
+            None => format!("exited with {}", out.status),
+        };
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: String = stderr.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
+        Ok(Err(format!(
+            "the isolated worker process for this scorer {how}{}; only this scorer's result is lost",
+            if tail.is_empty() {
+                String::new()
+            } else {
+                format!(" ({tail})")
+            }
+        )))
+    };
+    run().unwrap_or_else(|e| Err(format!("could not run the isolated worker: {e:#}")))
+}
+
+/// The worker's side: `__scorer-worker LIBRARY SCORER FLAGS`, inputs on stdin.
+pub fn worker_main(lib: &Path, name: &str, flags: u64) -> i32 {
+    let res = (|| -> Result<std::result::Result<f64, String>> {
+        let mut buf = vec![];
+        std::io::stdin().read_to_end(&mut buf)?;
+        let d = decode(&buf)?;
+        let mut reg = Registry::default();
+        reg.load_library(lib)?;
+        let s = reg
+            .scorers
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| anyhow!("{}: no scorer '{name}'", lib.display()))?;
+        let raw = d.raw();
+        Ok(s.call(&super::inputs::masked(&raw.inputs, flags)))
+    })();
+    match res {
+        Ok(Ok(v)) => println!("ok {}", v.to_bits()),
+        Ok(Err(e)) => println!("err {e}"),
+        Err(e) => println!("err {e:#}"),
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_round_trip() {
+        let d = InputData {
+            n: 2,
+            classes: 3,
+            params: vec![ParamMeta {
+                name: "w".into(),
+                node: "conv".into(),
+                op_type: "Conv".into(),
+                role: 1,
+                shape: vec![1, 2],
+                channel_axis: 0,
+                offset: 0,
+                numel: 2,
+            }],
+            grads: Some(HostTensor::F32(
+                ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 2]), vec![1., -2., 3., 4.5])
+                    .unwrap(),
+            )),
+            param_values: Some(vec![0.5, -0.25]),
+            labels: vec![0, 2],
+            relu_codes: Some((vec![1, 0, 0, 1], 2)),
+            model_params: 2.0,
+            model_flops: f64::NAN,
+            ..Default::default()
+        };
+        let all = u64::MAX;
+        let e = decode(&encode(&d, all)).unwrap();
+        assert_eq!(e.params[0].shape, vec![1, 2]);
+        assert_eq!(
+            e.grads.as_ref().unwrap().to_f64_vec(),
+            vec![1., -2., 3., 4.5]
+        );
+        assert_eq!(e.param_values, d.param_values);
+        assert_eq!(e.labels, d.labels);
+        assert_eq!(e.relu_codes, d.relu_codes);
+        assert!(e.model_flops.is_nan());
+        // Undeclared inputs are not sent.
+        let only_labels = decode(&encode(&d, flag::LABELS)).unwrap();
+        assert!(only_labels.grads.is_none() && only_labels.param_values.is_none());
+        assert!(decode(&encode(&d, all)[..20]).is_err());
+    }
+}
