@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::grad::analysis::Analysis;
 use crate::grad::builder::{GradGraph, GradGraphBuilder, GraphSpec};
@@ -128,11 +128,8 @@ pub fn per_sample_grads_on(
     let n = probe.len();
     let chunk = chunk_size(model, probe, opts)?;
     let (an, gg) = build_graph(model, probe.sample_shape(), chunk, opts)?;
-    if shipped_probe && an.num_classes != 10 {
-        bail!(
-            "the model has {} outputs, so the shipped 10-class CIFAR-10 probe does not fit: pass --data X.npy --labels Y.npy",
-            an.num_classes
-        );
+    if shipped_probe {
+        check_classes(an.num_classes)?;
     }
     probe.check_labels(an.num_classes)?;
     let runner = runtime::load(
@@ -223,6 +220,22 @@ pub fn per_sample_grads_on(
     })
 }
 
+fn check_classes(classes: usize) -> Result<()> {
+    if classes != 10 {
+        bail!(
+            "the model has {classes} outputs, so the shipped 10-class CIFAR-10 probe does not fit: pass --data X.npy --labels Y.npy"
+        );
+    }
+    Ok(())
+}
+
+/// Error unless the model's output fits the shipped 10-class probe.
+pub fn check_shipped_probe(model: &Model, probe: &Probe) -> Result<()> {
+    let mut shape = vec![1];
+    shape.extend(probe.sample_shape());
+    check_classes(Analysis::new(model, &shape, GradOptions::default())?.num_classes)
+}
+
 /// The probe batch the gradient graph is built for: all of it when its estimate fits
 /// `--max-memory` (with the assembled N × P matrix), else the largest chunk that does.
 fn chunk_size(model: &Model, probe: &Probe, opts: GradOptions) -> Result<usize> {
@@ -246,7 +259,12 @@ fn chunk_size(model: &Model, probe: &Probe, opts: GradOptions) -> Result<usize> 
             memory::fmt_bytes(limit)
         );
     }
-    memory::batch_that_fits(&an, cols, limit - matrix)
+    memory::batch_that_fits(&an, cols, limit - matrix).with_context(|| {
+        format!(
+            "besides the {n} × {cols} gradient matrix ({}) that `grads` returns whole",
+            memory::fmt_bytes(matrix)
+        )
+    })
 }
 
 /// (trainable parameters, multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul per sample).

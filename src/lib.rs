@@ -16,4 +16,5 @@ pub mod regions;
 pub mod runtime;
 pub mod score;
 pub mod stats;
+pub mod stream;
 pub mod zoo;

@@ -3,13 +3,16 @@
 //!
 //! The estimate is 2 × (every tensor of the lowered forward graph) — the backward pass keeps the
 //! forward activations and creates gradients of the same sizes — plus the N × P gradient
-//! outputs. Sample-axis tensors scale with the batch, so a smaller batch (a chunk of the probe)
+//! outputs, the weights three times (model, analysis, runtime) and a fixed process base. Sample-axis tensors scale with the batch, so a smaller batch (a chunk of the probe)
 //! needs proportionally less.
 
 use anyhow::{bail, Result};
 
 use crate::grad::analysis::Analysis;
 use crate::grad::Kind;
+
+/// Resident memory of the process before any model: code, ONNX Runtime or tract, buffers.
+pub const BASE_BYTES: u64 = 48 << 20;
 
 /// Parse `4G`, `512M`, `1.5GiB`, `2048K` or a plain byte count.
 pub fn parse_size(s: &str) -> Result<u64> {
@@ -51,7 +54,11 @@ pub fn default_limit() -> u64 {
 }
 
 pub fn fmt_bytes(b: u64) -> String {
-    format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+    if b >= 1 << 30 {
+        format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64)
+    }
 }
 
 /// The estimate for the analysed batch, split into what scales with the batch and what does not.
@@ -108,6 +115,16 @@ pub fn estimate(an: &Analysis, grad_columns: usize) -> Result<Estimate> {
         };
         *slot = slot.saturating_add(bytes.saturating_mul(2));
     }
+    // The process itself (code, runtime libraries) and the weights held three times over: the
+    // loaded model, the analysis' copy and the runtime session's.
+    let weights: u64 = an
+        .params
+        .iter()
+        .map(|p| p.numel() as u64 * elem as u64)
+        .sum();
+    fixed = fixed
+        .saturating_add(BASE_BYTES)
+        .saturating_add(weights.saturating_mul(3));
     let per_sample = (per_batch / an.n.max(1) as u64)
         .saturating_add((grad_columns as u64).saturating_mul(elem as u64));
     Ok(Estimate {
@@ -138,7 +155,10 @@ pub fn batch_that_fits(an: &Analysis, grad_columns: usize, limit: u64) -> Result
         );
     }
     let per = e.per_sample.max(1);
-    Ok((((limit - e.fixed) / per) as usize).clamp(1, an.n))
+    let k = (((limit - e.fixed) / per) as usize).clamp(1, an.n);
+    // ONNX Runtime picks other kernels for a batch of one, whose last bits differ: keep chunks
+    // of two or more whenever they fit, so chunked results equal unchunked ones.
+    Ok(if k == 1 && an.n >= 2 && fits(2) { 2 } else { k })
 }
 
 #[cfg(test)]

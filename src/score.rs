@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use gradalign_plugin_api::abi::{inputs as flag, role};
+use gradalign_plugin_api::PackedSigns;
 
 use crate::engine::{self, LayoutEntry, PerSampleGrads};
 use crate::grad::{GradOptions, ParamSelect};
@@ -122,6 +123,46 @@ fn column_sums(g: &HostTensor) -> Vec<f64> {
     }
 }
 
+/// Packed signs of the rows of `g` and of its class means (classes in ascending label order,
+/// sums in sample order: the same numbers the streamed path accumulates).
+fn pack_signs(g: &HostTensor, labels: &[i64]) -> (PackedSigns, PackedSigns) {
+    let (n, p) = (g.shape()[0], g.shape()[1]);
+    let mut classes: BTreeMap<i64, usize> = BTreeMap::new();
+    for &y in labels {
+        let k = classes.len();
+        classes.entry(y).or_insert(k);
+    }
+    let rank: BTreeMap<i64, usize> = classes.keys().enumerate().map(|(k, &y)| (y, k)).collect();
+    let mut signs = PackedSigns::zeros(n, p);
+    let mut sums = vec![0.0f64; rank.len() * p];
+    macro_rules! fill {
+        ($a:expr) => {{
+            for (i, row) in $a
+                .as_slice()
+                .expect("standard layout")
+                .chunks(p)
+                .enumerate()
+            {
+                signs.set(i, 0, row);
+                let c = rank[&labels[i]];
+                for (s, &v) in sums[c * p..(c + 1) * p].iter_mut().zip(row) {
+                    *s += v as f64;
+                }
+            }
+        }};
+    }
+    match g {
+        HostTensor::F32(a) => fill!(a),
+        HostTensor::F64(a) => fill!(a),
+        _ => unreachable!("gradients are float"),
+    }
+    let mut means = PackedSigns::zeros(rank.len(), p);
+    for c in 0..rank.len() {
+        means.set(c, 0, &sums[c * p..(c + 1) * p]);
+    }
+    (signs, means)
+}
+
 /// InputData from one gradient run, restricted to the columns of `keep` (all when `None`).
 fn input_data(
     model: &Model,
@@ -165,8 +206,10 @@ fn input_data(
             (kept.into_iter().map(|(m, _)| m).collect(), grads)
         }
     };
+    let signs = (flags & flag::SIGNS != 0).then(|| pack_signs(&grads, &g.labels.to_vec()));
     InputData {
         n,
+        signs,
         classes: g.logits.shape().get(1).copied().unwrap_or(0),
         param_values: (flags & (flag::PARAM_VALUES) != 0).then(|| param_values(model, &params)),
         batch_grads: (flags & flag::BATCH_GRADS != 0).then(|| column_sums(&grads)),
@@ -192,6 +235,7 @@ pub fn score_model(
     let t0 = Instant::now();
     let union = scorers.iter().fold(0u64, |f, s| f | s.inputs);
     let grad_flags = flag::PER_SAMPLE_GRADS
+        | flag::SIGNS
         | flag::BATCH_GRADS
         | flag::LOGITS
         | flag::PARAM_VALUES
@@ -212,17 +256,50 @@ pub fn score_model(
             },
             ..opts
         };
-        let g = engine::per_sample_grads_on(model, probe, run_opts, shipped, backend, device)?;
-        runtime = g.runtime.to_string();
-        if wants_all {
-            all_params = Some(input_data(model, &g, None, union));
-            let plain = scorers.iter().any(|s| s.inputs & flag::ALL_PARAMS == 0);
-            if plain && opts.params == ParamSelect::Weights {
-                let keep = |m: &ParamMeta| m.role == role::WEIGHT;
-                selected = Some(input_data(model, &g, Some(&keep), union));
+        if shipped {
+            engine::check_shipped_probe(model, probe)?;
+        }
+        if !crate::stream::matrix_fits(model, probe, run_opts)? {
+            // Too big for the whole matrix: stream the columns the user selected, keeping signs.
+            let sg = crate::stream::per_sample_signs(model, probe, opts, backend, device)?;
+            runtime = sg.runtime.to_string();
+            for s in scorers {
+                let why = if s.inputs & flag::PER_SAMPLE_GRADS != 0 {
+                    "it reads the full N × P per-sample gradients, which exceed --max-memory \
+                     (scorers reading packed signs, such as gradsign and gradalign-*, still run)"
+                } else if s.inputs & flag::ALL_PARAMS != 0 && opts.params != ParamSelect::All {
+                    "it needs every parameter's columns: rerun with --params all"
+                } else {
+                    continue;
+                };
+                errors.insert(s.name.clone(), why.to_string());
             }
+            let params = metas(model, &sg.layout);
+            selected = Some(InputData {
+                n: probe.len(),
+                classes: sg.classes,
+                param_values: (union & flag::PARAM_VALUES != 0)
+                    .then(|| param_values(model, &params)),
+                batch_grads: (union & flag::BATCH_GRADS != 0).then_some(sg.batch_grads),
+                logits: (union & flag::LOGITS != 0).then_some(sg.logits),
+                labels: probe.labels.to_vec(),
+                params,
+                signs: Some((sg.signs, sg.class_signs)),
+                ..Default::default()
+            });
         } else {
-            selected = Some(input_data(model, &g, None, union));
+            let g = engine::per_sample_grads_on(model, probe, run_opts, shipped, backend, device)?;
+            runtime = g.runtime.to_string();
+            if wants_all {
+                all_params = Some(input_data(model, &g, None, union));
+                let plain = scorers.iter().any(|s| s.inputs & flag::ALL_PARAMS == 0);
+                if plain && opts.params == ParamSelect::Weights {
+                    let keep = |m: &ParamMeta| m.role == role::WEIGHT;
+                    selected = Some(input_data(model, &g, Some(&keep), union));
+                }
+            } else {
+                selected = Some(input_data(model, &g, None, union));
+            }
         }
     }
     if selected.is_none() && all_params.is_none() {

@@ -75,6 +75,9 @@ impl Default for GraphSpec {
 pub struct GradGraphBuilder<'a> {
     an: &'a Analysis,
     spec: GraphSpec,
+    /// Emit gradient outputs for these parameters only (the backward pass is still built for
+    /// all of `an.selected`, so the graph, and the runtime's choice of kernels, stay the same).
+    outputs_only: Option<Vec<usize>>,
 }
 
 pub fn value_info(name: &str, dtype: DType, shape: &[usize]) -> pb::ValueInfoProto {
@@ -102,14 +105,21 @@ pub fn value_info(name: &str, dtype: DType, shape: &[usize]) -> pb::ValueInfoPro
 
 impl<'a> GradGraphBuilder<'a> {
     pub fn new(an: &'a Analysis) -> Self {
-        GradGraphBuilder {
-            an,
-            spec: GraphSpec::default(),
-        }
+        Self::with_spec(an, GraphSpec::default())
     }
 
     pub fn with_spec(an: &'a Analysis, spec: GraphSpec) -> Self {
-        GradGraphBuilder { an, spec }
+        GradGraphBuilder {
+            an,
+            spec,
+            outputs_only: None,
+        }
+    }
+
+    /// Output only the gradients of `params` (indices into `Analysis::params`).
+    pub fn outputs_only(mut self, params: Vec<usize>) -> Self {
+        self.outputs_only = Some(params);
+        self
     }
 
     /// Tensors on a path from a selected parameter (or the input, for its gradient) to the
@@ -228,10 +238,10 @@ impl<'a> GradGraphBuilder<'a> {
             &an.infos[&an.logits].shape,
         )];
         let mut grad_outputs = vec![];
-        let selected: &[usize] = if self.spec.param_grads {
-            &an.selected
-        } else {
-            &[]
+        let selected: &[usize] = match (&self.outputs_only, self.spec.param_grads) {
+            (_, false) => &[],
+            (Some(only), true) => only,
+            (None, true) => &an.selected,
         };
         for &pi in selected {
             let p = &an.params[pi];

@@ -3,6 +3,7 @@
 use std::ffi::CString;
 
 use gradalign_plugin_api::abi::{self, GaInputs, GaParam};
+use gradalign_plugin_api::PackedSigns;
 
 use crate::onnx::HostTensor;
 
@@ -37,6 +38,8 @@ pub struct InputData {
     pub hessian_grad_product: Option<Vec<f64>>,
     pub model_params: f64,
     pub model_flops: f64,
+    /// Packed signs of the per-sample gradients and of the class-mean gradients.
+    pub signs: Option<(PackedSigns, PackedSigns)>,
 }
 
 /// The C view of an [`InputData`]; owns the strings and arrays the pointers refer to.
@@ -130,6 +133,24 @@ impl InputData {
             hessian_grad_product: ptr(&self.hessian_grad_product),
             model_params: self.model_params,
             model_flops: self.model_flops,
+            sign_pos: self
+                .signs
+                .as_ref()
+                .map_or(std::ptr::null(), |s| s.0.pos.as_ptr()),
+            sign_neg: self
+                .signs
+                .as_ref()
+                .map_or(std::ptr::null(), |s| s.0.neg.as_ptr()),
+            sign_words: self.signs.as_ref().map_or(0, |s| s.0.words as u64),
+            class_sign_pos: self
+                .signs
+                .as_ref()
+                .map_or(std::ptr::null(), |s| s.1.pos.as_ptr()),
+            class_sign_neg: self
+                .signs
+                .as_ref()
+                .map_or(std::ptr::null(), |s| s.1.neg.as_ptr()),
+            n_sign_classes: self.signs.as_ref().map_or(0, |s| s.1.rows as u64),
         };
         RawInputs {
             inputs,
@@ -175,6 +196,12 @@ pub fn masked(raw: &GaInputs, flags: u64) -> GaInputs {
     }
     if !has(HESSIAN_GRAD_PRODUCT) {
         m.hessian_grad_product = std::ptr::null();
+    }
+    if !has(SIGNS) {
+        m.sign_pos = std::ptr::null();
+        m.sign_neg = std::ptr::null();
+        m.class_sign_pos = std::ptr::null();
+        m.class_sign_neg = std::ptr::null();
     }
     if !has(MODEL_INFO) {
         m.model_params = f64::NAN;

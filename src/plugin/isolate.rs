@@ -36,6 +36,12 @@ impl W {
             self.0.extend_from_slice(&x.to_le_bytes());
         }
     }
+    fn u64s(&mut self, v: &[u64]) {
+        self.u64(v.len() as u64);
+        for x in v {
+            self.0.extend_from_slice(&x.to_le_bytes());
+        }
+    }
     fn opt_f64s(&mut self, v: &Option<Vec<f64>>, on: bool) {
         match v {
             Some(v) if on => {
@@ -80,6 +86,13 @@ impl R<'_> {
         let b = self.take(n * 8)?;
         Ok(b.chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+    fn u64s(&mut self) -> Result<Vec<u64>> {
+        let n = self.len(8)?;
+        let b = self.take(n * 8)?;
+        Ok(b.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect())
     }
     fn opt_f64s(&mut self) -> Result<Option<Vec<f64>>> {
@@ -157,6 +170,18 @@ pub fn encode(d: &InputData, flags: u64) -> Vec<u8> {
     w.opt_f64s(&d.hessian_grad_product, has(flag::HESSIAN_GRAD_PRODUCT));
     w.0.extend_from_slice(&d.model_params.to_le_bytes());
     w.0.extend_from_slice(&d.model_flops.to_le_bytes());
+    match &d.signs {
+        Some((s, c)) if has(flag::SIGNS) => {
+            w.u64(1);
+            for p in [s, c] {
+                w.u64(p.rows as u64);
+                w.u64(p.cols as u64);
+                w.u64s(&p.pos);
+                w.u64s(&p.neg);
+            }
+        }
+        _ => w.u64(0),
+    }
     w.0
 }
 
@@ -222,6 +247,26 @@ pub fn decode(b: &[u8]) -> Result<InputData> {
     d.hessian_grad_product = r.opt_f64s()?;
     d.model_params = f64::from_bits(r.u64()?);
     d.model_flops = f64::from_bits(r.u64()?);
+    if r.u64()? == 1 {
+        let mut planes = vec![];
+        for _ in 0..2 {
+            let (rows, cols) = (r.u64()? as usize, r.u64()? as usize);
+            let (pos, neg) = (r.u64s()?, r.u64s()?);
+            let words = cols.div_ceil(64);
+            if pos.len() != rows * words || neg.len() != rows * words {
+                bail!("sign planes of the wrong size");
+            }
+            planes.push(gradalign_plugin_api::PackedSigns {
+                pos,
+                neg,
+                rows,
+                words,
+                cols,
+            });
+        }
+        let c = planes.pop().unwrap();
+        d.signs = Some((planes.pop().unwrap(), c));
+    }
     Ok(d)
 }
 

@@ -8,7 +8,7 @@
 use std::ffi::{c_char, c_void};
 
 /// Bump on any change to the structs below.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 /// The generic exported symbol.
 pub const SYMBOL: &str = "gradalign_plugin_table";
 
@@ -37,8 +37,11 @@ pub mod inputs {
     pub const HESSIAN_GRAD_PRODUCT: u64 = 1 << 9;
     /// Gradient columns for every trainable parameter (biases, norm affines), not only weights.
     pub const ALL_PARAMS: u64 = 1 << 10;
+    /// Packed signs of the per-sample gradients and of each class's mean gradient (see
+    /// `GaInputs::sign_pos`). Available even when the N × P gradients exceed `--max-memory`.
+    pub const SIGNS: u64 = 1 << 11;
     /// Every flag this ABI version knows.
-    pub const KNOWN: u64 = (1 << 11) - 1;
+    pub const KNOWN: u64 = (1 << 12) - 1;
 }
 
 /// Role of a parameter block.
@@ -103,6 +106,17 @@ pub struct GaInputs {
     pub hessian_grad_product: *const f64,
     pub model_params: f64,
     pub model_flops: f64,
+    /// Signs of the per-sample gradients as two bit-planes, N × `sign_words` u64 each: bit
+    /// c % 64 of word c / 64 of a row is set in `sign_pos` where the gradient column c is > 0
+    /// and in `sign_neg` where it is < 0 (ABI version 2).
+    pub sign_pos: *const u64,
+    pub sign_neg: *const u64,
+    pub sign_words: u64,
+    /// The same planes for the sign of each class's mean gradient: one row per class present in
+    /// the labels, in ascending label order.
+    pub class_sign_pos: *const u64,
+    pub class_sign_neg: *const u64,
+    pub n_sign_classes: u64,
 }
 
 /// Computes one score. Returns 0 and writes `*out` on success; otherwise returns non-zero and

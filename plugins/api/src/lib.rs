@@ -20,5 +20,7 @@
 pub mod abi;
 pub mod linalg;
 pub mod sdk;
+pub mod signs;
 
 pub use sdk::{trampoline, Grads, Inputs, Matrix, Param, PluginTableHolder, Scorer, ScorerEntry};
+pub use signs::{PackedSigns, SignPlanes};

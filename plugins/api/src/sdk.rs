@@ -5,6 +5,7 @@ use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::abi::{self, GaInputs, GaPluginTable, GaScorer};
+use crate::signs::SignPlanes;
 
 /// A row-major matrix borrowed from the host.
 #[derive(Clone, Copy, Debug)]
@@ -158,6 +159,34 @@ impl<'a> Inputs<'a> {
                 })),
                 p => Err(format!("unknown gradient precision code {p}")),
             }
+        }
+    }
+    /// Packed signs of the per-sample gradients (N rows) and of the class-mean gradients (one
+    /// row per class present, ascending labels).
+    pub fn signs(&self) -> Result<(SignPlanes<'a>, SignPlanes<'a>), String> {
+        let (rows, words, cols) = (
+            self.n_samples(),
+            self.raw.sign_words as usize,
+            self.n_columns(),
+        );
+        let classes = self.raw.n_sign_classes as usize;
+        unsafe {
+            Ok((
+                SignPlanes {
+                    pos: slice(self.raw.sign_pos, rows * words, "gradient signs")?,
+                    neg: slice(self.raw.sign_neg, rows * words, "gradient signs")?,
+                    rows,
+                    words,
+                    cols,
+                },
+                SignPlanes {
+                    pos: slice(self.raw.class_sign_pos, classes * words, "class-mean signs")?,
+                    neg: slice(self.raw.class_sign_neg, classes * words, "class-mean signs")?,
+                    rows: classes,
+                    words,
+                    cols,
+                },
+            ))
         }
     }
     pub fn labels(&self) -> Result<&'a [i64], String> {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use gradalign_plugin_api::linalg::cholesky_logdet;
-use gradalign_plugin_api::Matrix;
+use gradalign_plugin_api::{Matrix, PackedSigns, SignPlanes};
 
 /// Ridge added to every per-class Gram matrix before the log-determinant.
 pub const GRAM_EPS: f64 = 1e-6;
@@ -150,9 +150,154 @@ pub fn gradalign_ii<T: Copy + Into<f64>>(
     Ok(total)
 }
 
+// The scorers' own implementations, on packed signs (what the host supplies, streamed when the
+// gradients exceed --max-memory). The matrix functions above define the same quantities
+// directly and serve as the reference in the tests below.
+
+/// Gram matrix ⟨s_i, s_j⟩ of the rows `idx` of `s`.
+fn packed_gram(s: &SignPlanes, idx: &[usize]) -> Vec<i64> {
+    let n = idx.len();
+    let mut k = vec![0i64; n * n];
+    for a in 0..n {
+        for b in a..n {
+            let d = s.dot(idx[a], idx[b]);
+            k[a * n + b] = d;
+            k[b * n + a] = d;
+        }
+    }
+    k
+}
+
+/// GradSign on packed signs.
+pub fn gradsign_packed(s: &SignPlanes) -> f64 {
+    s.column_sums()
+        .iter()
+        .map(|&a| a.unsigned_abs() as f64)
+        .sum()
+}
+
+/// GradAlign-I (`dot`) on packed signs; `class_means` has one row per class in ascending label
+/// order (the sign of that class's mean gradient).
+pub fn gradalign_i_dot_packed(s: &SignPlanes, class_means: &SignPlanes, labels: &[i64]) -> f64 {
+    let mut total = 0.0;
+    for (c, idx) in classes(labels).values().enumerate() {
+        let sum: i64 = idx.iter().map(|&i| s.dot_with(i, class_means, c)).sum();
+        total += sum as f64 / idx.len() as f64;
+    }
+    total
+}
+
+/// GradAlign-I (`cos`) on packed signs: with K the class's sign Gram matrix,
+/// ⟨s_i, s̄_c⟩ = Σ_j K_ij / n_c, ‖s̄_c‖ = √(Σ_jk K_jk) / n_c and nnz(s_i) = K_ii.
+pub fn gradalign_i_cos_packed(s: &SignPlanes, labels: &[i64]) -> f64 {
+    let cls = classes(labels);
+    let mut total = 0.0;
+    for idx in cls.values() {
+        let n = idx.len();
+        let k = packed_gram(s, idx);
+        let nc = n as f64;
+        let mean_norm = (k.iter().sum::<i64>() as f64).sqrt() / nc;
+        let mut acc = 0.0;
+        for a in 0..n {
+            let nnz = k[a * n + a] as f64;
+            if nnz == 0.0 || mean_norm == 0.0 {
+                continue;
+            }
+            let dot = k[a * n..(a + 1) * n].iter().sum::<i64>() as f64 / nc;
+            acc += dot / (nnz.sqrt() * mean_norm);
+        }
+        total += acc / nc;
+    }
+    total / cls.len().max(1) as f64
+}
+
+/// GradAlign-II on packed signs.
+pub fn gradalign_ii_packed(s: &SignPlanes, labels: &[i64], normalise: bool) -> Result<f64, String> {
+    let mut total = 0.0;
+    for (c, idx) in classes(labels) {
+        let n = idx.len();
+        let k = packed_gram(s, &idx);
+        total += gram_logdet(&k, n, normalise).map_err(|e| format!("class {c}: {e}"))?;
+    }
+    Ok(total)
+}
+
+fn gram_logdet(k: &[i64], n: usize, normalise: bool) -> Result<f64, String> {
+    let mut kf = vec![0.0f64; n * n];
+    for a in 0..n {
+        for b in 0..n {
+            let v = k[a * n + b] as f64;
+            kf[a * n + b] = if normalise {
+                let d = ((k[a * n + a] * k[b * n + b]) as f64).sqrt();
+                if d == 0.0 {
+                    0.0
+                } else {
+                    v / d
+                }
+            } else {
+                v
+            };
+        }
+        kf[a * n + a] += GRAM_EPS;
+    }
+    cholesky_logdet(&kf, n)
+}
+
+/// Pack `g` and the signs of its class means, as the host does.
+pub fn pack<T: Copy + Into<f64>>(g: Matrix<T>, labels: &[i64]) -> (PackedSigns, PackedSigns) {
+    let all = PackedSigns::from_matrix(g.data, g.rows, g.cols);
+    let cls = classes(labels);
+    let mut means = PackedSigns::zeros(cls.len(), g.cols);
+    for (c, idx) in cls.values().enumerate() {
+        let mut m = vec![0.0f64; g.cols];
+        for &i in idx {
+            for (a, &v) in m.iter_mut().zip(g.row(i)) {
+                *a += v.into();
+            }
+        }
+        means.set(c, 0, &m);
+    }
+    (all, means)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every packed implementation equals its matrix reference.
+    fn packed_equals_reference(g: Matrix<f32>, y: &[i64]) {
+        let (s, m) = pack(g, y);
+        let (s, m) = (s.planes(), m.planes());
+        assert_eq!(gradsign_packed(&s), gradsign(g));
+        assert_eq!(gradalign_i_dot_packed(&s, &m, y), gradalign_i_dot(g, y));
+        let (a, b) = (gradalign_i_cos_packed(&s, y), gradalign_i_cos(g, y));
+        assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "{a} {b}");
+        for norm in [true, false] {
+            let (a, b) = (
+                gradalign_ii_packed(&s, y, norm).unwrap(),
+                gradalign_ii(g, y, norm).unwrap(),
+            );
+            assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "{a} {b}");
+        }
+    }
+
+    #[test]
+    fn packed_scorers_equal_the_matrix_definitions() {
+        packed_equals_reference(m(&G, 3), &Y);
+        // 12 samples × 150 columns of pseudo-random values with zeros, 3 classes.
+        let mut st = 7u64;
+        let data: Vec<f32> = (0..12 * 150)
+            .map(|_| {
+                st = st
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let v = ((st >> 33) % 7) as f32 - 3.0;
+                v * 0.1
+            })
+            .collect();
+        let y: Vec<i64> = (0..12).map(|i| (i % 3) as i64).collect();
+        packed_equals_reference(m(&data, 12), &y);
+    }
 
     fn m(data: &[f32], rows: usize) -> Matrix<'_, f32> {
         Matrix {

@@ -1,0 +1,228 @@
+//! Memory-bounded gradients (issue 6): when the N × P per-sample gradients do not fit in
+//! `--max-memory`, the probe runs in sample chunks and the parameters in groups, and only what the
+//! sign-based scorers need is kept: the packed signs of every per-sample gradient (2 bits per
+//! value), the signs of each class's mean gradient, the batch gradient (P f64) and the logits.
+//! GradSign and GradAlign are integer sums over columns of these, so their scores are identical
+//! to an unbounded run.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use gradalign_plugin_api::PackedSigns;
+
+use crate::engine::LayoutEntry;
+use crate::grad::analysis::Analysis;
+use crate::grad::builder::{GradGraphBuilder, GraphSpec};
+use crate::grad::GradOptions;
+use crate::memory;
+use crate::onnx::{DType, HostTensor, Model};
+use crate::probe::Probe;
+use crate::runtime::{self, Backend, Device};
+
+/// What a streamed run keeps.
+pub struct StreamedGrads {
+    pub layout: Vec<LayoutEntry>,
+    /// N rows.
+    pub signs: PackedSigns,
+    /// One row per class present in the labels, ascending.
+    pub class_signs: PackedSigns,
+    /// Σ_i g_i, P.
+    pub batch_grads: Vec<f64>,
+    /// N × classes.
+    pub logits: Vec<f64>,
+    pub classes: usize,
+    pub runtime: &'static str,
+    pub notes: Vec<String>,
+}
+
+/// Whether the N × P gradient matrix (with one sample's activations) fits `--max-memory`.
+pub fn matrix_fits(model: &Model, probe: &Probe, opts: GradOptions) -> Result<bool> {
+    let n = probe.len();
+    let mut shape = vec![n];
+    shape.extend(probe.sample_shape());
+    let an = Analysis::new(model, &shape, opts)?;
+    let cols: u64 = an
+        .selected
+        .iter()
+        .map(|&i| an.params[i].numel() as u64)
+        .sum();
+    let elem = if an.float == DType::F64 { 8 } else { 4 };
+    let limit = opts.max_memory.unwrap_or_else(memory::default_limit);
+    let matrix = (n as u64).saturating_mul(cols).saturating_mul(elem);
+    let one = memory::estimate(&an, cols as usize)?.for_batch(1);
+    Ok(one.is_some_and(|o| matrix.saturating_add(o) <= limit))
+}
+
+pub fn per_sample_signs(
+    model: &Model,
+    probe: &Probe,
+    opts: GradOptions,
+    backend: Backend,
+    device: Device,
+) -> Result<StreamedGrads> {
+    let n = probe.len();
+    let limit = opts.max_memory.unwrap_or_else(memory::default_limit);
+    let mut shape = vec![n];
+    shape.extend(probe.sample_shape());
+    let an = Analysis::new(model, &shape, opts)?;
+    probe.check_labels(an.num_classes)?;
+    let elem: u64 = if an.float == DType::F64 { 8 } else { 4 };
+    let sel = an.selected.clone();
+    let p: usize = sel.iter().map(|&i| an.params[i].numel()).sum();
+    let mut by_class: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+    for (i, &y) in probe.labels.iter().enumerate() {
+        by_class.entry(y).or_default().push(i);
+    }
+    let class_of: Vec<usize> = {
+        let rank: BTreeMap<i64, usize> =
+            by_class.keys().enumerate().map(|(k, &y)| (y, k)).collect();
+        probe.labels.iter().map(|y| rank[y]).collect()
+    };
+    let nc = by_class.len();
+    let words = p.div_ceil(64) as u64;
+    // Kept for the whole run: both sign planes for N samples and the class means, the batch
+    // gradient, the probe and logits.
+    let kept = (2 * 8 * words * (n + nc) as u64)
+        .saturating_add(8 * p as u64)
+        .saturating_add((probe.images.len() as u64) * 4 * 2);
+    if kept >= limit {
+        bail!(
+            "even the packed gradient signs ({}) exceed --max-memory {}",
+            memory::fmt_bytes(kept),
+            memory::fmt_bytes(limit)
+        );
+    }
+    let budget = limit - kept;
+    // The largest sample chunk whose activations leave room for a column group holding the
+    // biggest parameter: each group column costs a gradient value per chunk sample (graph
+    // output and its f64 copy) and a class-mean accumulator per class.
+    let est = memory::estimate(&an, 0)?;
+    let widest = sel.iter().map(|&i| an.params[i].numel()).max().unwrap_or(0) as u64;
+    let cols_for = |chunk: usize| -> Option<u64> {
+        let act = est.for_batch(chunk)?;
+        let per_col = (elem + 8) * chunk as u64 + 8 * nc as u64;
+        let cols = budget.checked_sub(act)? / per_col;
+        (cols >= widest.max(1)).then_some(cols)
+    };
+    let mut chunk = n;
+    while chunk > 2 && cols_for(chunk).is_none() {
+        chunk = chunk.div_ceil(2);
+    }
+    // Chunks of two or more when they fit: ONNX Runtime's batch-of-one kernels round
+    // differently, and chunked results should equal unchunked ones.
+    let (chunk, cols_per_group) = match (cols_for(chunk), cols_for(1)) {
+        (Some(c), _) => (chunk, c),
+        (None, Some(c)) => (1, c),
+        (None, None) => bail!(
+            "one probe sample with the largest parameter's gradients needs more than --max-memory {}",
+            memory::fmt_bytes(limit)
+        ),
+    };
+    let mut groups: Vec<Vec<usize>> = vec![];
+    let mut width = 0u64;
+    for &i in &sel {
+        let w = an.params[i].numel() as u64;
+        if groups.is_empty() || width + w > cols_per_group {
+            groups.push(vec![]);
+            width = 0;
+        }
+        groups.last_mut().unwrap().push(i);
+        width += w;
+    }
+
+    let mut layout = vec![];
+    let mut offset_of = BTreeMap::new();
+    let mut offset = 0;
+    for &i in &sel {
+        let prm = &an.params[i];
+        layout.push(LayoutEntry {
+            name: prm.name.clone(),
+            op_type: prm.op_type.clone(),
+            node: prm.node.clone(),
+            shape: prm.shape.clone(),
+            offset,
+            numel: prm.numel(),
+        });
+        offset_of.insert(i, offset);
+        offset += prm.numel();
+    }
+    let mut signs = PackedSigns::zeros(n, p);
+    let mut class_signs = PackedSigns::zeros(nc, p);
+    let mut batch = vec![0.0f64; p];
+    let mut logits = vec![];
+    let mut classes = 0;
+    let mut runtime_name = "none";
+    let mut chunk_shape = vec![chunk];
+    chunk_shape.extend(probe.sample_shape());
+    let images = probe.images_tensor().cast(an.float);
+    for (gi, group) in groups.iter().enumerate() {
+        // The backward pass for every selected parameter, outputs for this group only: the
+        // same graph (and kernels) for every group, so values equal an unbounded run's.
+        let ga = Analysis::new(model, &chunk_shape, opts)?;
+        let gg = GradGraphBuilder::with_spec(&ga, GraphSpec::default())
+            .outputs_only(group.clone())
+            .build()?;
+        let runner = runtime::load(&gg.model, backend, device, ga.float == DType::F64)?;
+        runtime_name = runner.name();
+        let gcols: usize = group.iter().map(|&i| an.params[i].numel()).sum();
+        let g0 = offset_of[&group[0]];
+        let mut class_sum = vec![0.0f64; nc * gcols];
+        for start in (0..n).step_by(chunk) {
+            let end = (start + chunk).min(n);
+            let idx: Vec<usize> = (start..start + chunk).map(|i| i.min(end - 1)).collect();
+            let ys = probe.labels.select(ndarray::Axis(0), &idx);
+            let xs = match &images {
+                HostTensor::F32(x) => HostTensor::F32(x.select(ndarray::Axis(0), &idx)),
+                HostTensor::F64(x) => HostTensor::F64(x.select(ndarray::Axis(0), &idx)),
+                _ => bail!("probe images have an unexpected type"),
+            };
+            let outs = runner.run(&xs, &ys)?;
+            if gi == 0 {
+                let z = outs[0].to_f64_vec();
+                classes = outs[0].shape().get(1).copied().unwrap_or(0);
+                logits.extend_from_slice(&z[..(end - start) * classes]);
+            }
+            let mut out_i = 1;
+            for (go, &pi) in gg.grads.iter().zip(group) {
+                let numel = an.params[pi].numel();
+                let col = offset_of[&pi];
+                if go.output.is_none() {
+                    continue; // cannot reach the loss: zero, which the planes already hold
+                }
+                let block = outs[out_i].to_f64_vec();
+                out_i += 1;
+                for r in 0..end - start {
+                    let row = &block[r * numel..(r + 1) * numel];
+                    let i = start + r;
+                    signs.set(i, col, row);
+                    let cs = &mut class_sum[class_of[i] * gcols + (col - g0)..][..numel];
+                    for ((c, b), &v) in cs.iter_mut().zip(&mut batch[col..col + numel]).zip(row) {
+                        *c += v;
+                        *b += v;
+                    }
+                }
+            }
+        }
+        for c in 0..nc {
+            class_signs.set(c, g0, &class_sum[c * gcols..(c + 1) * gcols]);
+        }
+    }
+    let mut notes = an.notes.clone();
+    notes.push(format!(
+        "the {n} × {p} gradients exceed --max-memory {}: streamed in {} parameter group(s) × {} \
+         sample chunk(s), keeping packed signs only",
+        memory::fmt_bytes(limit),
+        groups.len(),
+        n.div_ceil(chunk)
+    ));
+    Ok(StreamedGrads {
+        layout,
+        signs,
+        class_signs,
+        batch_grads: batch,
+        logits,
+        classes,
+        runtime: runtime_name,
+        notes,
+    })
+}
