@@ -27,6 +27,8 @@ pub struct ScoreReport {
     pub grad_seconds: f64,
     /// Seconds inside scorers.
     pub score_seconds: f64,
+    /// What the user should know about how the inputs were computed (chunking, streaming).
+    pub notes: Vec<String>,
 }
 
 /// Role and output-channel axis of a parameter, from the node that first consumes it.
@@ -242,6 +244,7 @@ pub fn score_model(
         | flag::LABELS;
     let mut errors = BTreeMap::new();
     let mut runtime = "none".to_string();
+    let mut notes: Vec<String> = vec![];
     // `all_params` serves scorers that declare ALL_PARAMS; `selected` (the user's --params
     // columns) the others, and falls back to `all_params` when the two coincide.
     let mut all_params: Option<InputData> = None;
@@ -263,6 +266,7 @@ pub fn score_model(
             // Too big for the whole matrix: stream the columns the user selected, keeping signs.
             let sg = crate::stream::per_sample_signs(model, probe, opts, backend, device)?;
             runtime = sg.runtime.to_string();
+            notes.extend(sg.notes.iter().cloned());
             for s in scorers {
                 let why = if s.inputs & flag::PER_SAMPLE_GRADS != 0 {
                     "it reads the full N × P per-sample gradients, which exceed --max-memory \
@@ -422,5 +426,6 @@ pub fn score_model(
         runtime,
         grad_seconds,
         score_seconds: t1.elapsed().as_secs_f64(),
+        notes,
     })
 }

@@ -324,58 +324,136 @@ fn build(arch: &str, seed: u64, layout: Layout) -> Result<pb::ModelProto> {
     }
     let a = g.bn(&x, "lastact.0", c_prev);
     let r = g.node("Relu", &[&a], vec![]);
-    let pooled = g.node("GlobalAveragePool", &[&r], vec![]);
-    let flat = g.node("Flatten", &[&pooled], vec![attr::i("axis", 1)]);
-    let bound = 1.0 / (c_prev as f64).sqrt();
-    let w = g.tensor("classifier.weight", &[10, c_prev], |r| r.uniform(bound));
-    let b = g.tensor("classifier.bias", &[10], |r| r.uniform(bound));
-    g.count += 1;
-    g.nodes.push(pb::NodeProto {
-        input: vec![flat, w, b],
-        output: vec!["logits".into()],
-        name: "classifier".into(),
-        op_type: "Gemm".into(),
-        attribute: vec![
-            attr::f("alpha", 1.0),
-            attr::f("beta", 1.0),
-            attr::i("transB", 1),
-        ],
-        ..Default::default()
-    });
     if uses_zero {
         let z = HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), 0.0));
         g.inits.push(z.to_proto(&zero));
     }
-    let [ic, ih, iw] = layout.input;
-    let mut input = value_info("input", DType::F32, &[1, ic, ih, iw]);
-    // Dynamic batch, like a PyTorch export with dynamic_axes.
-    if let Some(pb::type_proto::Value::TensorType(t)) =
-        input.r#type.as_mut().and_then(|t| t.value.as_mut())
-    {
-        if let Some(s) = t.shape.as_mut() {
-            s.dim[0].value = Some(pb::tensor_shape_proto::dimension::Value::DimParam(
-                "N".into(),
-            ));
+    Ok(g.finish(&r, c_prev, 10, &format!("nb201 {arch}"), layout.input))
+}
+
+impl Gen {
+    /// Global average pool, the Linear classifier (PyTorch's default init) and the model, with
+    /// a dynamic batch axis like a PyTorch export with dynamic_axes.
+    fn finish(
+        mut self,
+        x: &str,
+        c_prev: usize,
+        classes: usize,
+        name: &str,
+        input: [usize; 3],
+    ) -> pb::ModelProto {
+        let g = &mut self;
+        let pooled = g.node("GlobalAveragePool", &[x], vec![]);
+        let flat = g.node("Flatten", &[&pooled], vec![attr::i("axis", 1)]);
+        let bound = 1.0 / (c_prev as f64).sqrt();
+        let w = g.tensor("classifier.weight", &[classes, c_prev], |r| {
+            r.uniform(bound)
+        });
+        let b = g.tensor("classifier.bias", &[classes], |r| r.uniform(bound));
+        g.count += 1;
+        g.nodes.push(pb::NodeProto {
+            input: vec![flat, w, b],
+            output: vec!["logits".into()],
+            name: "classifier".into(),
+            op_type: "Gemm".into(),
+            attribute: vec![
+                attr::f("alpha", 1.0),
+                attr::f("beta", 1.0),
+                attr::i("transB", 1),
+            ],
+            ..Default::default()
+        });
+        let [ic, ih, iw] = input;
+        let mut vi = value_info("input", DType::F32, &[1, ic, ih, iw]);
+        if let Some(pb::type_proto::Value::TensorType(t)) =
+            vi.r#type.as_mut().and_then(|t| t.value.as_mut())
+        {
+            if let Some(s) = t.shape.as_mut() {
+                s.dim[0].value = Some(pb::tensor_shape_proto::dimension::Value::DimParam(
+                    "N".into(),
+                ));
+            }
+        }
+        pb::ModelProto {
+            ir_version: 8,
+            producer_name: "gradalign-zoo".into(),
+            producer_version: env!("CARGO_PKG_VERSION").into(),
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            }],
+            graph: Some(pb::GraphProto {
+                name: name.into(),
+                node: self.nodes,
+                initializer: self.inits,
+                input: vec![vi],
+                output: vec![value_info("logits", DType::F32, &[1, classes])],
+                ..Default::default()
+            }),
+            ..Default::default()
         }
     }
-    Ok(pb::ModelProto {
-        ir_version: 8,
-        producer_name: "gradalign-zoo".into(),
-        producer_version: env!("CARGO_PKG_VERSION").into(),
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
-        graph: Some(pb::GraphProto {
-            name: format!("nb201 {arch}"),
-            node: g.nodes,
-            initializer: g.inits,
-            input: vec![input],
-            output: vec![value_info("logits", DType::F32, &[1, 10])],
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
+}
+
+/// ResNet-50 (bottleneck blocks [3, 4, 6, 3], widths 64…512 × 4) on `hw`×`hw` RGB images with a
+/// CIFAR-style stem (3×3 conv, no max-pool), training-mode BN and PyTorch's default init:
+/// ≈23.5 M parameters. The memory-bounded demonstration model (`cargo xtask gen-resnet50`).
+pub fn resnet50_model(seed: u64, hw: usize, classes: usize) -> pb::ModelProto {
+    let mut g = Gen {
+        rng: Rng(seed),
+        nodes: vec![],
+        inits: vec![],
+        count: 0,
+        relus: Default::default(),
+    };
+    let stem = g.conv("input", "conv1.weight", 3, 64, 3, 1, 1);
+    let b = g.bn(&stem, "bn1", 64);
+    let mut x = g.node("Relu", &[&b], vec![]);
+    let mut cin = 64;
+    for (stage, (&blocks, &width)) in [3usize, 4, 6, 3]
+        .iter()
+        .zip(&[64usize, 128, 256, 512])
+        .enumerate()
+    {
+        for k in 0..blocks {
+            let stride = if k == 0 && stage > 0 { 2 } else { 1 };
+            let p = format!("layer{}.{k}", stage + 1);
+            let c1 = g.conv(&x, &format!("{p}.conv1.weight"), cin, width, 1, 1, 0);
+            let b1 = g.bn(&c1, &format!("{p}.bn1"), width);
+            let r1 = g.node("Relu", &[&b1], vec![]);
+            let c2 = g.conv(
+                &r1,
+                &format!("{p}.conv2.weight"),
+                width,
+                width,
+                3,
+                stride,
+                1,
+            );
+            let b2 = g.bn(&c2, &format!("{p}.bn2"), width);
+            let r2 = g.node("Relu", &[&b2], vec![]);
+            let c3 = g.conv(&r2, &format!("{p}.conv3.weight"), width, 4 * width, 1, 1, 0);
+            let b3 = g.bn(&c3, &format!("{p}.bn3"), 4 * width);
+            let short = if k == 0 {
+                let d = g.conv(
+                    &x,
+                    &format!("{p}.downsample.0.weight"),
+                    cin,
+                    4 * width,
+                    1,
+                    stride,
+                    0,
+                );
+                g.bn(&d, &format!("{p}.downsample.1"), 4 * width)
+            } else {
+                x.clone()
+            };
+            let sum = g.node("Add", &[&b3, &short], vec![]);
+            x = g.node("Relu", &[&sum], vec![]);
+            cin = 4 * width;
+        }
+    }
+    g.finish(&x, cin, classes, "resnet50", [3, hw, hw])
 }
 
 #[cfg(test)]

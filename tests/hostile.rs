@@ -226,3 +226,50 @@ fn memory_bounded_runs_chunk_the_probe() {
         .to_string();
     assert!(e.contains("--max-memory"), "{e}");
 }
+
+/// Scoring when the N × P gradients exceed --max-memory: the probe is streamed and only packed
+/// signs are kept; the sign-based scorers and the batch-gradient ones give the unbounded scores
+/// exactly (ONNX Runtime, chunks of ≥ 2 samples), and a scorer that needs the raw matrix says so.
+#[test]
+fn memory_bounded_scoring_streams_signs_with_identical_scores() {
+    use gradalign::grad::GradOptions;
+    use gradalign::onnx::Model;
+    use gradalign::plugin::Registry;
+    use gradalign::probe::Probe;
+    use gradalign::runtime::{Backend, Device};
+    use gradalign::score::score_model;
+
+    let m = Model::load(&root().join("models/nb201_random_a.onnx")).unwrap();
+    let probe = Probe::shipped(64).unwrap();
+    let reg = Registry::builtin();
+    let scorers = reg
+        .select("gradsign,gradalign-i,gradalign-ii,gradalign-i-cos,gradalign-ii-raw,grad_norm,snip,params,fisher")
+        .unwrap();
+    let run = |max: Option<u64>| {
+        let o = GradOptions {
+            max_memory: max,
+            ..Default::default()
+        };
+        score_model(&m, &probe, true, o, Backend::Ort, Device::Cpu, &scorers).unwrap()
+    };
+    let full = run(None);
+    assert!(full.errors.is_empty(), "{:?}", full.errors);
+    let bounded = run(Some(130 << 20));
+    assert!(
+        bounded.notes.iter().any(|n| n.contains("streamed in")),
+        "{:?}",
+        bounded.notes
+    );
+    for ((name, a), (_, b)) in full.scores.iter().zip(&bounded.scores) {
+        if name == "fisher" {
+            assert!(b.is_none());
+            assert!(bounded.errors[name].contains("full N × P per-sample gradients"));
+        } else {
+            assert_eq!(
+                a.map(f64::to_bits),
+                b.map(f64::to_bits),
+                "{name}: {a:?} vs {b:?}"
+            );
+        }
+    }
+}

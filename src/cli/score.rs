@@ -108,6 +108,9 @@ pub fn score(
             }
         }
     }
+    for note in &r.notes {
+        eprintln!("note: {note}");
+    }
     for (n, e) in &r.errors {
         eprintln!("error: scorer '{n}': {e}");
     }

@@ -301,6 +301,17 @@ fn main() -> Result<()> {
             bench_grads(n, repeat, &backends, get("--out").as_deref().map(Path::new))
         }
         Some("fetch-ort") => fetch_ort(args.iter().any(|a| a == "--gpu")),
+        Some("gen-resnet50") => {
+            use prost::Message;
+            let out = get("--out").map(PathBuf::from).unwrap_or_else(|| root().join("target/resnet50.onnx"));
+            let hw: usize = get("--input").map(|v| v.parse()).transpose()?.unwrap_or(32);
+            let proto = gradalign::zoo::resnet50_model(0, hw, 10);
+            let m = gradalign::onnx::Model::from_proto(&proto, "resnet50")?;
+            let params: usize = m.initializers.iter().filter(|(n, _)| !n.contains("running")).map(|(_, t)| t.len()).sum();
+            std::fs::write(&out, proto.encode_to_vec())?;
+            eprintln!("wrote {} (ResNet-50, 3×{hw}×{hw} input, {params} parameters)", out.display());
+            Ok(())
+        }
         Some("fuzz") => fuzz::run(&fuzz::Options {
             execs: get("--execs").map(|v| v.parse()).transpose()?.unwrap_or(1_000_000),
             seconds: get("--seconds").map(|v| v.parse()).transpose()?.unwrap_or(1800),
@@ -392,6 +403,6 @@ fn main() -> Result<()> {
                 nb201::run(&root(), &o)
             }
         }
-        _ => bail!("usage: cargo xtask fuzz [--execs 1000000] [--seconds 1800] [--seed S] [--jobs J] [--corpus DIR] [--crashes DIR] | cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR] [--report-only]"),
+        _ => bail!("usage: cargo xtask gen-resnet50 [--out FILE] [--input 32] | cargo xtask fuzz [--execs 1000000] [--seconds 1800] [--seed S] [--jobs J] [--corpus DIR] [--crashes DIR] | cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR] [--report-only]"),
     }
 }
