@@ -14,7 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define GA_ABI_VERSION 1u
+#define GA_ABI_VERSION 2u
 
 /* Input flags (GaScorer.inputs): the host computes only what the selected scorers declare and
  * passes NULL for everything a scorer did not declare. */
@@ -29,6 +29,7 @@
 #define GA_IN_SYNFLOW_GRADS         (1ull << 8)  /* synflow_grads: n_columns f64 */
 #define GA_IN_HESSIAN_GRAD_PRODUCT  (1ull << 9)  /* hessian_grad_product: n_columns f64 */
 #define GA_IN_ALL_PARAMS            (1ull << 10) /* columns for every trainable parameter */
+#define GA_IN_SIGNS                 (1ull << 11) /* packed gradient signs (sign_* fields) */
 
 #define GA_ROLE_WEIGHT 0u /* Conv / ConvTranspose / Gemm / MatMul weight */
 #define GA_ROLE_BIAS   1u
@@ -70,6 +71,16 @@ typedef struct {
     const double *hessian_grad_product;
     double model_params;
     double model_flops;
+    /* ABI 2: signs of the per-sample gradients as two bit-planes, N x sign_words uint64 each;
+       bit c % 64 of word c / 64 is set in sign_pos where column c is > 0, in sign_neg where < 0.
+       The class_* planes hold the sign of each class's mean gradient, one row per class
+       present, ascending labels. */
+    const uint64_t *sign_pos;
+    const uint64_t *sign_neg;
+    uint64_t sign_words;
+    const uint64_t *class_sign_pos;
+    const uint64_t *class_sign_neg;
+    uint64_t n_sign_classes;
 } GaInputs;
 
 /* Returns 0 and writes *out, or non-zero and a NUL-terminated message (≤ err_len bytes). */
