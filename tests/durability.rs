@@ -159,6 +159,10 @@ fn scores_are_bit_identical_across_runs_and_jobs() {
 
     // An NB201 fixture through `score` with every kind of input, twice per backend.
     for backend in ["tract", "ort"] {
+        if backend == "ort" && !gradalign::runtime::ort::available() {
+            println!("SKIPPED (ORT part): ONNX Runtime library not found (cargo xtask fetch-ort)");
+            continue;
+        }
         let run = || {
             let o = Command::new(env!("CARGO_BIN_EXE_gradalign"))
                 .arg("score")

@@ -185,6 +185,10 @@ fn memory_bounded_runs_chunk_the_probe() {
     let m = Model::load(&root().join("models/nb201_random_a.onnx")).unwrap();
     let probe = Probe::shipped(16).unwrap();
     for backend in [Backend::Tract, Backend::Ort] {
+        if backend == Backend::Ort && !gradalign::runtime::ort::available() {
+            println!("SKIPPED (ORT part): ONNX Runtime library not found (cargo xtask fetch-ort)");
+            continue;
+        }
         let full =
             per_sample_grads_with(&m, &probe, GradOptions::default(), true, backend).unwrap();
         let tight = GradOptions {
@@ -239,6 +243,10 @@ fn memory_bounded_scoring_streams_signs_with_identical_scores() {
     use gradalign::runtime::{Backend, Device};
     use gradalign::score::score_model;
 
+    if !gradalign::runtime::ort::available() {
+        println!("SKIPPED: ONNX Runtime library not found (cargo xtask fetch-ort)");
+        return;
+    }
     let m = Model::load(&root().join("models/nb201_random_a.onnx")).unwrap();
     let probe = Probe::shipped(64).unwrap();
     let reg = Registry::builtin();
