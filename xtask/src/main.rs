@@ -285,6 +285,28 @@ fn fetch_ort(gpu: bool) -> Result<()> {
     Ok(())
 }
 
+fn parse_backend(b: Option<&str>) -> Result<gradalign::runtime::Backend> {
+    use gradalign::runtime::Backend;
+    Ok(match b {
+        None | Some("auto") => Backend::Auto,
+        Some("tract") => Backend::Tract,
+        Some("ort") => Backend::Ort,
+        Some(b) => bail!("--backend {b}: use auto, tract or ort"),
+    })
+}
+
+/// `jobs` parallel architectures share the cores: each runtime gets cores / jobs threads
+/// (unless GRADALIGN_THREADS says otherwise).
+fn jobs_with_threads(jobs: usize) -> usize {
+    if jobs > 1 && std::env::var_os("GRADALIGN_THREADS").is_none() {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        std::env::set_var("GRADALIGN_THREADS", (cores / jobs).max(1).to_string());
+    }
+    jobs
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let get = |flag: &str| {
@@ -324,17 +346,8 @@ fn main() -> Result<()> {
             let archs = nb201::load_archs(&root())?.len();
             let seed: u64 = get("--seed").map(|v| v.parse()).transpose()?.unwrap_or(0);
             let k: usize = get("--sample").map(|v| v.parse()).transpose()?.unwrap_or(200);
-            let backend = match get("--backend").as_deref() {
-                None | Some("auto") => gradalign::runtime::Backend::Auto,
-                Some("tract") => gradalign::runtime::Backend::Tract,
-                Some("ort") => gradalign::runtime::Backend::Ort,
-                Some(b) => bail!("--backend {b}: use auto, tract or ort"),
-            };
-            let jobs: usize = get("--jobs").map(|v| v.parse()).transpose()?.unwrap_or(1);
-            if jobs > 1 && std::env::var_os("GRADALIGN_THREADS").is_none() {
-                let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-                std::env::set_var("GRADALIGN_THREADS", (cores / jobs).max(1).to_string());
-            }
+            let backend = parse_backend(get("--backend").as_deref())?;
+            let jobs = jobs_with_threads(get("--jobs").map(|v| v.parse()).transpose()?.unwrap_or(1));
             let sigmas = get("--sigmas")
                 .unwrap_or_else(|| "1e-4,1e-3,1e-2".into())
                 .split(',')
@@ -369,17 +382,8 @@ fn main() -> Result<()> {
                 let k: usize = get("--sample").map(|v| v.parse()).transpose()?.unwrap_or(100);
                 (nb201::sample(archs, k, seed), format!("--sample {k} --seed {seed}"))
             };
-            let backend = match get("--backend").as_deref() {
-                None | Some("auto") => gradalign::runtime::Backend::Auto,
-                Some("tract") => gradalign::runtime::Backend::Tract,
-                Some("ort") => gradalign::runtime::Backend::Ort,
-                Some(b) => bail!("--backend {b}: use auto, tract or ort"),
-            };
-            let jobs: usize = get("--jobs").map(|v| v.parse()).transpose()?.unwrap_or(1);
-            if jobs > 1 && std::env::var_os("GRADALIGN_THREADS").is_none() {
-                let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-                std::env::set_var("GRADALIGN_THREADS", (cores / jobs).max(1).to_string());
-            }
+            let backend = parse_backend(get("--backend").as_deref())?;
+            let jobs = jobs_with_threads(get("--jobs").map(|v| v.parse()).transpose()?.unwrap_or(1));
             let o = nb201::Options {
                 indices,
                 seed,

@@ -76,6 +76,15 @@ fn peak_rss_mib() -> Option<f64> {
     Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
 }
 
+/// Open `path` for appending, writing `header` first when the file is new or empty.
+pub fn append_with_header(path: impl AsRef<Path>, header: &str) -> Result<std::fs::File> {
+    let mut f = OpenOptions::new().create(true).append(true).open(path)?;
+    if f.metadata()?.len() == 0 {
+        writeln!(f, "{header}")?;
+    }
+    Ok(f)
+}
+
 /// Weight seed of architecture `index` in a run seeded `seed`.
 pub fn weight_seed(seed: u64, index: usize) -> u64 {
     seed.wrapping_mul(1_000_003).wrapping_add(index as u64)
@@ -110,27 +119,12 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         }
         done.extend(lines.filter_map(|l| l.split(',').next()?.parse::<usize>().ok()));
     }
-    let mut scores_file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&scores_path)?;
-    if scores_file.metadata()?.len() == 0 {
-        writeln!(scores_file, "{header}")?;
-    }
-    let mut errors_file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(o.out.join("errors.csv"))?;
-    if errors_file.metadata()?.len() == 0 {
-        writeln!(errors_file, "index,scorer,error")?;
-    }
-    let mut times_file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&times_path)?;
-    if times_file.metadata()?.len() == 0 {
-        writeln!(times_file, "index,grad_seconds,score_seconds,total_seconds")?;
-    }
+    let scores_file = append_with_header(&scores_path, &header)?;
+    let errors_file = append_with_header(o.out.join("errors.csv"), "index,scorer,error")?;
+    let times_file = append_with_header(
+        &times_path,
+        "index,grad_seconds,score_seconds,total_seconds",
+    )?;
     let todo: Vec<usize> = o
         .indices
         .iter()

@@ -29,7 +29,7 @@ use gradalign::regions::{
 use gradalign::runtime::{Backend, Device};
 use gradalign::stats::kendall_tau_b;
 
-use crate::nb201::{load_archs, weight_seed, Arch};
+use crate::nb201::{append_with_header, load_archs, weight_seed, Arch};
 
 pub struct Options {
     pub indices: Vec<usize>,
@@ -142,10 +142,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
                 .set_len(complete as u64)?;
         }
     }
-    let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
-    if file.metadata()?.len() == 0 {
-        writeln!(file, "{header}")?;
-    }
+    let file = append_with_header(&path, &header)?;
     let todo: Vec<usize> = o
         .indices
         .iter()

@@ -126,26 +126,8 @@ pub fn gradalign_ii<T: Copy + Into<f64>>(
 ) -> Result<f64, String> {
     let mut total = 0.0;
     for (c, idx) in classes(labels) {
-        let n = idx.len();
         let k = sign_gram(g, &idx);
-        let mut kf = vec![0.0f64; n * n];
-        for a in 0..n {
-            for b in 0..n {
-                let v = k[a * n + b] as f64;
-                kf[a * n + b] = if normalise {
-                    let d = ((k[a * n + a] * k[b * n + b]) as f64).sqrt();
-                    if d == 0.0 {
-                        0.0
-                    } else {
-                        v / d
-                    }
-                } else {
-                    v
-                };
-            }
-            kf[a * n + a] += GRAM_EPS;
-        }
-        total += cholesky_logdet(&kf, n).map_err(|e| format!("class {c}: {e}"))?;
+        total += gram_logdet(&k, idx.len(), normalise).map_err(|e| format!("class {c}: {e}"))?;
     }
     Ok(total)
 }
@@ -222,6 +204,7 @@ pub fn gradalign_ii_packed(s: &SignPlanes, labels: &[i64], normalise: bool) -> R
     Ok(total)
 }
 
+/// log det(K + εI) of a sign Gram matrix, cosine-normalised or raw; a zero row stays zero.
 fn gram_logdet(k: &[i64], n: usize, normalise: bool) -> Result<f64, String> {
     let mut kf = vec![0.0f64; n * n];
     for a in 0..n {
