@@ -364,12 +364,29 @@ fn plot(path: &Path, curves: &[Vec<(f64, f64, f64)>], sigmas: &[f64]) -> Result<
         (&left, "stability: τ(stored, perturbed)", 1usize),
         (&right, "τ with CIFAR-10 accuracy", 2usize),
     ] {
+        // Zoom on the values: stability sits just under 1, where a fixed [−1, 1] axis hides it.
+        let vals: Vec<f64> = curves
+            .iter()
+            .flatten()
+            .map(|p| if pick == 1 { p.1 } else { p.2 })
+            .filter(|v| v.is_finite())
+            .collect();
+        let vmin = vals.iter().copied().fold(1.0, f64::min);
+        let vmax = vals.iter().copied().fold(-1.0, f64::max);
+        let (ylo, yhi) = if pick == 1 {
+            (((vmin - 0.02) * 50.0).floor() / 50.0, 1.002)
+        } else {
+            (
+                ((vmin - 0.05) * 20.0).floor() / 20.0,
+                ((vmax + 0.05) * 20.0).ceil() / 20.0,
+            )
+        };
         let mut chart = ChartBuilder::on(panel)
             .caption(title, ("sans-serif", 17))
             .margin(12)
             .x_label_area_size(35)
-            .y_label_area_size(45)
-            .build_cartesian_2d(lo..hi, -0.2f64..1.0f64)?;
+            .y_label_area_size(50)
+            .build_cartesian_2d(lo..hi, ylo..yhi)?;
         chart
             .configure_mesh()
             .x_desc("log10 σ")
@@ -384,16 +401,23 @@ fn plot(path: &Path, curves: &[Vec<(f64, f64, f64)>], sigmas: &[f64]) -> Result<
                 .collect();
             chart
                 .draw_series(LineSeries::new(pts.clone(), col.stroke_width(2)))?
-                .label(METRICS[m])
+                .label(if pts.is_empty() {
+                    format!("{} (undefined: all tied)", METRICS[m])
+                } else {
+                    METRICS[m].to_string()
+                })
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], col));
             chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, col.filled())))?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerLeft)
-            .draw()?;
+        // One legend (left panel) serves both: the colours are the same.
+        if pick == 1 {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::LowerLeft)
+                .draw()?;
+        }
     }
     root.present()?;
     Ok(())
