@@ -730,6 +730,17 @@ fn transpose_perm(node: &Node, r: usize) -> Result<Vec<usize>> {
 pub const FOLD_LIMIT: usize = 1 << 24;
 
 fn fold_size(node: &Node, shape: &[usize]) -> Result<()> {
+    // ndarray also refuses shapes whose non-zero axes overflow isize, even with a zero axis.
+    let nonzero = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |a, &d| a.checked_mul(d));
+    if nonzero.is_none_or(|n| n > isize::MAX as usize) {
+        bail!(
+            "{}: folding it would create a constant of shape {shape:?}, whose size overflows",
+            node.describe()
+        );
+    }
     match shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
         Some(n) if n <= FOLD_LIMIT => Ok(()),
         n => bail!(
