@@ -365,7 +365,7 @@ fn main() -> Result<()> {
                 backend,
                 jobs,
                 out: get("--out").map(PathBuf::from).unwrap_or_else(|| root().join("target/bench-linear-regions")),
-                desc: args[2..].join(" "),
+                desc: args[2..].iter().filter(|a| *a != "--report-only").cloned().collect::<Vec<_>>().join(" "),
             };
             if args.iter().any(|a| a == "--report-only") {
                 return regions::report(&o, &nb201::load_archs(&root())?);
