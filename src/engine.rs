@@ -220,20 +220,14 @@ pub fn per_sample_grads_on(
     })
 }
 
-fn check_classes(classes: usize) -> Result<()> {
+/// Error unless the model's output fits the shipped 10-class probe.
+pub fn check_classes(classes: usize) -> Result<()> {
     if classes != 10 {
         bail!(
             "the model has {classes} outputs, so the shipped 10-class CIFAR-10 probe does not fit: pass --data X.npy --labels Y.npy"
         );
     }
     Ok(())
-}
-
-/// Error unless the model's output fits the shipped 10-class probe.
-pub fn check_shipped_probe(model: &Model, probe: &Probe) -> Result<()> {
-    let mut shape = vec![1];
-    shape.extend(probe.sample_shape());
-    check_classes(Analysis::new(model, &shape, GradOptions::default())?.num_classes)
 }
 
 /// The probe batch the gradient graph is built for: all of it when its estimate fits

@@ -259,12 +259,9 @@ pub fn score_model(
             },
             ..opts
         };
-        if shipped {
-            engine::check_shipped_probe(model, probe)?;
-        }
         if !crate::stream::matrix_fits(model, probe, run_opts)? {
             // Too big for the whole matrix: stream the columns the user selected, keeping signs.
-            let sg = crate::stream::per_sample_signs(model, probe, opts, backend, device)?;
+            let sg = crate::stream::per_sample_signs(model, probe, shipped, opts, backend, device)?;
             runtime = sg.runtime.to_string();
             notes.extend(sg.notes.iter().cloned());
             for s in scorers {

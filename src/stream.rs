@@ -56,6 +56,7 @@ pub fn matrix_fits(model: &Model, probe: &Probe, opts: GradOptions) -> Result<bo
 pub fn per_sample_signs(
     model: &Model,
     probe: &Probe,
+    shipped_probe: bool,
     opts: GradOptions,
     backend: Backend,
     device: Device,
@@ -65,6 +66,9 @@ pub fn per_sample_signs(
     let mut shape = vec![n];
     shape.extend(probe.sample_shape());
     let an = Analysis::new(model, &shape, opts)?;
+    if shipped_probe {
+        crate::engine::check_classes(an.num_classes)?;
+    }
     probe.check_labels(an.num_classes)?;
     let elem: u64 = if an.float == DType::F64 { 8 } else { 4 };
     let sel = an.selected.clone();
@@ -155,10 +159,10 @@ pub fn per_sample_signs(
     let mut chunk_shape = vec![chunk];
     chunk_shape.extend(probe.sample_shape());
     let images = probe.images_tensor().cast(an.float);
+    let ga = Analysis::new(model, &chunk_shape, opts)?;
     for (gi, group) in groups.iter().enumerate() {
         // The backward pass for every selected parameter, outputs for this group only: the
         // same graph (and kernels) for every group, so values equal an unbounded run's.
-        let ga = Analysis::new(model, &chunk_shape, opts)?;
         let gg = GradGraphBuilder::with_spec(&ga, GraphSpec::default())
             .outputs_only(group.clone())
             .build()?;
