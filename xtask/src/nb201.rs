@@ -76,6 +76,21 @@ fn peak_rss_mib() -> Option<f64> {
     Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
 }
 
+/// The progress line: bar, count, seconds per architecture and ETA.
+pub fn progress(k: usize, total: usize, t0: Instant) {
+    let el = t0.elapsed().as_secs_f64();
+    let eta = el / k as f64 * (total - k) as f64;
+    let bar = (30 * k) / total.max(1);
+    eprint!(
+        "\r[{}{}] {k}/{total} {:.2}s/arch ETA {:.0}m{:02.0}s\x1b[K",
+        "#".repeat(bar),
+        " ".repeat(30 - bar),
+        el / k as f64,
+        (eta / 60.0).floor(),
+        eta % 60.0
+    );
+}
+
 /// Open `path` for appending, writing `header` first when the file is new or empty.
 pub fn append_with_header(path: impl AsRef<Path>, header: &str) -> Result<std::fs::File> {
     let mut f = OpenOptions::new().create(true).append(true).open(path)?;
@@ -215,18 +230,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
                     }
                 }
                 let k = finished.fetch_add(1, Ordering::SeqCst) + 1;
-                let el = t0.elapsed().as_secs_f64();
-                let eta = el / k as f64 * (todo.len() - k) as f64;
-                let bar = (30 * k) / todo.len().max(1);
-                eprint!(
-                    "\r[{}{}] {k}/{} {:.2}s/arch ETA {:.0}m{:02.0}s\x1b[K",
-                    "#".repeat(bar),
-                    " ".repeat(30 - bar),
-                    todo.len(),
-                    el / k as f64,
-                    (eta / 60.0).floor(),
-                    eta % 60.0
-                );
+                progress(k, todo.len(), t0);
             });
         }
     });

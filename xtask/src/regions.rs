@@ -29,7 +29,7 @@ use gradalign::regions::{
 use gradalign::runtime::{Backend, Device};
 use gradalign::stats::kendall_tau_b;
 
-use crate::nb201::{append_with_header, load_archs, weight_seed, Arch};
+use crate::nb201::{append_with_header, load_archs, progress, weight_seed, Arch};
 
 pub struct Options {
     pub indices: Vec<usize>,
@@ -191,15 +191,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
                     }
                 }
                 let k = finished.fetch_add(1, Ordering::SeqCst) + 1;
-                let el = t0.elapsed().as_secs_f64();
-                let eta = el / k as f64 * (todo.len() - k) as f64;
-                eprint!(
-                    "\r{k}/{} {:.2}s/arch ETA {:.0}m{:02.0}s\x1b[K",
-                    todo.len(),
-                    el / k as f64,
-                    (eta / 60.0).floor(),
-                    eta % 60.0
-                );
+                progress(k, todo.len(), t0);
             });
         }
     });
