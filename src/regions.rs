@@ -38,7 +38,8 @@ pub enum Protocol {
     /// The probe images, every Relu, BatchNormalization per `--bn`.
     #[default]
     Probe,
-    /// TE-NAS: 3×1000 random single-channel crops, batch-statistics BN, ReLUs on 4-D tensors.
+    /// TE-NAS: 3×1000 random crops (a random channel subset of the model's width), batch-statistics
+    /// BN, ReLUs on 4-D tensors.
     Tenas,
 }
 
