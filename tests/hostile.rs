@@ -2,7 +2,7 @@
 //! tests/golden/make_hostile.py) and every broken probe gets a clear error naming what is wrong,
 //! exit status 1, and no panic; memory-bounded runs chunk the probe and give the same gradients.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn root() -> PathBuf {
@@ -15,9 +15,14 @@ fn hostile(name: &str) -> PathBuf {
 
 fn grads(model: &str, extra: &[&str]) -> Output {
     let out = std::env::temp_dir().join(format!("ga-hostile-{}-{model}.npy", std::process::id()));
+    grads_to(&hostile(model), &out, extra)
+}
+
+/// `gradalign grads MODEL` on the hostile probe (tract), gradients written to `out`.
+fn grads_to(model: &Path, out: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_gradalign"))
         .arg("grads")
-        .arg(hostile(model))
+        .arg(model)
         .arg("--data")
         .arg(hostile("probe_x.npy"))
         .arg("--labels")
@@ -95,18 +100,7 @@ fn external_data_inside_the_folder_loads() {
     std::fs::create_dir_all(&dir).unwrap();
     let (a, b) = (dir.join("valid.npy"), dir.join("external.npy"));
     let run = |model: &str, out: &PathBuf| {
-        let o = Command::new(env!("CARGO_BIN_EXE_gradalign"))
-            .arg("grads")
-            .arg(hostile(model))
-            .arg("--data")
-            .arg(hostile("probe_x.npy"))
-            .arg("--labels")
-            .arg(hostile("probe_y.npy"))
-            .arg("--out")
-            .arg(out)
-            .args(["--backend", "tract"])
-            .output()
-            .unwrap();
+        let o = grads_to(&hostile(model), out, &[]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
     run("valid.onnx", &a);
@@ -123,17 +117,7 @@ fn external_data_inside_the_folder_loads() {
         tmp.join("external_missing.weights"),
     )
     .unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_gradalign"))
-        .arg("grads")
-        .arg(tmp.join("m.onnx"))
-        .arg("--data")
-        .arg(hostile("probe_x.npy"))
-        .arg("--labels")
-        .arg(hostile("probe_y.npy"))
-        .arg("--out")
-        .arg(dir.join("x.npy"))
-        .output()
-        .unwrap();
+    let o = grads_to(&tmp.join("m.onnx"), &dir.join("x.npy"), &[]);
     expect_error(&o, &["outside the model's folder", "refused"]);
     assert!(!dir.join("x.npy").exists());
 }
