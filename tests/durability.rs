@@ -98,8 +98,11 @@ fn random_sigkills_lose_nothing_and_duplicate_nothing() {
     let distinct: std::collections::HashSet<&Vec<String>> = want.values().collect();
     assert!(distinct.len() >= 10, "the models should score differently");
 
-    // A fixed pseudo-random schedule: kill after a delay anywhere in [0, 1.2 × a full run],
-    // sometimes twice in a row, with 1 or 2 jobs.
+    // A fixed pseudo-random schedule of kill moments, tied to progress rather than to the wall
+    // clock (a loaded CI machine makes wall-clock schedules miss): wait until the results file
+    // holds `r` rows (r in 0..12), then a further random fraction of one model's time, then
+    // SIGKILL — sometimes twice in a row, with 1 or 2 jobs.
+    let per_model = full / 12;
     let mut state = 0x2545_F491_4F6C_DD1Du64;
     let mut next = || {
         state ^= state << 13;
@@ -107,18 +110,28 @@ fn random_sigkills_lose_nothing_and_duplicate_nothing() {
         state ^= state << 17;
         state
     };
-    let mut interrupted = 0;
+    let rows = |p: &Path| {
+        std::fs::read_to_string(p)
+            .map(|t| t.matches('\n').count().saturating_sub(1))
+            .unwrap_or(0)
+    };
+    let (mut kills, mut interrupted) = (0, 0);
     for trial in 0..24 {
         let out = d.join(format!("trial{trial}.csv"));
         let jobs = 1 + (trial % 2);
         for _ in 0..1 + (next() % 2) {
+            let target_rows = (next() % 12) as usize;
+            let jitter = per_model.mul_f64((next() % 1000) as f64 / 1000.0);
             let mut child = rank(&models, &out, jobs)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap();
-            let delay = full.mul_f64((next() % 1200) as f64 / 1000.0);
-            std::thread::sleep(delay);
+            while rows(&out) < target_rows && child.try_wait().unwrap().is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            std::thread::sleep(jitter);
+            kills += 1;
             if child.try_wait().unwrap().is_none() {
                 interrupted += 1;
             }
@@ -137,9 +150,10 @@ fn random_sigkills_lose_nothing_and_duplicate_nothing() {
             assert_eq!(got.get(m), Some(v), "trial {trial}: {m}");
         }
     }
+    println!("{interrupted} of {kills} kills hit a running process");
     assert!(
-        interrupted >= 15,
-        "only {interrupted} kills hit a running process"
+        interrupted >= 15 && 2 * interrupted >= kills,
+        "only {interrupted} of {kills} kills hit a running process"
     );
     std::fs::remove_dir_all(&d).ok();
 }
