@@ -91,6 +91,39 @@ pub fn progress(k: usize, total: usize, t0: Instant) {
     );
 }
 
+/// Runs `work(k)` for every k < `count` on `jobs` threads and hands each result to `commit`
+/// (one at a time, in completion order) with a progress line. The first error stops every
+/// thread and is returned; what was committed before it stays.
+pub fn run_jobs<R>(
+    count: usize,
+    jobs: usize,
+    work: impl Fn(usize) -> Result<R> + Sync,
+    commit: impl FnMut(R) -> Result<()> + Send,
+) -> Result<()> {
+    let commit = Mutex::new(commit);
+    let next = AtomicUsize::new(0);
+    let finished = AtomicUsize::new(0);
+    let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..jobs.max(1) {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, Ordering::SeqCst);
+                if k >= count || failure.lock().unwrap().is_some() {
+                    break;
+                }
+                if let Err(e) = work(k).and_then(|r| (commit.lock().unwrap())(r)) {
+                    *failure.lock().unwrap() = Some(e);
+                    break;
+                }
+                progress(finished.fetch_add(1, Ordering::SeqCst) + 1, count, t0);
+            });
+        }
+    });
+    eprintln!();
+    failure.into_inner().unwrap().map_or(Ok(()), Err)
+}
+
 /// Open `path` for appending, writing `header` first when the file is new or empty.
 pub fn append_with_header(path: impl AsRef<Path>, header: &str) -> Result<std::fs::File> {
     let mut f = OpenOptions::new().create(true).append(true).open(path)?;
@@ -156,88 +189,59 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         o.jobs
     );
     let probe = Probe::shipped(o.n)?;
-    let files = Mutex::new((scores_file, times_file, errors_file));
-    let next = AtomicUsize::new(0);
-    let finished = AtomicUsize::new(0);
-    let t0 = Instant::now();
-    let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..o.jobs.max(1) {
-            s.spawn(|| loop {
-                let k = next.fetch_add(1, Ordering::SeqCst);
-                if k >= todo.len() || failure.lock().unwrap().is_some() {
-                    break;
-                }
-                let a = &archs[todo[k]];
-                let t = Instant::now();
-                let res = (|| -> Result<gradalign::score::ScoreReport> {
-                    let proto =
-                        gradalign::zoo::nb201_model(&a.arch, weight_seed(o.seed, a.index), 16, 5)?;
-                    let model = Model::from_proto(&proto, &format!("nb201 #{}", a.index))?;
-                    gradalign::score::score_model(
-                        &model,
-                        &probe,
-                        true,
-                        GradOptions::default(),
-                        o.backend,
-                        Device::Cpu,
-                        &scorers,
-                    )
-                })();
-                let total = t.elapsed().as_secs_f64();
-                let (row, times, errs) = match &res {
-                    Ok(r) => {
-                        let vals: Vec<String> = names
-                            .iter()
-                            .map(|n| {
-                                r.scores
-                                    .iter()
-                                    .find(|(k, _)| k == n)
-                                    .and_then(|(_, v)| *v)
-                                    .map(|v| format!("{v:?}"))
-                                    .unwrap_or_default()
-                            })
-                            .collect();
-                        let errs: String = r
-                            .errors
-                            .iter()
-                            .map(|(k, e)| format!("{},{k},\"{}\"\n", a.index, e.replace('"', "'")))
-                            .collect();
-                        (
-                            format!("{},{},{}\n", a.index, a.arch, vals.join(",")),
-                            format!(
-                                "{},{:.4},{:.4},{:.4}\n",
-                                a.index, r.grad_seconds, r.score_seconds, total
-                            ),
-                            errs,
-                        )
-                    }
-                    Err(e) => {
-                        *failure.lock().unwrap() = Some(anyhow::anyhow!("arch {}: {e:#}", a.index));
-                        break;
-                    }
-                };
-                {
-                    let mut f = files.lock().unwrap();
-                    if let Err(e) =
-                        f.2.write_all(errs.as_bytes())
-                            .and_then(|_| f.1.write_all(times.as_bytes()))
-                            .and_then(|_| f.0.write_all(row.as_bytes()))
-                            .and_then(|_| f.0.sync_data())
-                    {
-                        *failure.lock().unwrap() = Some(e.into());
-                        break;
-                    }
-                }
-                let k = finished.fetch_add(1, Ordering::SeqCst) + 1;
-                progress(k, todo.len(), t0);
-            });
-        }
-    });
-    eprintln!();
-    if let Some(e) = failure.into_inner().unwrap() {
-        return Err(e);
-    }
+    let (mut scores_file, mut times_file, mut errors_file) = (scores_file, times_file, errors_file);
+    let work = |k: usize| -> Result<(String, String, String)> {
+        let a = &archs[todo[k]];
+        let t = Instant::now();
+        let r = (|| -> Result<gradalign::score::ScoreReport> {
+            let proto = gradalign::zoo::nb201_model(&a.arch, weight_seed(o.seed, a.index), 16, 5)?;
+            let model = Model::from_proto(&proto, &format!("nb201 #{}", a.index))?;
+            gradalign::score::score_model(
+                &model,
+                &probe,
+                true,
+                GradOptions::default(),
+                o.backend,
+                Device::Cpu,
+                &scorers,
+            )
+        })()
+        .map_err(|e| anyhow::anyhow!("arch {}: {e:#}", a.index))?;
+        let total = t.elapsed().as_secs_f64();
+        let vals: Vec<String> = names
+            .iter()
+            .map(|n| {
+                r.scores
+                    .iter()
+                    .find(|(k, _)| k == n)
+                    .and_then(|(_, v)| *v)
+                    .map(|v| format!("{v:?}"))
+                    .unwrap_or_default()
+            })
+            .collect();
+        let errs: String = r
+            .errors
+            .iter()
+            .map(|(k, e)| format!("{},{k},\"{}\"\n", a.index, e.replace('"', "'")))
+            .collect();
+        Ok((
+            format!("{},{},{}\n", a.index, a.arch, vals.join(",")),
+            format!(
+                "{},{:.4},{:.4},{:.4}\n",
+                a.index, r.grad_seconds, r.score_seconds, total
+            ),
+            errs,
+        ))
+    };
+    // The row goes last and is synced: a row in scores.csv means its errors and timings are in.
+    let commit = |(row, times, errs): (String, String, String)| -> Result<()> {
+        errors_file.write_all(errs.as_bytes())?;
+        times_file.write_all(times.as_bytes())?;
+        scores_file.write_all(row.as_bytes())?;
+        scores_file.sync_data()?;
+        Ok(())
+    };
+    run_jobs(todo.len(), o.jobs, work, commit)?;
     let peak = peak_rss_mib();
     report(root, o, &archs, peak)
 }

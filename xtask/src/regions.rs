@@ -14,9 +14,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use gradalign::grad::GradOptions;
@@ -29,7 +26,7 @@ use gradalign::regions::{
 use gradalign::runtime::{Backend, Device};
 use gradalign::stats::kendall_tau_b;
 
-use crate::nb201::{append_with_header, load_archs, progress, weight_seed, Arch};
+use crate::nb201::{append_with_header, load_archs, run_jobs, weight_seed, Arch};
 
 pub struct Options {
     pub indices: Vec<usize>,
@@ -163,42 +160,21 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
     let probe = Probe::shipped(o.n)?;
     let reg = Registry::builtin();
     let scorers = reg.select(&format!("linear_regions,{}", SCORERS.join(",")))?;
-    let file = Mutex::new(file);
-    let next = AtomicUsize::new(0);
-    let finished = AtomicUsize::new(0);
-    let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-    let t0 = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..o.jobs.max(1) {
-            s.spawn(|| loop {
-                let k = next.fetch_add(1, Ordering::SeqCst);
-                if k >= todo.len() || failure.lock().unwrap().is_some() {
-                    break;
-                }
-                let a = &archs[todo[k]];
-                let rows = match arch_rows(a, o, &tenas, &probe, &scorers) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        *failure.lock().unwrap() = Some(anyhow::anyhow!("arch {}: {e:#}", a.index));
-                        break;
-                    }
-                };
-                {
-                    let mut f = file.lock().unwrap();
-                    if let Err(e) = f.write_all(rows.as_bytes()).and_then(|_| f.sync_data()) {
-                        *failure.lock().unwrap() = Some(e.into());
-                        break;
-                    }
-                }
-                let k = finished.fetch_add(1, Ordering::SeqCst) + 1;
-                progress(k, todo.len(), t0);
-            });
-        }
-    });
-    eprintln!();
-    if let Some(e) = failure.into_inner().unwrap() {
-        return Err(e);
-    }
+    let mut file = file;
+    run_jobs(
+        todo.len(),
+        o.jobs,
+        |k| {
+            let a = &archs[todo[k]];
+            arch_rows(a, o, &tenas, &probe, &scorers)
+                .map_err(|e| anyhow::anyhow!("arch {}: {e:#}", a.index))
+        },
+        |rows: String| {
+            file.write_all(rows.as_bytes())?;
+            file.sync_data()?;
+            Ok(())
+        },
+    )?;
     report(o, &archs)
 }
 
