@@ -3,7 +3,8 @@ over single images in train() mode (zero-cost-nas / GradSign style), float32, CP
 
     python3 tests/golden/torch_loop.py ARCH_STR [--n 64] [--threads T] [--seed S]
 
-Prints one JSON line: {"arch", "n", "params", "seconds", "peak_rss_mib", "threads"}.
+Prints one JSON line: {"arch", "n", "params", "seconds", "batched_seconds", "peak_rss_mib",
+"threads"}; "batched_seconds" is one batched forward + backward of the same images (the bound).
 Used by `cargo xtask bench-grads`.
 """
 import argparse
@@ -42,7 +43,18 @@ def main():
         rows.append(torch.cat([p.grad.reshape(-1) for p in params]))
     g = torch.stack(rows)
     secs = time.perf_counter() - t0
+    # The bound any per-sample method must beat: one batched train() forward + backward of the
+    # same N images (summed gradients only, batch-statistics BN; same FLOPs as the per-sample
+    # forward/backward, without the N × P output). One warm-up, then the median of 3.
+    batched = []
+    for k in range(4):
+        t1 = time.perf_counter()
+        model.zero_grad()
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        batched.append(time.perf_counter() - t1)
+    batched = sorted(batched[1:])[1]
     print(json.dumps({"arch": a.arch, "n": a.n, "params": int(g.shape[1]), "seconds": secs,
+                      "batched_seconds": batched,
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "threads": a.threads}))
 

@@ -26,6 +26,9 @@ fn root() -> PathBuf {
 struct Ours {
     secs: f64,
     build: f64,
+    /// In-process engine time from the CLI's summary: load + build + run + assemble (what the
+    /// PyTorch column times, too: no interpreter start, no output file).
+    engine: f64,
     rss: String,
 }
 
@@ -35,6 +38,7 @@ struct Row {
     /// One entry per backend, in `backends` order.
     ours: Vec<Ours>,
     torch_s: Option<f64>,
+    torch_batched_s: Option<f64>,
     torch_rss: Option<f64>,
 }
 
@@ -85,7 +89,8 @@ fn bench_grads(n: usize, repeat: usize, backends: &[String], out: Option<&Path>)
         let mut ours = vec![];
         let mut params = String::from("?");
         for backend in backends {
-            let (mut times, mut builds, mut summary) = (vec![], vec![], String::new());
+            let (mut times, mut builds, mut engines, mut summary) =
+                (vec![], vec![], vec![], String::new());
             for _ in 0..repeat {
                 let t0 = Instant::now();
                 let o = Command::new(&bin)
@@ -112,11 +117,13 @@ fn bench_grads(n: usize, repeat: usize, backends: &[String], out: Option<&Path>)
                     .last()
                     .unwrap_or_default()
                     .to_string();
-                builds.push(
-                    field(&summary, "build ", 's')
+                let part = |name: &str| -> f64 {
+                    field(&summary, name, 's')
                         .and_then(|v| v.parse().ok())
-                        .unwrap_or(f64::NAN),
-                );
+                        .unwrap_or(f64::NAN)
+                };
+                builds.push(part("build "));
+                engines.push(part("load ") + part("build ") + part("run ") + part("assemble "));
             }
             params = field(&summary, "samples × ", ' ')
                 .unwrap_or("?")
@@ -125,12 +132,13 @@ fn bench_grads(n: usize, repeat: usize, backends: &[String], out: Option<&Path>)
             ours.push(Ours {
                 secs: median(times),
                 build: median(builds),
+                engine: median(engines),
                 rss,
             });
         }
-        let (mut torch_s, mut torch_rss) = (None, None);
+        let (mut torch_s, mut torch_batched_s, mut torch_rss) = (None, None, None);
         if has_torch {
-            let mut ts = vec![];
+            let (mut ts, mut tb) = (vec![], vec![]);
             for _ in 0..repeat {
                 let o = Command::new("python3")
                     .arg(root.join("tests/golden/torch_loop.py"))
@@ -152,15 +160,22 @@ fn bench_grads(n: usize, repeat: usize, backends: &[String], out: Option<&Path>)
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(f64::NAN),
                 );
+                tb.push(
+                    field(&line, "\"batched_seconds\": ", ',')
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(f64::NAN),
+                );
                 torch_rss = field(&line, "\"peak_rss_mib\": ", ',').and_then(|v| v.parse().ok());
             }
             torch_s = Some(median(ts));
+            torch_batched_s = Some(median(tb));
         }
         let row = Row {
             name: name.into(),
             params,
             ours,
             torch_s,
+            torch_batched_s,
             torch_rss,
         };
         eprintln!(
@@ -186,26 +201,39 @@ fn bench_grads(n: usize, repeat: usize, backends: &[String], out: Option<&Path>)
          gradalign: whole CLI process (load, build the graph, create the runtime session, run, write the .npy); \
          tract on one thread, ONNX Runtime (`ort`) on {cores} intra-op threads.\n\
          PyTorch: `tests/golden/torch_loop.py` (batch-of-one train() loop, float32, {cores} threads), timed loop only.\n\
-         Speed-up = PyTorch loop seconds / gradalign seconds.\n\n| architecture | params |"
+         Speed-up = PyTorch loop seconds / gradalign seconds; engine = gradalign's in-process time (load + build + run + assemble, \
+         i.e. without process start and the fsync'd .npy write, like the PyTorch loop's timing).\n\
+         PyTorch batched = one batched train() forward + backward of the same N images (summed gradients only): \
+         per-sample gradients need at least its arithmetic, so loop / batched is the most any per-sample method \
+         running at PyTorch's batched speed could gain over the loop on this machine.\n\n| architecture | params |"
     );
     for b in backends {
-        md += &format!(" {b} s (build) | {b} speed-up | {b} peak RSS MiB |");
+        md += &format!(" {b} s (build) | {b} speed-up | {b} engine s | {b} engine speed-up | {b} peak RSS MiB |");
     }
-    md += " PyTorch loop s | PyTorch peak RSS MiB |\n|---|---|";
-    md += &"---|---|---|".repeat(backends.len());
-    md += "---|---|\n";
+    md +=
+        " PyTorch loop s | PyTorch batched s | loop / batched | PyTorch peak RSS MiB |\n|---|---|";
+    md += &"---|---|---|---|---|".repeat(backends.len());
+    md += "---|---|---|---|\n";
+    let opt = |v: Option<f64>, unit: &str| v.map(|t| format!("{t:.2}{unit}")).unwrap_or("—".into());
     for r in &rows {
         md += &format!("| {} | {} |", r.name, r.params);
         for o in &r.ours {
-            let sp = r
-                .torch_s
-                .map(|t| format!("{:.2}×", t / o.secs))
-                .unwrap_or("—".into());
-            md += &format!(" {:.2} ({:.2}) | {} | {} |", o.secs, o.build, sp, o.rss);
+            let sp = |t: f64| opt(r.torch_s.map(|l| l / t), "×");
+            md += &format!(
+                " {:.2} ({:.2}) | {} | {:.2} | {} | {} |",
+                o.secs,
+                o.build,
+                sp(o.secs),
+                o.engine,
+                sp(o.engine),
+                o.rss
+            );
         }
         md += &format!(
-            " {} | {} |\n",
-            r.torch_s.map(|t| format!("{t:.2}")).unwrap_or("—".into()),
+            " {} | {} | {} | {} |\n",
+            opt(r.torch_s, ""),
+            opt(r.torch_batched_s, ""),
+            opt(r.torch_s.zip(r.torch_batched_s).map(|(l, b)| l / b), "×"),
             r.torch_rss.map(|t| format!("{t:.0}")).unwrap_or("—".into())
         );
     }
