@@ -110,10 +110,21 @@ impl GraphRunner for TractRunner {
         let outs = match self.plan.run(inputs.clone()) {
             Ok(o) => o,
             Err(e) if self.proto.is_some() && format!("{e:#}").contains("Dummy") => {
-                let plan = Self::plan(self.proto.as_ref().unwrap(), "declutter")?;
-                plan.run(inputs)
-                    .map_err(|e| anyhow!("{e:#}"))
-                    .context("tract failed running the (unoptimised) gradient graph")?
+                // tract's planner occasionally leaves a placeholder op behind; the decluttered
+                // plan usually avoids it, the plain typed graph always does (slower, same math).
+                let proto = self.proto.as_ref().unwrap();
+                let decluttered = Self::plan(proto, "declutter")?;
+                match decluttered.run(inputs.clone()) {
+                    Ok(o) => o,
+                    Err(e) if format!("{e:#}").contains("Dummy") => Self::plan(proto, "none")?
+                        .run(inputs)
+                        .map_err(|e| anyhow!("{e:#}"))
+                        .context("tract failed running the (unoptimised) gradient graph")?,
+                    Err(e) => {
+                        return Err(anyhow!("{e:#}"))
+                            .context("tract failed running the (decluttered) gradient graph")
+                    }
+                }
             }
             Err(e) => {
                 return Err(anyhow!("{e:#}")).context("tract failed running the gradient graph")
