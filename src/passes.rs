@@ -256,5 +256,5 @@ pub fn hessian_grad_product(
                 .collect());
         }
     }
-    bail!("a ReLU changes sign within every difference step down to 1e-10: H·g is not defined here")
+    bail!("a ReLU changes sign within every difference step down to 3e-11: H·g is not defined here")
 }

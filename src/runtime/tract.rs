@@ -111,7 +111,7 @@ impl GraphRunner for TractRunner {
             Ok(o) => o,
             Err(e) if self.proto.is_some() && format!("{e:#}").contains("Dummy") => {
                 // tract's planner occasionally leaves a placeholder op behind; the decluttered
-                // plan usually avoids it, the plain typed graph always does (slower, same math).
+                // plan usually avoids it, the plain typed graph has avoided it in every case met so far (slower, same math).
                 let proto = self.proto.as_ref().unwrap();
                 let decluttered = Self::plan(proto, "declutter")?;
                 match decluttered.run(inputs.clone()) {
