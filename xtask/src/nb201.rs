@@ -444,23 +444,29 @@ fn plot_bars(path: &Path, taus: &[(String, f64)]) -> Result<()> {
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(130)
-        .build_cartesian_2d(-1f64..1f64, 0f64..taus.len() as f64)?;
+        .build_cartesian_2d(-1f64..1f64, (0..taus.len()).into_segmented())?;
     let labels: Vec<String> = taus.iter().map(|t| t.0.clone()).collect();
+    // One label per bar: a segmented axis puts each name at its bar's centre.
     chart
         .configure_mesh()
         .disable_y_mesh()
-        .y_labels(taus.len())
-        .y_label_formatter(&|y| {
-            let i = (*y - 0.5).round() as usize;
-            labels.get(i).cloned().unwrap_or_default()
+        .y_labels(taus.len() + 1)
+        .y_label_formatter(&|y| match y {
+            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
         })
         .draw()?;
     chart.draw_series(taus.iter().enumerate().map(|(i, (_, t))| {
         let t = if t.is_finite() { *t } else { 0.0 };
-        Rectangle::new(
-            [(0.0, i as f64 + 0.15), (t, i as f64 + 0.85)],
+        let mut bar = Rectangle::new(
+            [
+                (0.0, SegmentValue::Exact(i)),
+                (t, SegmentValue::Exact(i + 1)),
+            ],
             BLUE.mix(0.6).filled(),
-        )
+        );
+        bar.set_margin(4, 4, 0, 0);
+        bar
     }))?;
     root.present()?;
     Ok(())
