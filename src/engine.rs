@@ -76,13 +76,20 @@ pub fn build_graph_with(
     let mut shape = vec![n];
     shape.extend(sample_shape);
     let an = Analysis::new(model, &shape, opts)?;
+    let gg = build_from(&an, spec)?;
+    Ok((an, gg))
+}
+
+/// The gradient graph of an analysed model, refused when its estimate exceeds `--max-memory`.
+fn build_from(an: &Analysis, spec: GraphSpec) -> Result<GradGraph> {
+    let (n, opts) = (an.n, an.opts);
     let cols: usize = if spec.param_grads {
         an.selected.iter().map(|&i| an.params[i].numel()).sum()
     } else {
         0
     };
     let limit = opts.max_memory.unwrap_or_else(memory::default_limit);
-    let fits = memory::batch_that_fits(&an, cols, limit)?;
+    let fits = memory::batch_that_fits(an, cols, limit)?;
     if fits < n {
         bail!(
             "the training graph for N = {n} needs more than --max-memory {} (it fits N = {fits}); \
@@ -90,8 +97,7 @@ pub fn build_graph_with(
             memory::fmt_bytes(limit)
         );
     }
-    let gg = GradGraphBuilder::with_spec(&an, spec).build()?;
-    Ok((an, gg))
+    GradGraphBuilder::with_spec(an, spec).build()
 }
 
 /// Per-sample gradients on the embedded tract runtime (deterministic, always available).
@@ -126,8 +132,14 @@ pub fn per_sample_grads_on(
 ) -> Result<PerSampleGrads> {
     let t0 = Instant::now();
     let n = probe.len();
-    let chunk = chunk_size(model, probe, opts)?;
-    let (an, gg) = build_graph(model, probe.sample_shape(), chunk, opts)?;
+    let (whole, chunk) = chunk_size(model, probe, opts)?;
+    // One analysis when the whole probe runs at once; a second one for the chunk's batch else.
+    let (an, gg) = if chunk == n {
+        let gg = build_from(&whole, GraphSpec::default())?;
+        (whole, gg)
+    } else {
+        build_graph(model, probe.sample_shape(), chunk, opts)?
+    };
     if shipped_probe {
         check_classes(an.num_classes)?;
     }
@@ -203,6 +215,12 @@ pub fn per_sample_grads_on(
     let logits = HostTensor::F64(ndarray::concatenate(ndarray::Axis(0), &views)?).cast(an.float);
     let run_seconds = t1.elapsed().as_secs_f64();
     let mut notes = an.notes.clone();
+    let zero = match &grads {
+        HostTensor::F32(a) => zero_rows(a),
+        HostTensor::F64(a) => zero_rows(a),
+        _ => 0,
+    };
+    notes.extend(zero_gradient_warning(zero, n));
     if chunk < n {
         notes.push(format!(
             "the probe ran in chunks of {chunk} samples to stay within --max-memory"
@@ -220,6 +238,24 @@ pub fn per_sample_grads_on(
     })
 }
 
+/// Prefix of notes that are warnings: a result the user must not take at face value.
+pub const WARNING: &str = "WARNING: ";
+
+/// A warning when some per-sample gradients are exactly zero in every selected column: no
+/// gradient reaches those parameters for those samples (e.g. a dead network, or a value the
+/// graph detaches), so scores built on them describe nothing about training.
+pub fn zero_gradient_warning(zero_rows: usize, n: usize) -> Option<String> {
+    (zero_rows > 0).then(|| {
+        format!(
+            "{WARNING}{zero_rows} of {n} per-sample gradients are exactly zero in every selected \
+             column{}: no gradient reaches these parameters from those samples (an output that \
+             does not depend on them, or a graph that cuts them off), so gradient-based scores \
+             are degenerate there",
+            if zero_rows == n { " (all of them)" } else { "" }
+        )
+    })
+}
+
 /// Error unless the model's output fits the shipped 10-class probe.
 pub fn check_classes(classes: usize) -> Result<()> {
     if classes != 10 {
@@ -232,7 +268,7 @@ pub fn check_classes(classes: usize) -> Result<()> {
 
 /// The probe batch the gradient graph is built for: all of it when its estimate fits
 /// `--max-memory` (with the assembled N × P matrix), else the largest chunk that does.
-fn chunk_size(model: &Model, probe: &Probe, opts: GradOptions) -> Result<usize> {
+fn chunk_size(model: &Model, probe: &Probe, opts: GradOptions) -> Result<(Analysis, usize)> {
     let n = probe.len();
     let limit = opts.max_memory.unwrap_or_else(memory::default_limit);
     let mut shape = vec![n];
@@ -253,12 +289,13 @@ fn chunk_size(model: &Model, probe: &Probe, opts: GradOptions) -> Result<usize> 
             memory::fmt_bytes(limit)
         );
     }
-    memory::batch_that_fits(&an, cols, limit - matrix).with_context(|| {
+    let chunk = memory::batch_that_fits(&an, cols, limit - matrix).with_context(|| {
         format!(
             "besides the {n} × {cols} gradient matrix ({}) that `grads` returns whole",
             memory::fmt_bytes(matrix)
         )
-    })
+    })?;
+    Ok((an, chunk))
 }
 
 /// (trainable parameters, multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul per sample).
@@ -292,4 +329,15 @@ pub fn model_info(model: &Model, sample_shape: &[usize]) -> Result<(usize, f64)>
         }
     }
     Ok((params, macs))
+}
+
+fn zero_rows<T: Copy + PartialEq + Default>(a: &ndarray::ArrayD<T>) -> usize {
+    let cols = a.shape().get(1).copied().unwrap_or(0);
+    match a.as_slice() {
+        Some(v) if cols > 0 => v
+            .chunks(cols)
+            .filter(|row| row.iter().all(|&x| x == T::default()))
+            .count(),
+        _ => 0,
+    }
 }

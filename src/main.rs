@@ -147,9 +147,11 @@ enum Cmd {
         /// are skipped, so an interrupted run resumes.
         #[arg(long)]
         out: PathBuf,
-        /// Models scored in parallel.
-        #[arg(long, default_value_t = 1)]
-        jobs: usize,
+        /// Models scored in parallel (default: one per core). Each job's runtime gets
+        /// cores / jobs intra-op threads, and, without --max-memory, 1/jobs of the default
+        /// memory bound; a given --max-memory bounds each model.
+        #[arg(long)]
+        jobs: Option<usize>,
         /// Run each external plugin scorer in its own child process (see `score --isolate`).
         #[arg(long)]
         isolate: bool,
@@ -211,9 +213,7 @@ fn grads(
         grad.device,
     )?;
     let t2 = std::time::Instant::now();
-    for note in &g.notes {
-        eprintln!("note: {note}");
-    }
+    cli::score::print_notes(&g.notes);
     npy::write(out, &g.grads)?;
     if let Some(l) = layout {
         write_json(l, &g.layout)?;

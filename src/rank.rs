@@ -129,7 +129,14 @@ impl ResultsFile {
                         .and_then(|(_, v)| *v);
                     fields.push(fmt_score(v));
                 }
-                let errs: Vec<String> = r.errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                // Warnings share the error column: the scores stand, but must not be read
+                // without them.
+                let errs: Vec<String> = r
+                    .errors
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .chain(r.warnings().iter().map(|w| format!("warning: {w}")))
+                    .collect();
                 fields.push(csv_field(&errs.join("; ")));
             }
             Err(e) => {

@@ -27,8 +27,21 @@ pub struct ScoreReport {
     pub grad_seconds: f64,
     /// Seconds inside scorers.
     pub score_seconds: f64,
-    /// What the user should know about how the inputs were computed (chunking, streaming).
+    /// What the user should know about how the inputs were computed (chunking, streaming);
+    /// entries starting with [`engine::WARNING`] are warnings.
     pub notes: Vec<String>,
+    /// Where the gradient run's time went (the streamed sign path only).
+    pub phases: Option<crate::stream::Phases>,
+}
+
+impl ScoreReport {
+    /// The warnings among the notes, without their prefix.
+    pub fn warnings(&self) -> Vec<&str> {
+        self.notes
+            .iter()
+            .filter_map(|n| n.strip_prefix(engine::WARNING))
+            .collect()
+    }
 }
 
 /// Role and output-channel axis of a parameter, from the node that first consumes it.
@@ -245,6 +258,7 @@ pub fn score_model(
     let mut errors = BTreeMap::new();
     let mut runtime = "none".to_string();
     let mut notes: Vec<String> = vec![];
+    let mut phases = None;
     // `all_params` serves scorers that declare ALL_PARAMS; `selected` (the user's --params
     // columns) the others, and falls back to `all_params` when the two coincide.
     let mut all_params: Option<InputData> = None;
@@ -259,11 +273,16 @@ pub fn score_model(
             },
             ..opts
         };
-        if !crate::stream::matrix_fits(model, probe, run_opts)? {
-            // Too big for the whole matrix: stream the columns the user selected, keeping signs.
+        // The N × P matrix is kept only for scorers that read it; everything else (signs, class
+        // signs, batch gradient, logits) is accumulated block by block as the run returns it.
+        let matrix_needed = wants_all || union & flag::PER_SAMPLE_GRADS != 0;
+        if !matrix_needed || !crate::stream::matrix_fits(model, probe, run_opts)? {
+            // Stream the columns the user selected, keeping signs (in parameter groups and
+            // sample chunks when even one pass over them exceeds --max-memory).
             let sg = crate::stream::per_sample_signs(model, probe, shipped, opts, backend, device)?;
             runtime = sg.runtime.to_string();
             notes.extend(sg.notes.iter().cloned());
+            phases = Some(sg.phases);
             for s in scorers {
                 let why = if s.inputs & flag::PER_SAMPLE_GRADS != 0 {
                     "it reads the full N × P per-sample gradients, which exceed --max-memory \
@@ -291,6 +310,7 @@ pub fn score_model(
         } else {
             let g = engine::per_sample_grads_on(model, probe, run_opts, shipped, backend, device)?;
             runtime = g.runtime.to_string();
+            notes.extend(g.notes.iter().cloned());
             if wants_all {
                 all_params = Some(input_data(model, &g, None, union));
                 let plain = scorers.iter().any(|s| s.inputs & flag::ALL_PARAMS == 0);
@@ -424,5 +444,6 @@ pub fn score_model(
         grad_seconds,
         score_seconds: t1.elapsed().as_secs_f64(),
         notes,
+        phases,
     })
 }

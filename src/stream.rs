@@ -33,6 +33,18 @@ pub struct StreamedGrads {
     pub classes: usize,
     pub runtime: &'static str,
     pub notes: Vec<String>,
+    pub phases: Phases,
+}
+
+/// Where one model's time went, in seconds: `prepare` = load checks, analysis and gradient-graph
+/// building; `session` = runtime session creation; `run` = graph runs; `assemble` = reading the
+/// outputs into signs, class sums and the batch gradient.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Phases {
+    pub prepare: f64,
+    pub session: f64,
+    pub run: f64,
+    pub assemble: f64,
 }
 
 /// Whether the N × P gradient matrix (with one sample's activations) fits `--max-memory`.
@@ -65,6 +77,14 @@ pub fn per_sample_signs(
     let limit = opts.max_memory.unwrap_or_else(memory::default_limit);
     let mut shape = vec![n];
     shape.extend(probe.sample_shape());
+    let mut phases = Phases::default();
+    let mut clock = std::time::Instant::now();
+    let mut lap = move || {
+        let now = std::time::Instant::now();
+        let secs = (now - clock).as_secs_f64();
+        clock = now;
+        secs
+    };
     let an = Analysis::new(model, &shape, opts)?;
     if shipped_probe {
         crate::engine::check_classes(an.num_classes)?;
@@ -159,15 +179,24 @@ pub fn per_sample_signs(
     let mut chunk_shape = vec![chunk];
     chunk_shape.extend(probe.sample_shape());
     let images = probe.images_tensor().cast(an.float);
-    let ga = Analysis::new(model, &chunk_shape, opts)?;
+    // One analysis serves both the plan and the graph when the whole probe runs at once.
+    let chunked;
+    let ga = if chunk == n {
+        &an
+    } else {
+        chunked = Analysis::new(model, &chunk_shape, opts)?;
+        &chunked
+    };
     for (gi, group) in groups.iter().enumerate() {
         // The backward pass for every selected parameter, outputs for this group only: the
         // same graph (and kernels) for every group, so values equal an unbounded run's.
-        let gg = GradGraphBuilder::with_spec(&ga, GraphSpec::default())
+        let gg = GradGraphBuilder::with_spec(ga, GraphSpec::default())
             .outputs_only(group.clone())
             .build()?;
+        phases.prepare += lap();
         let runner = runtime::load(&gg.model, backend, device, ga.float == DType::F64)?;
         runtime_name = runner.name();
+        phases.session += lap();
         let gcols: usize = group.iter().map(|&i| an.params[i].numel()).sum();
         let g0 = offset_of[&group[0]];
         let mut class_sum = vec![0.0f64; nc * gcols];
@@ -181,6 +210,7 @@ pub fn per_sample_signs(
                 _ => bail!("probe images have an unexpected type"),
             };
             let outs = runner.run(&xs, &ys)?;
+            phases.run += lap();
             if gi == 0 {
                 let z = outs[0].to_f64_vec();
                 classes = outs[0].shape().get(1).copied().unwrap_or(0);
@@ -193,32 +223,50 @@ pub fn per_sample_signs(
                 if go.output.is_none() {
                     continue; // cannot reach the loss: zero, which the planes already hold
                 }
-                let block = outs[out_i].to_f64_vec();
-                out_i += 1;
-                for r in 0..end - start {
-                    let row = &block[r * numel..(r + 1) * numel];
-                    let i = start + r;
-                    signs.set(i, col, row);
-                    let cs = &mut class_sum[class_of[i] * gcols + (col - g0)..][..numel];
-                    for ((c, b), &v) in cs.iter_mut().zip(&mut batch[col..col + numel]).zip(row) {
-                        *c += v;
-                        *b += v;
+                let acc = Accumulate {
+                    start,
+                    rows: end - start,
+                    col,
+                    numel,
+                    class_of: &class_of,
+                    class_off: col - g0,
+                    gcols,
+                };
+                match &outs[out_i] {
+                    HostTensor::F32(b) => {
+                        acc.add(slice(b)?, &mut signs, &mut class_sum, &mut batch)
                     }
+                    HostTensor::F64(b) => {
+                        acc.add(slice(b)?, &mut signs, &mut class_sum, &mut batch)
+                    }
+                    _ => bail!("gradient output has an unexpected type"),
                 }
+                out_i += 1;
             }
+            phases.assemble += lap();
         }
         for c in 0..nc {
             class_signs.set(c, g0, &class_sum[c * gcols..(c + 1) * gcols]);
         }
     }
     let mut notes = an.notes.clone();
-    notes.push(format!(
-        "the {n} × {p} gradients exceed --max-memory {}: streamed in {} parameter group(s) × {} \
-         sample chunk(s), keeping packed signs only",
-        memory::fmt_bytes(limit),
-        groups.len(),
-        n.div_ceil(chunk)
-    ));
+    let zero = (0..n)
+        .filter(|&i| {
+            let w = signs.words;
+            let row = i * w..(i + 1) * w;
+            signs.pos[row.clone()].iter().all(|&b| b == 0) && signs.neg[row].iter().all(|&b| b == 0)
+        })
+        .count();
+    notes.extend(crate::engine::zero_gradient_warning(zero, n));
+    if groups.len() > 1 || chunk < n {
+        notes.push(format!(
+            "the {n} × {p} gradients exceed --max-memory {}: streamed in {} parameter group(s) × {} \
+             sample chunk(s), keeping packed signs only",
+            memory::fmt_bytes(limit),
+            groups.len(),
+            n.div_ceil(chunk)
+        ));
+    }
     Ok(StreamedGrads {
         layout,
         signs,
@@ -228,5 +276,50 @@ pub fn per_sample_signs(
         classes,
         runtime: runtime_name,
         notes,
+        phases,
     })
+}
+
+fn slice<T>(a: &ndarray::ArrayD<T>) -> Result<&[T]> {
+    a.as_slice()
+        .ok_or_else(|| anyhow::anyhow!("gradient output is not contiguous"))
+}
+
+/// Where one gradient block of a chunk goes: its rows' sign planes, the class sums and the batch
+/// gradient. Generic over the graph's float type so f32 outputs are read in place.
+struct Accumulate<'a> {
+    start: usize,
+    rows: usize,
+    col: usize,
+    numel: usize,
+    class_of: &'a [usize],
+    class_off: usize,
+    gcols: usize,
+}
+
+impl Accumulate<'_> {
+    fn add<T: Copy + Into<f64>>(
+        &self,
+        block: &[T],
+        signs: &mut PackedSigns,
+        class_sum: &mut [f64],
+        batch: &mut [f64],
+    ) {
+        let numel = self.numel;
+        for r in 0..self.rows {
+            let row = &block[r * numel..(r + 1) * numel];
+            let i = self.start + r;
+            signs.set(i, self.col, row);
+            let cs = &mut class_sum[self.class_of[i] * self.gcols + self.class_off..][..numel];
+            for ((c, b), &v) in cs
+                .iter_mut()
+                .zip(&mut batch[self.col..self.col + numel])
+                .zip(row)
+            {
+                let v: f64 = v.into();
+                *c += v;
+                *b += v;
+            }
+        }
+    }
 }

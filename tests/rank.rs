@@ -108,9 +108,20 @@ fn sigkill_half_way_then_resume_gives_every_model_exactly_once() {
         if r[0].ends_with("m21_broken.onnx") {
             assert!(r[1].is_empty() && r[3].contains("m21_broken.onnx"), "{r:?}");
         } else {
-            assert!(r[1].parse::<f64>().is_ok() && r[3].is_empty(), "{r:?}");
+            assert!(r[1].parse::<f64>().is_ok(), "{r:?}");
             let params: f64 = r[2].parse().unwrap();
             assert!(params == 73306.0 || params == 101306.0, "{r:?}");
+            // The all-`none` cell passes no gradient to any weight: its zero scores carry the
+            // warning beside them; the healthy model's row has none.
+            if params == 73306.0 {
+                assert_eq!(r[1], "0.0", "{r:?}");
+                assert!(
+                    r[3].starts_with("warning: 10 of 10 per-sample gradients are exactly zero"),
+                    "{r:?}"
+                );
+            } else {
+                assert!(r[3].is_empty(), "{r:?}");
+            }
         }
     }
     // A third run has nothing left to do and changes nothing.

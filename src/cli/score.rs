@@ -84,7 +84,19 @@ pub fn score(
                 .iter()
                 .map(|(n, v)| (n.clone(), v.map_or(serde_json::Value::Null, |v| v.into())))
                 .collect();
-            let v = serde_json::json!({"model": r.model, "scores": scores, "errors": r.errors});
+            let v = serde_json::json!({
+                "model": r.model,
+                "scores": scores,
+                "errors": r.errors,
+                "warnings": r.warnings(),
+                "notes": r.notes,
+                "runtime": r.runtime,
+                "seconds": {
+                    "inputs": r.grad_seconds,
+                    "scorers": r.score_seconds,
+                    "phases": r.phases,
+                },
+            });
             writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         }
         Format::Csv => {
@@ -108,9 +120,7 @@ pub fn score(
             }
         }
     }
-    for note in &r.notes {
-        eprintln!("note: {note}");
-    }
+    print_notes(&r.notes);
     for (n, e) in &r.errors {
         eprintln!("error: scorer '{n}': {e}");
     }
@@ -119,6 +129,16 @@ pub fn score(
         r.model, r.runtime, r.grad_seconds, r.score_seconds
     );
     Ok(if r.errors.is_empty() { 0 } else { 2 })
+}
+
+/// Notes on stderr, warnings marked as such.
+pub fn print_notes(notes: &[String]) {
+    for note in notes {
+        match note.strip_prefix(gradalign::engine::WARNING) {
+            Some(w) => eprintln!("warning: {w}"),
+            None => eprintln!("note: {note}"),
+        }
+    }
 }
 
 pub fn plugins(plugins: &[PathBuf]) -> Result<i32> {
@@ -148,7 +168,7 @@ pub fn rank(
     scorer: &str,
     plugins: &[PathBuf],
     out: &Path,
-    jobs: usize,
+    jobs: Option<usize>,
     isolate: bool,
 ) -> Result<i32> {
     let reg = registry(plugins);
@@ -173,6 +193,16 @@ pub fn rank(
             out.display()
         );
     }
+    // Building a model's gradient graph and session is mostly serial work, so models side by
+    // side (one intra-op thread each by default) keep the cores busier than one model at a time.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let jobs = jobs.unwrap_or(cores).max(1).min(todo.len().max(1));
+    gradalign::runtime::set_parallel_jobs(jobs);
+    let mut grad = grad.clone();
+    if grad.max_memory.is_none() && jobs > 1 {
+        grad.max_memory = Some(gradalign::memory::default_limit() / jobs as u64);
+    }
+    let grad = &grad;
     let results = Mutex::new(results);
     let next = AtomicUsize::new(0);
     let finished = AtomicUsize::new(0);
@@ -181,7 +211,7 @@ pub fn rank(
     let write_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     std::thread::scope(|s| {
-        for _ in 0..jobs.max(1).min(todo.len().max(1)) {
+        for _ in 0..jobs {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 if i >= todo.len() || write_error.lock().unwrap().is_some() {
@@ -190,8 +220,15 @@ pub fn rank(
                 let path = &todo[i];
                 let t = Instant::now();
                 let res = score_one(path, probe, grad, &scorers);
-                if res.is_err() {
-                    failed.fetch_add(1, Ordering::SeqCst);
+                match &res {
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(r) => {
+                        for w in r.warnings() {
+                            eprintln!("warning: {}: {w}", path.display());
+                        }
+                    }
                 }
                 let secs = t.elapsed().as_secs_f64();
                 if let Err(e) =

@@ -435,19 +435,32 @@ impl Analysis {
             ));
         }
         let mut logits = model.outputs[0].clone();
-        // Logits are taken before a final Softmax/LogSoftmax: the loss applies its own.
-        if let Some(pos) = nodes
-            .iter()
-            .position(|n| n.outputs.first() == Some(&logits))
-        {
-            let op = nodes[pos].op.clone();
-            if op == "Softmax" || op == "LogSoftmax" {
-                let before = nodes[pos].inputs[0].clone();
-                notes.push(format!(
-                    "the model ends in {op} ({}); its input '{before}' is used as logits",
-                    nodes[pos].name
-                ));
-                logits = before;
+        // Logits are taken before a final Softmax/LogSoftmax: the loss applies its own. Exporters
+        // (skl2onnx, tf2onnx) put Identity or Cast nodes after it, which change no value: look
+        // through them, or the loss would silently be taken on probabilities.
+        let mut cur = logits.clone();
+        let mut through = vec![];
+        while let Some(node) = nodes.iter().find(|n| n.outputs.first() == Some(&cur)) {
+            match node.op.as_str() {
+                "Identity" | "Cast" if !node.inputs.is_empty() => {
+                    through.push(node.op.clone());
+                    cur = node.inputs[0].clone();
+                }
+                "Softmax" | "LogSoftmax" => {
+                    let before = node.inputs[0].clone();
+                    let via = if through.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (through {})", through.join(", "))
+                    };
+                    notes.push(format!(
+                        "the model ends in {}{via} ({}); its input '{before}' is used as logits",
+                        node.op, node.name
+                    ));
+                    logits = before;
+                    break;
+                }
+                _ => break,
             }
         }
         let li = infos

@@ -184,6 +184,16 @@ pub fn lower_batch_norm(lw: &mut Lowering, node: Node) -> Result<()> {
                     node.describe()
                 );
             }
+            if x.shape[2..].iter().product::<usize>() == 1 {
+                bail!(
+                    "{}: BatchNormalization on a {:?} feature map: per-sample statistics over one \
+                     value normalise it to the BN bias, so every gradient through it would be 0 \
+                     (PyTorch refuses a batch of one here too: \"Expected more than 1 value per \
+                     channel\"); feed a larger input (e.g. --data with bigger images) or use --bn eval",
+                    node.describe(),
+                    x.shape
+                );
+            }
             let axes: Vec<usize> = (2..r).collect();
             s.standardise(&node.inputs[0], &axes, eps)?
         }
@@ -236,6 +246,14 @@ pub fn lower_layer_norm(lw: &mut Lowering, node: Node) -> Result<()> {
     }
     let eps = node.attr_f("epsilon").unwrap_or(1e-5) as f64;
     let axes: Vec<usize> = (axis..r).collect();
+    if x.shape[axis..].iter().product::<usize>() == 1 {
+        bail!(
+            "{}: LayerNormalization over a single value (input {:?}, axis {axis}) normalises it to \
+             the bias, so every gradient through it would be 0",
+            node.describe(),
+            x.shape
+        );
+    }
     let mut s = Seq {
         lw,
         base: node.name.clone(),

@@ -4,6 +4,8 @@
 pub mod ort;
 pub mod tract;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use anyhow::{bail, Result};
 use ndarray::Array1;
 
@@ -47,6 +49,31 @@ impl std::str::FromStr for Device {
                 .ok_or_else(|| format!("'{s}' is not a device: use cpu, cuda or cuda:N")),
         }
     }
+}
+
+/// Models that run side by side in this process (`rank --jobs`): each runtime session gets an
+/// equal share of the cores, so jobs × intra-op threads never exceeds them.
+static JOBS: AtomicUsize = AtomicUsize::new(1);
+
+pub fn set_parallel_jobs(jobs: usize) {
+    JOBS.store(jobs.max(1), Ordering::Relaxed);
+}
+
+pub fn parallel_jobs() -> usize {
+    JOBS.load(Ordering::Relaxed)
+}
+
+/// Intra-op threads per session: `GRADALIGN_THREADS` when set, else the cores divided among
+/// the parallel jobs (at least one).
+pub fn intra_threads() -> usize {
+    std::env::var("GRADALIGN_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / parallel_jobs()).max(1)
+        })
 }
 
 pub fn load(

@@ -134,16 +134,7 @@ impl OrtRunner {
         let env = environment()?;
         use prost::Message;
         let bytes = model.encode_to_vec();
-        // GRADALIGN_THREADS caps the intra-op threads (parallel jobs share the cores).
-        let threads = std::env::var("GRADALIGN_THREADS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&t| t > 0)
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            });
+        let threads = super::intra_threads();
         let graph = model
             .graph
             .as_ref()
@@ -153,6 +144,9 @@ impl OrtRunner {
             .with_optimization_level(optimization_level())
             .map_err(|e| anyhow!("{e}"))?
             .with_intra_threads(threads)
+            .map_err(|e| anyhow!("{e}"))?
+            // Sessions that run side by side must not burn each other's cores busy-waiting.
+            .with_intra_op_spinning(super::parallel_jobs() == 1)
             .map_err(|e| anyhow!("{e}"))?;
         let session = match device {
             Device::Cpu => session,

@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 mod fuzz;
 mod nb201;
 mod regions;
+mod throughput;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -370,6 +371,19 @@ fn main() -> Result<()> {
             corpus: get("--corpus").map(PathBuf::from).unwrap_or_else(|| root().join("fuzz/corpus")),
             crashes: get("--crashes").map(PathBuf::from).unwrap_or_else(|| root().join("fuzz/crashes")),
         }),
+        Some("bench") if args.get(1).map(String::as_str) == Some("throughput") => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            throughput::run(
+                &root(),
+                &throughput::Options {
+                    count: get("--count").map(|v| v.parse()).transpose()?.unwrap_or(24),
+                    seed: get("--seed").map(|v| v.parse()).transpose()?.unwrap_or(0),
+                    n: get("--n").map(|v| v.parse()).transpose()?.unwrap_or(64),
+                    threads: get("--threads").map(|v| v.parse()).transpose()?.unwrap_or(cores),
+                    out: get("--out").map(PathBuf::from).unwrap_or_else(|| root().join("docs/results/throughput.md")),
+                },
+            )
+        }
         Some("bench") if args.get(1).map(String::as_str) == Some("linear-regions") => {
             let archs = nb201::load_archs(&root())?.len();
             let seed: u64 = get("--seed").map(|v| v.parse()).transpose()?.unwrap_or(0);
@@ -435,6 +449,6 @@ fn main() -> Result<()> {
                 nb201::run(&root(), &o)
             }
         }
-        _ => bail!("usage: cargo xtask gen-resnet50 [--out FILE] [--input 32] | cargo xtask fuzz [--execs 1000000] [--seconds 1800] [--seed S] [--jobs J] [--corpus DIR] [--crashes DIR] | cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR] [--report-only]"),
+        _ => bail!("usage: cargo xtask gen-resnet50 [--out FILE] [--input 32] | cargo xtask fuzz [--execs 1000000] [--seconds 1800] [--seed S] [--jobs J] [--corpus DIR] [--crashes DIR] | cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] | cargo xtask bench throughput [--count 24] [--seed 0] [--n 64] [--threads T] [--out FILE] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR] [--report-only]"),
     }
 }

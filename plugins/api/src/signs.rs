@@ -75,20 +75,50 @@ impl PackedSigns {
             cols,
         }
     }
-    /// Set columns `start .. start + values.len()` of row `i` from raw values.
+    /// Set columns `start .. start + values.len()` of row `i` from raw values (NaN and zero
+    /// leave both planes clear).
     pub fn set<T: Copy + Into<f64>>(&mut self, i: usize, start: usize, values: &[T]) {
         let base = i * self.words;
-        for (k, &v) in values.iter().enumerate() {
-            let c = start + k;
-            let (w, b) = (base + c / 64, 1u64 << (c % 64));
-            let v: f64 = v.into();
-            self.pos[w] &= !b;
-            self.neg[w] &= !b;
-            if v > 0.0 {
-                self.pos[w] |= b;
-            } else if v < 0.0 {
-                self.neg[w] |= b;
+        let end = start + values.len();
+        assert!(
+            end <= self.cols,
+            "columns {start}..{end} beyond {}",
+            self.cols
+        );
+        let mut c = start;
+        let mut vals = values;
+        // Bit by bit up to the first word boundary, whole words after it, bit by bit at the end.
+        while c % 64 != 0 && !vals.is_empty() {
+            self.set_bit(base, c, vals[0].into());
+            c += 1;
+            vals = &vals[1..];
+        }
+        let mut chunks = vals.chunks_exact(64);
+        for chunk in &mut chunks {
+            let (mut pw, mut nw) = (0u64, 0u64);
+            for (j, &v) in chunk.iter().enumerate() {
+                let v: f64 = v.into();
+                pw |= ((v > 0.0) as u64) << j;
+                nw |= ((v < 0.0) as u64) << j;
             }
+            let w = base + c / 64;
+            self.pos[w] = pw;
+            self.neg[w] = nw;
+            c += 64;
+        }
+        for &v in chunks.remainder() {
+            self.set_bit(base, c, v.into());
+            c += 1;
+        }
+    }
+    fn set_bit(&mut self, base: usize, c: usize, v: f64) {
+        let (w, b) = (base + c / 64, 1u64 << (c % 64));
+        self.pos[w] &= !b;
+        self.neg[w] &= !b;
+        if v > 0.0 {
+            self.pos[w] |= b;
+        } else if v < 0.0 {
+            self.neg[w] |= b;
         }
     }
     /// Pack a row-major `rows × cols` matrix.
@@ -142,5 +172,25 @@ mod tests {
             q.set(i, 0, &data[i * 70..i * 70 + 40]);
         }
         assert_eq!(p, q);
+        // Word-at-a-time packing equals the bit-by-bit definition, for blocks starting and
+        // ending anywhere, overwriting earlier values, with NaN read as no sign.
+        let cols = 300;
+        let vals: Vec<f32> = (0..cols)
+            .map(|k| match (k * 13 + k / 7) % 4 {
+                0 => 0.5,
+                1 => -2.0,
+                2 => 0.0,
+                _ => f32::NAN,
+            })
+            .collect();
+        for (a, b) in [(0, 300), (3, 64), (63, 129), (64, 256), (100, 300), (5, 6)] {
+            let mut fast = PackedSigns::from_matrix(&vec![1.0f32; cols], 1, cols);
+            fast.set(0, a, &vals[a..b]);
+            let mut slow = PackedSigns::from_matrix(&vec![1.0f32; cols], 1, cols);
+            for c in a..b {
+                slow.set_bit(0, c, vals[c] as f64);
+            }
+            assert_eq!(fast, slow, "block {a}..{b}");
+        }
     }
 }

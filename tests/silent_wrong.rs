@@ -1,0 +1,143 @@
+//! Exported graphs that used to give silently wrong answers (exit 0 with zero or misleading
+//! gradients) now give an error that names the node and the remedy, the right gradients, or a
+//! warning in the notes.
+
+mod common;
+use common::*;
+use gradalign::engine::{per_sample_grads, WARNING};
+use gradalign::grad::{BnMode, ParamSelect};
+use gradalign::onnx::HostTensor;
+use ndarray::{ArrayD, IxDyn};
+
+/// Conv whose 4×4 kernel turns a 4×4 image into a 1×1 map, then BatchNormalization, ReLU and a
+/// Gemm head: the ImageNet-style network at a too-small input.
+fn bn_on_one_value() -> (GraphSpec, String) {
+    let mut g = GraphSpec::new(&[2, 4, 4], 3);
+    let w = g.param("c.w", &[3, 2, 4, 4], 0.5);
+    let c = g.node("Conv", &["x", &w], vec![]);
+    let scale = g.param("bn.scale", &[3], 1.0);
+    let bias = g.param("bn.bias", &[3], 1.0);
+    let mean = g.param("bn.mean", &[3], 0.3);
+    let var = g.tensor(
+        "bn.var",
+        HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[3]), vec![0.5, 1.5, 2.0]).unwrap()),
+    );
+    let bn = g.node(
+        "BatchNormalization",
+        &[&c, &scale, &bias, &mean, &var],
+        vec![a_f("epsilon", 1e-5)],
+    );
+    let r = g.node("Relu", &[&bn], vec![]);
+    let f = g.node("Flatten", &[&r], vec![a_i("axis", 1)]);
+    let hw = g.param("head.w", &[4, 3], 0.5);
+    let z = g.node("Gemm", &[&f, &hw], vec![a_i("transB", 1)]);
+    (g, z)
+}
+
+#[test]
+fn per_sample_batch_norm_over_one_value_is_refused_with_the_remedy() {
+    let (g, z) = bn_on_one_value();
+    let model = g.model(&z);
+    let probe = random_probe(&g.input_shape, 4, 4, 1);
+    let err = per_sample_grads(
+        &model,
+        &probe,
+        opts(BnMode::Sample, ParamSelect::Weights),
+        false,
+    )
+    .err()
+    .expect("per-sample BN over a 1×1 map must be refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("BatchNormalization"), "{msg}");
+    assert!(msg.contains("--bn eval"), "{msg}");
+    assert!(msg.contains("[4, 3, 1, 1]"), "names the shape: {msg}");
+    // Running statistics are defined on a 1×1 map: the same model then has exact gradients.
+    let worst = fd_check(&model, &probe, opts(BnMode::Eval, ParamSelect::All), 12);
+    assert!(worst < 1e-5, "worst relative error {worst:e}");
+}
+
+/// A small MLP whose logits `z` may be followed by `tail` (ops applied in order).
+fn mlp_with_tail(tail: &[&str]) -> (GraphSpec, String, String) {
+    let mut g = GraphSpec::new(&[6], 11);
+    let w1 = g.param("w1", &[5, 6], 0.7);
+    let h = g.node("Gemm", &["x", &w1], vec![a_i("transB", 1)]);
+    let t = g.node("Tanh", &[&h], vec![]);
+    let w2 = g.param("w2", &[3, 5], 0.7);
+    let z = g.node("Gemm", &[&t, &w2], vec![a_i("transB", 1)]);
+    let mut out = z.clone();
+    for op in tail {
+        out = match *op {
+            "Softmax" => g.node("Softmax", &[&out], vec![a_i("axis", 1)]),
+            "Cast" => g.node("Cast", &[&out], vec![a_i("to", 1)]),
+            other => g.node(other, &[&out], vec![]),
+        };
+    }
+    (g, z, out)
+}
+
+#[test]
+fn softmax_behind_identity_and_cast_is_stripped_with_a_note() {
+    let (g0, z0, _) = mlp_with_tail(&[]);
+    let probe = random_probe(&g0.input_shape, 5, 3, 2);
+    let o = opts(BnMode::Sample, ParamSelect::All);
+    let want = per_sample_grads(&g0.model(&z0), &probe, o, false).unwrap();
+    for tail in [
+        &["Softmax", "Identity"][..],
+        &["Softmax", "Cast", "Identity"][..],
+    ] {
+        let (g, _, out) = mlp_with_tail(tail);
+        let got = per_sample_grads(&g.model(&out), &probe, o, false).unwrap();
+        assert_eq!(
+            got.grads.to_f64(),
+            want.grads.to_f64(),
+            "{tail:?}: the loss must be taken on the logits before the Softmax"
+        );
+        assert!(
+            got.notes
+                .iter()
+                .any(|n| n.contains("Softmax") && n.contains(tail[1])),
+            "{tail:?}: {:?}",
+            got.notes
+        );
+    }
+}
+
+#[test]
+fn all_zero_per_sample_gradients_are_a_warning() {
+    // The weights only ever meet an input multiplied by zero: every gradient is exactly 0.
+    let mut g = GraphSpec::new(&[4], 5);
+    let zero = g.tensor("zero", HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), 0.0)));
+    let x0 = g.node("Mul", &["x", &zero], vec![]);
+    let w = g.param("w", &[3, 4], 0.5);
+    let z = g.node("Gemm", &[&x0, &w], vec![a_i("transB", 1)]);
+    let probe = random_probe(&g.input_shape, 6, 3, 4);
+    let r = per_sample_grads(
+        &g.model(&z),
+        &probe,
+        opts(BnMode::Sample, ParamSelect::Weights),
+        false,
+    )
+    .unwrap();
+    assert!(r.grads.to_f64().iter().all(|&v| v == 0.0));
+    let warnings: Vec<&String> = r.notes.iter().filter(|n| n.starts_with(WARNING)).collect();
+    assert_eq!(warnings.len(), 1, "{:?}", r.notes);
+    assert!(
+        warnings[0].contains("6 of 6") && warnings[0].contains("all of them"),
+        "{}",
+        warnings[0]
+    );
+    // A healthy model gets no warning.
+    let (g1, z1, _) = mlp_with_tail(&[]);
+    let ok = per_sample_grads(
+        &g1.model(&z1),
+        &random_probe(&g1.input_shape, 6, 3, 4),
+        opts(BnMode::Sample, ParamSelect::Weights),
+        false,
+    )
+    .unwrap();
+    assert!(
+        ok.notes.iter().all(|n| !n.starts_with(WARNING)),
+        "{:?}",
+        ok.notes
+    );
+}
