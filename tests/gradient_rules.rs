@@ -127,6 +127,37 @@ fn average_pool_without_padding_counts_and_ceil_mode() {
     check(&g, &z, 3, BnMode::Sample, ParamSelect::Weights);
 }
 
+/// Stride 1 takes the AveragePool form of the gradient: asymmetric pads, a non-square kernel,
+/// both padding-count modes.
+#[test]
+fn average_pool_stride_one_asymmetric_pads() {
+    let mut g = GraphSpec::new(&[2, 6, 5], 9);
+    let w1 = g.param("c1.w", &[2, 2, 1, 1], 0.8);
+    let c1 = g.node("Conv", &["x", &w1], vec![]);
+    let p1 = g.node(
+        "AveragePool",
+        &[&c1],
+        vec![
+            a_ints("kernel_shape", &[2, 3]),
+            a_ints("pads", &[0, 1, 1, 2]),
+            a_i("count_include_pad", 1),
+        ],
+    );
+    // [6, 5] → [6 + 1 − 2 + 1, 5 + 3 − 3 + 1] = [6, 6]
+    let p2 = g.node(
+        "AveragePool",
+        &[&p1],
+        vec![
+            a_ints("kernel_shape", &[3, 2]),
+            a_ints("pads", &[2, 0, 0, 1]),
+            a_i("count_include_pad", 0),
+        ],
+    );
+    // [6, 6] → [6 + 2 − 3 + 1, 6 + 1 − 2 + 1] = [6, 6]
+    let z = head(&mut g, &p2, 2 * 6 * 6, 3);
+    check(&g, &z, 3, BnMode::Sample, ParamSelect::Weights);
+}
+
 #[test]
 fn max_pool_strided_padded() {
     let mut g = GraphSpec::new(&[2, 7, 7], 5);

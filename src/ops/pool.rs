@@ -1,7 +1,8 @@
 //! AveragePool (count_include_pad 0/1, ceil_mode), MaxPool, GlobalAveragePool.
 //!
 //! Gradients scatter `dY` back with a `ConvTranspose` whose kernel is all ones (average: after
-//! dividing by the host-computed count of each window) or one-hot per kernel offset (max: the
+//! dividing by the host-computed count of each window; at stride and dilation 1 an
+//! `AveragePool` over the mirrored window does the same sum faster) or one-hot per kernel offset (max: the
 //! first maximal position of each window, as PyTorch picks it, found with strided `Slice` +
 //! `Equal`). tract has no `MaxUnpool`, so this stays in standard ops.
 
@@ -233,6 +234,32 @@ pub fn backward(
     flat.extend(&out);
     if node.op == "AveragePool" {
         let include = node.attr_i("count_include_pad").unwrap_or(0) == 1;
+        let unit = g.strides.iter().chain(&g.dilations).all(|&v| v == 1);
+        if unit {
+            // Stride and dilation 1: the scatter is a window sum of dY over the mirrored
+            // window, i.e. an AveragePool with pads k−1−pad (counting the padding) times the
+            // window volume K. Folding K into the per-window scale keeps one node; runtimes run
+            // AveragePool far faster than a depthwise ConvTranspose.
+            let d = g.spatial();
+            let k: usize = g.kernel.iter().product();
+            let scale = window_counts(&g, &ix.shape[2..], &out, include).mapv(|v| k as f64 / v);
+            let inv = b.em.floats(scale);
+            let scaled = b.em.mul(&dy, &inv);
+            let pads: Vec<i64> = (0..2 * d)
+                .map(|i| (g.kernel[i % d] - 1 - g.pads[i]) as i64)
+                .collect();
+            let kernel: Vec<i64> = g.kernel.iter().map(|&v| v as i64).collect();
+            let dx = b.em.op(
+                "AveragePool",
+                &[&scaled],
+                vec![
+                    attr::ints("kernel_shape", &kernel),
+                    attr::ints("pads", &pads),
+                    attr::i("count_include_pad", 1),
+                ],
+            );
+            return Ok(vec![Some(dx)]);
+        }
         let counts = window_counts(&g, &ix.shape[2..], &out, include).mapv(|v| 1.0 / v);
         let inv = b.em.floats(counts);
         let scaled = b.em.mul(&dy, &inv);

@@ -84,6 +84,7 @@ pub fn unavailable_reason() -> Option<String> {
 /// peak memory (713 vs 593 MiB).
 fn optimization_level() -> GraphOptimizationLevel {
     match std::env::var("GRADALIGN_ORT_OPT").as_deref() {
+        Ok("0") => GraphOptimizationLevel::Disable,
         Ok("1") => GraphOptimizationLevel::Level1,
         Ok("3") => GraphOptimizationLevel::Level3,
         Ok("all") => GraphOptimizationLevel::All,
