@@ -1,8 +1,8 @@
 //! AveragePool (count_include_pad 0/1, ceil_mode), MaxPool, GlobalAveragePool.
 //!
 //! Gradients scatter `dY` back with a `ConvTranspose` whose kernel is all ones (average: after
-//! dividing by the host-computed count of each window; at stride and dilation 1 an
-//! `AveragePool` over the mirrored window does the same sum faster) or one-hot per kernel offset (max: the
+//! dividing by the host-computed count of each window; at stride and dilation 1 a depthwise
+//! all-ones `Conv` over the mirrored window does the same sum faster) or one-hot per kernel offset (max: the
 //! first maximal position of each window, as PyTorch picks it, found with strided `Slice` +
 //! `Equal`). tract has no `MaxUnpool`, so this stays in standard ops.
 
@@ -234,35 +234,33 @@ pub fn backward(
     flat.extend(&out);
     if node.op == "AveragePool" {
         let include = node.attr_i("count_include_pad").unwrap_or(0) == 1;
-        let unit = g.strides.iter().chain(&g.dilations).all(|&v| v == 1);
-        if unit {
-            // Stride and dilation 1: the scatter is a window sum of dY over the mirrored
-            // window, i.e. an AveragePool with pads k−1−pad (counting the padding) times the
-            // window volume K. Folding K into the per-window scale keeps one node; runtimes run
-            // AveragePool far faster than a depthwise ConvTranspose.
+        let counts = window_counts(&g, &ix.shape[2..], &out, include).mapv(|v| 1.0 / v);
+        let inv = b.em.floats(counts);
+        let scaled = b.em.mul(&dy, &inv);
+        if g.strides.iter().chain(&g.dilations).all(|&v| v == 1) {
+            // Stride and dilation 1: the scatter is a window sum of dY/count over the mirrored
+            // window, i.e. a depthwise all-ones Conv with pads k−1−pad. ONNX Runtime runs it
+            // far faster than the ConvTranspose + crop/pad below, and it sums exactly (an
+            // AveragePool form would divide by K and multiply back, rounding twice).
             let d = g.spatial();
-            let k: usize = g.kernel.iter().product();
-            let scale = window_counts(&g, &ix.shape[2..], &out, include).mapv(|v| k as f64 / v);
-            let inv = b.em.floats(scale);
-            let scaled = b.em.mul(&dy, &inv);
             let pads: Vec<i64> = (0..2 * d)
                 .map(|i| (g.kernel[i % d] - 1 - g.pads[i]) as i64)
                 .collect();
             let kernel: Vec<i64> = g.kernel.iter().map(|&v| v as i64).collect();
+            let mut wshape = vec![c, 1];
+            wshape.extend(&g.kernel);
+            let w = b.em.floats(ArrayD::from_elem(IxDyn(&wshape), 1.0));
             let dx = b.em.op(
-                "AveragePool",
-                &[&scaled],
+                "Conv",
+                &[&scaled, &w],
                 vec![
                     attr::ints("kernel_shape", &kernel),
                     attr::ints("pads", &pads),
-                    attr::i("count_include_pad", 1),
+                    attr::i("group", c as i64),
                 ],
             );
             return Ok(vec![Some(dx)]);
         }
-        let counts = window_counts(&g, &ix.shape[2..], &out, include).mapv(|v| 1.0 / v);
-        let inv = b.em.floats(counts);
-        let scaled = b.em.mul(&dy, &inv);
         return Ok(vec![Some(scatter(
             b, &g, &scaled, c, true, &ix.shape, &out,
         ))]);
