@@ -221,6 +221,12 @@ pub fn per_sample_grads_on(
         _ => 0,
     };
     notes.extend(zero_gradient_warning(zero, n));
+    let bad = match &grads {
+        HostTensor::F32(a) => non_finite_columns(a.iter().map(|&v| v.is_finite()), offset),
+        HostTensor::F64(a) => non_finite_columns(a.iter().map(|&v| v.is_finite()), offset),
+        _ => 0,
+    };
+    notes.extend(non_finite_warning(bad, offset));
     if chunk < n {
         notes.push(format!(
             "the probe ran in chunks of {chunk} samples to stay within --max-memory"
@@ -252,6 +258,18 @@ pub fn zero_gradient_warning(zero_rows: usize, n: usize) -> Option<String> {
              does not depend on them, or a graph that cuts them off), so gradient-based scores \
              are degenerate there",
             if zero_rows == n { " (all of them)" } else { "" }
+        )
+    })
+}
+
+/// A warning when some gradient columns hold non-finite values (an overflow in the forward or
+/// backward pass): sign-based scores would read NaN as "no sign" and go on silently.
+pub fn non_finite_warning(columns: usize, p: usize) -> Option<String> {
+    (columns > 0).then(|| {
+        format!(
+            "{WARNING}{columns} of {p} gradient columns hold non-finite values (NaN or ±inf) for \
+             some probe sample: the model overflows on the probe, so its scores are not \
+             meaningful (try --precision f64 or check the input normalisation)"
         )
     })
 }
@@ -340,4 +358,19 @@ fn zero_rows<T: Copy + PartialEq + Default>(a: &ndarray::ArrayD<T>) -> usize {
             .count(),
         _ => 0,
     }
+}
+
+/// Columns of a row-major `[N, cols]` matrix (given as a finiteness flag per value) that hold a
+/// non-finite value in some row.
+fn non_finite_columns(finite: impl Iterator<Item = bool>, cols: usize) -> usize {
+    if cols == 0 {
+        return 0;
+    }
+    let mut bad = vec![false; cols];
+    for (k, ok) in finite.enumerate() {
+        if !ok {
+            bad[k % cols] = true;
+        }
+    }
+    bad.iter().filter(|&&b| b).count()
 }

@@ -258,6 +258,9 @@ pub fn per_sample_signs(
         })
         .count();
     notes.extend(crate::engine::zero_gradient_warning(zero, n));
+    // A non-finite value in any sample's gradient makes that column's sum non-finite.
+    let bad = batch.iter().filter(|v| !v.is_finite()).count();
+    notes.extend(crate::engine::non_finite_warning(bad, p));
     if groups.len() > 1 || chunk < n {
         notes.push(format!(
             "the {n} × {p} gradients exceed --max-memory {}: streamed in {} parameter group(s) × {} \

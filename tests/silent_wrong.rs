@@ -141,3 +141,38 @@ fn all_zero_per_sample_gradients_are_a_warning() {
         ok.notes
     );
 }
+
+#[test]
+fn non_finite_gradients_are_a_warning() {
+    // exp(60·x) overflows float32 for x > 1.48: the logits and their gradients are not finite.
+    let mut g = GraphSpec::new(&[4], 8);
+    let k = g.tensor("k", HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), 60.0)));
+    let s = g.node("Mul", &["x", &k], vec![]);
+    let e = g.node("Exp", &[&s], vec![]);
+    let w = g.param("w", &[3, 4], 0.5);
+    let z = g.node("Gemm", &[&e, &w], vec![a_i("transB", 1)]);
+    let mut probe = random_probe(&g.input_shape, 4, 3, 4);
+    probe.images.fill(2.0);
+    let mut o = opts(BnMode::Sample, ParamSelect::Weights);
+    o.precision = gradalign::grad::Precision::F32;
+    let model = g.model(&z);
+    let r = per_sample_grads(&model, &probe, o, false).unwrap();
+    assert!(r.grads.to_f64().iter().any(|v| !v.is_finite()));
+    // The one-pass sign path (what the default scorers read) says the same.
+    let signs = gradalign::stream::per_sample_signs(
+        &model,
+        &probe,
+        false,
+        o,
+        gradalign::runtime::Backend::Tract,
+        gradalign::runtime::Device::Cpu,
+    )
+    .unwrap();
+    for notes in [&r.notes, &signs.notes] {
+        assert!(
+            notes.iter().any(|n| n.starts_with(WARNING)
+                && n.contains("12 of 12 gradient columns hold non-finite")),
+            "{notes:?}"
+        );
+    }
+}
