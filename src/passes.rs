@@ -1,4 +1,4 @@
-//! Extra passes some scorers declare (DESIGN §4): ReLU codes and the input Jacobian of the summed
+//! Extra passes some scorers declare (docs/semantics.md, Scorers): ReLU codes and the input Jacobian of the summed
 //! logits on the probe, and SynFlow's gradients of the BN-free |W| network on one all-ones input.
 //! Each builds its own graph with [`GraphSpec`]; results are mapped onto the caller's columns by
 //! parameter name.

@@ -35,7 +35,7 @@ impl Probe {
     }
 
     /// Take `n` images class-balanced from CIFAR-10 binary records: classes in order, each
-    /// getting ⌊n/10⌋ images and the first n mod 10 classes one more (DESIGN §8), the first
+    /// getting ⌊n/10⌋ images and the first n mod 10 classes one more (docs/cli.md, Probe), the first
     /// images of each class in file order. Samples are ordered by class.
     pub fn from_cifar10_bytes(bytes: &[u8], n: usize, source: &str) -> Result<Probe> {
         if bytes.is_empty() || bytes.len() % RECORD != 0 {

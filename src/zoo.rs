@@ -1,5 +1,5 @@
 //! NAS-Bench-201 networks as ONNX, generated in Rust (no Python): the xautodl `TinyNetwork`
-//! topology of DESIGN §8 (stem Conv3×3+BN, three stages of N = 5 cells with ResNet reduction
+//! topology described in docs/results.md (NAS-Bench-201) (stem Conv3×3+BN, three stages of N = 5 cells with ResNet reduction
 //! blocks, lastact BN+ReLU, global pool, Linear), training-mode BatchNormalization, PyTorch's
 //! default initialisation distributions, seeded. Initializer names and order follow PyTorch's
 //! `state_dict` of `tests/golden/nb201.py`, so a PyTorch export's weights load by name.

@@ -2,7 +2,7 @@
 //! running statistics), from tests/golden/make_fixtures.py.
 //!
 //! f64 runs must match the f64 goldens to max|Δ| ≤ 1e-6 · max|g| per layer (the goldens are
-//! stored in f32, which limits agreement to ~1e-7). f32 runs are judged as DESIGN §10 says:
+//! stored in f32, which limits agreement to ~1e-7). f32 runs are judged as docs/results.md (Accuracy) says:
 //! per sample, relative L2 error ≤ max(1e-4, 3 × PyTorch-f32's own error on that sample); per
 //! layer, max|Δ| ≤ max(1e-4, 3 × PyTorch-f32's own error on that layer) · max|g|.
 

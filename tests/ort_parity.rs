@@ -129,7 +129,7 @@ fn ort_cpu_equals_tract_on_50_generated_architectures() {
         "{ARCHS} archs: worst per-layer max|Δ|/max|g| {worst_layer:e} ({layers_above} of {layers} layers above 1e-5), \
          worst per-sample rel. L2 {worst_sample:e}, worst score rel. diff {worst_score:e}"
     );
-    // f32 through per-image BatchNorm is ill-conditioned (DESIGN §10: PyTorch's own f32
+    // f32 through per-image BatchNorm is ill-conditioned (docs/results.md, Accuracy: PyTorch's own f32
     // gradients are up to 0.19 from f64 per sample). Measured here (N = 8): about half of the
     // layers agree to 1e-5, the worst sample to 0.10 (rel. L2); scores agree to 1e-7 in the
     // median and 1.5e-3 at worst (grad_norm). ORT has no float64 Conv, so an f64 parity check

@@ -42,7 +42,7 @@ pub struct GradGraph {
 /// What the differentiated scalar is, per sample.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Loss {
-    /// Softmax cross-entropy with the sample's label (the per-sample gradient of DESIGN §2).
+    /// Softmax cross-entropy with the sample's label (the per-sample gradient of docs/semantics.md).
     #[default]
     CrossEntropy,
     /// The sum of the sample's logits (SynFlow's R, jacob_cov's Jacobian).

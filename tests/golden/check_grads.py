@@ -7,7 +7,7 @@ loop (float64, plus float32 for its own error).
 
 Architectures: K indices drawn with numpy's default_rng(SEED) from the 15,625 NB201 cells
 (../shared/data/nb201_accuracies.csv or data/nb201_arch_strings.txt), skipping the fixtures.
-Criteria (issue #2, DESIGN §10): f64 run: max|Δ| ≤ 1e-4·max|g| per layer; f32 run: per-sample
+Criteria (docs/results.md, Accuracy): f64 run: max|Δ| ≤ 1e-4·max|g| per layer; f32 run: per-sample
 relative L2 ≤ max(1e-4, 3 × PyTorch-f32's own error) and per layer ≤ max(1e-4, 3 × PyTorch-f32's
 layer error). Layers whose gradient is analytically zero (max|g| < 1e-7 of the global max) are
 compared in absolute terms (≤ 1e-6 of the global max).

@@ -1,6 +1,6 @@
 """`gradalign score` (default f32, --backend as given) on PyTorch training-mode exports of NB201
 architectures the fixtures never used, with a 64-image .npy probe, against gradsign /
-gradalign-i / gradalign-ii computed with DESIGN §4's formulas (tests/golden/scorers.py) from
+gradalign-i / gradalign-ii computed with the formulas of docs/semantics.md (tests/golden/scorers.py) from
 PyTorch's float64 batch-of-one per-sample gradients of the same probe.
 
     cargo build --release

@@ -6,9 +6,9 @@ Exact command (from the repository root; torch 2.8.0 CPU is enough):
     pip install torch==2.8.0 onnx numpy
     python3 tests/golden/make_fixtures.py
 
-Golden gradients are PyTorch's own protocol (DESIGN §2): model.train(), a loop over single
+Golden gradients are PyTorch's own protocol (docs/semantics.md): model.train(), a loop over single
 images, softmax cross-entropy, in float64; the same loop in float32 gives the error PyTorch
-itself makes on each sample (DESIGN §10), saved next to them. BN-eval goldens use model.eval().
+itself makes on each sample (docs/results.md, Accuracy), saved next to them. BN-eval goldens use model.eval().
 """
 import json
 import os
@@ -103,7 +103,7 @@ def write_golden(name, model, x, y, sample_shape):
     for n, p in zip(names, model.parameters()):
         blk = slice(off, off + p.numel())
         scale = np.abs(g64[:, blk]).max()
-        # PyTorch's own f32 error on this layer, max|g32 - g64| / max|g64| (DESIGN §10).
+        # PyTorch's own f32 error on this layer, max|g32 - g64| / max|g64| (docs/results.md, Accuracy).
         err = float(np.abs(g32[:, blk] - g64[:, blk]).max() / scale) if scale > 0 else 0.0
         meta["params"].append({"name": n, "shape": list(p.shape), "offset": off, "numel": p.numel(),
                                "pytorch_f32_layer_error": err})

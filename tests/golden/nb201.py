@@ -1,4 +1,4 @@
-"""NAS-Bench-201 networks in PyTorch: the xautodl `TinyNetwork` topology (DESIGN §8).
+"""NAS-Bench-201 networks in PyTorch: the xautodl `TinyNetwork` topology (docs/results.md, NAS-Bench-201).
 
 Re-implemented here (no xautodl dependency) from D-X-Y/AutoDL-Projects
 `xautodl/models/cell_searchs/` + `cell_operations.py` (TinyNetwork, InferCell, ResNetBasicblock,

@@ -1,6 +1,6 @@
 """Reference value of every scorer on the NB201 fixtures, computed independently in PyTorch
-(float64, batch-of-one train() loop, so per-sample BatchNorm as DESIGN §2) with DESIGN §4's
-formulas; the baselines follow zero-cost-nas, with the batch gradient = Σ per-sample gradients.
+(float64, batch-of-one train() loop, so per-sample BatchNorm) with the formulas of
+docs/semantics.md; the baselines follow zero-cost-nas, with the batch gradient = Σ per-sample gradients.
 Fisher is computed from forward/backward hooks on the layer outputs (zero-cost-nas' way), not from
 the parameter-gradient identity gradalign uses, so it checks that identity too.
 

@@ -1,4 +1,4 @@
-//! The zero-cost baselines (DESIGN §4) as a gradalign plugin: linked into the binary and also
+//! The zero-cost baselines (docs/semantics.md, Scorers) as a gradalign plugin: linked into the binary and also
 //! built as `libgradalign_baselines.so`. Each scorer declares exactly the inputs it reads.
 
 pub mod math;

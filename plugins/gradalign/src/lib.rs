@@ -1,4 +1,4 @@
-//! GradAlign-I/II and GradSign (DESIGN §4) as a gradalign plugin: linked into the binary and
+//! GradAlign-I/II and GradSign (docs/semantics.md, Scorers) as a gradalign plugin: linked into the binary and
 //! also built as `libgradalign_scorers.so`. They read packed gradient signs (`inputs::SIGNS`),
 //! so they also run when the per-sample gradients exceed `--max-memory`.
 
