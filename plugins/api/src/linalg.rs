@@ -1,7 +1,8 @@
 //! Small dense f64 linear algebra for the N×N matrices scorers build (N = probe size, ≤ a few
 //! hundred). Hand-written rather than a LAPACK binding so the default build needs no system
-//! packages (DESIGN §9); each routine is the textbook algorithm, tested below against
-//! closed-form values. Matrices are row-major `Vec<f64>` of length n·n.
+//! packages (docs/architecture.md, Dependencies); each routine is the textbook algorithm, tested below against
+//! closed-form values, except [`gram_rows`] (the N×N Gram matrix of N long rows), a blocked
+//! SIMD kernel tested against the textbook loop. Matrices are row-major `Vec<f64>` of length n·n.
 
 /// log det(A) of a symmetric positive-definite A by Cholesky; an error names the failing pivot.
 pub fn cholesky_logdet(a: &[f64], n: usize) -> Result<f64, String> {
@@ -150,6 +151,348 @@ pub fn corrcoef_rows(x: &[f64], r: usize, c: usize) -> Vec<f64> {
     out
 }
 
+/// Rows per tile of [`gram_rows`]: every tile is a 4×4 block of K.
+const GRAM_TILE: usize = 4;
+/// Columns of a block are padded with zeros to a multiple of this (the widest SIMD width used).
+const GRAM_LANES: usize = 16;
+/// f64 values in one converted column block (256 KiB: stays in L2 while its tiles are formed).
+const GRAM_BLOCK_F64: usize = 32 * 1024;
+/// Extra f64 between the rows of a converted block: one cache line, so that rows are not a
+/// multiple of 4 KiB apart and the eight rows of a tile do not compete for the same L1 sets.
+const GRAM_SKEW: usize = 8;
+
+/// K = X Xᵀ for the rows of a row-major r×c matrix, accumulated in f64: row-major r×r and
+/// symmetric, `K[a][b] = Σ_k x_ak · x_bk`.
+///
+/// The textbook double loop over row pairs reads the whole matrix r/2 times from memory and
+/// keeps one accumulator busy; here the columns go in blocks, each converted to f64 once
+/// (256 KiB, so it stays in L2) and multiplied in 4×4 tiles of the upper triangle, with
+/// AVX-512F or AVX2+FMA where the CPU has them (runtime detection; a portable kernel
+/// otherwise), while the next block is prefetched a few cache lines per tile. Zero padding
+/// adds exact zeros. The products of f32 inputs are exact in f64 (24 + 24 significant bits), so
+/// only the order of the f64 additions differs from the textbook loop.
+pub fn gram_rows<T: Copy + Into<f64>>(x: &[T], r: usize, c: usize) -> Vec<f64> {
+    gram_rows_with(x, r, c, GramKernels::detect())
+}
+
+/// A block kernel: adds the products of a converted column block to every upper-triangle 4×4
+/// tile of `acc` (rp × rp), prefetching `next` as it goes. `buf` holds rp rows of `wp` f64,
+/// `stride` apart (64-byte aligned, for speed only); rp is a multiple of 4 and wp of
+/// [`GRAM_LANES`].
+type GramKernel = fn(&[f64], usize, usize, usize, &mut [f64], &NextBlock);
+
+/// The block kernel and f64 conversion this CPU runs best.
+#[derive(Clone, Copy)]
+struct GramKernels {
+    kernel: GramKernel,
+    /// Convert with 512-bit instructions (the CPU has AVX-512F).
+    wide: bool,
+}
+
+impl GramKernels {
+    fn detect() -> GramKernels {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                return GramKernels {
+                    kernel: gram_block_avx512,
+                    wide: true,
+                };
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return GramKernels {
+                    kernel: gram_block_avx2,
+                    wide: false,
+                };
+            }
+        }
+        GramKernels {
+            kernel: gram_block_portable,
+            wide: false,
+        }
+    }
+}
+
+fn gram_rows_with<T: Copy + Into<f64>>(x: &[T], r: usize, c: usize, k: GramKernels) -> Vec<f64> {
+    assert_eq!(x.len(), r * c);
+    let mut out = vec![0.0f64; r * r];
+    if r == 0 || c == 0 {
+        return out;
+    }
+    let rp = r.div_ceil(GRAM_TILE) * GRAM_TILE;
+    let bw = (GRAM_BLOCK_F64 / rp).clamp(GRAM_LANES, 4096) / GRAM_LANES * GRAM_LANES;
+    let mut store = vec![0.0f64; rp * (bw + GRAM_SKEW) + 8];
+    let lead = store.as_ptr().align_offset(64).min(8);
+    let buf = &mut store[lead..];
+    let mut acc = vec![0.0f64; rp * rp];
+    let size = std::mem::size_of::<T>();
+    let mut c0 = 0;
+    while c0 < c {
+        let w = bw.min(c - c0);
+        let wp = w.div_ceil(GRAM_LANES) * GRAM_LANES;
+        let stride = wp + GRAM_SKEW;
+        for i in 0..r {
+            let dst = &mut buf[i * stride..i * stride + wp];
+            to_f64(&mut dst[..w], &x[i * c + c0..i * c + c0 + w], k.wide);
+            dst[w..].fill(0.0);
+        }
+        buf[r * stride..rp * stride].fill(0.0);
+        let next_w = bw.min(c - c0 - w);
+        let next = NextBlock {
+            base: x[(c0 + w).min(x.len())..].as_ptr() as *const u8,
+            row_stride: c * size,
+            row_lines: if next_w == 0 {
+                0
+            } else {
+                (next_w * size).div_ceil(64) + 1
+            },
+            rows: r,
+        };
+        (k.kernel)(&buf[..rp * stride], rp, wp, stride, &mut acc, &next);
+        c0 += w;
+    }
+    for a in 0..r {
+        for b in a..r {
+            let v = acc[a * rp + b];
+            out[a * r + b] = v;
+            out[b * r + a] = v;
+        }
+    }
+    out
+}
+
+/// The cache lines of the next column block (`rows` segments of `row_lines` lines,
+/// `row_stride` bytes apart from `base`), prefetched into L2 a few per tile: the conversion of
+/// that block then reads from cache, without stalling the FMAs on memory.
+struct NextBlock {
+    base: *const u8,
+    row_stride: usize,
+    row_lines: usize,
+    rows: usize,
+}
+
+impl NextBlock {
+    fn lines(&self) -> usize {
+        self.rows * self.row_lines
+    }
+    /// Prefetch lines `from..to` of the `lines()`.
+    #[inline(always)]
+    fn fetch(&self, from: usize, to: usize) {
+        for l in from..to {
+            let (i, j) = (l / self.row_lines, l % self.row_lines);
+            let p = self.base.wrapping_add(i * self.row_stride + j * 64);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a prefetch is a hint; it never faults, whatever the address.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+                _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = p;
+        }
+    }
+    /// Spreads the prefetches over the `tiles` tiles of a block: the share of tile `q`.
+    #[inline(always)]
+    fn fetch_share(&self, q: usize, tiles: usize) {
+        let n = self.lines();
+        if n > 0 {
+            self.fetch(q * n / tiles, (q + 1) * n / tiles);
+        }
+    }
+}
+
+/// `dst[k] = src[k] as f64`, with 512-bit conversions when `wide` (the CPU has AVX-512F).
+#[inline]
+fn to_f64<T: Copy + Into<f64>>(dst: &mut [f64], src: &[T], wide: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        // SAFETY: `wide` is set only where the CPU has AVX-512F.
+        return unsafe { to_f64_avx512(dst, src) };
+    }
+    let _ = wide;
+    to_f64_portable(dst, src)
+}
+
+#[inline(always)]
+fn to_f64_portable<T: Copy + Into<f64>>(dst: &mut [f64], src: &[T]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = s.into();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn to_f64_avx512<T: Copy + Into<f64>>(dst: &mut [f64], src: &[T]) {
+    to_f64_portable(dst, src)
+}
+
+/// The shape contract of a [`GramKernel`], which the SIMD kernels' unchecked loads rely on.
+fn check_block(buf: &[f64], rp: usize, wp: usize, stride: usize, acc: &[f64]) {
+    assert!(rp % GRAM_TILE == 0 && wp % GRAM_LANES == 0 && wp <= stride && rp > 0);
+    assert!(buf.len() >= (rp - 1) * stride + wp && acc.len() >= rp * rp);
+}
+
+/// Number of upper-triangle tiles of an rp × rp matrix.
+fn tile_count(rp: usize) -> usize {
+    let t = rp / GRAM_TILE;
+    t * (t + 1) / 2
+}
+
+/// Portable kernel: each 4×4 tile as two 4×2 halves with two lanes per accumulator.
+fn gram_block_portable(
+    buf: &[f64],
+    rp: usize,
+    wp: usize,
+    stride: usize,
+    acc: &mut [f64],
+    next: &NextBlock,
+) {
+    check_block(buf, rp, wp, stride, acc);
+    let row = |i: usize| &buf[i * stride..i * stride + wp];
+    let (tiles, mut q) = (tile_count(rp), 0);
+    for ti in (0..rp).step_by(GRAM_TILE) {
+        let x = [row(ti), row(ti + 1), row(ti + 2), row(ti + 3)];
+        for tj in (ti..rp).step_by(GRAM_TILE) {
+            next.fetch_share(q, tiles);
+            q += 1;
+            for h in [0, 2] {
+                let y = [row(tj + h), row(tj + h + 1)];
+                let mut s = [[[0.0f64; 2]; 2]; 4];
+                for k in (0..wp).step_by(2) {
+                    for i in 0..4 {
+                        for j in 0..2 {
+                            for l in 0..2 {
+                                s[i][j][l] += x[i][k + l] * y[j][k + l];
+                            }
+                        }
+                    }
+                }
+                for i in 0..4 {
+                    for j in 0..2 {
+                        acc[(ti + i) * rp + tj + h + j] += s[i][j][0] + s[i][j][1];
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn gram_block_avx2(
+    buf: &[f64],
+    rp: usize,
+    wp: usize,
+    stride: usize,
+    acc: &mut [f64],
+    next: &NextBlock,
+) {
+    check_block(buf, rp, wp, stride, acc);
+    // SAFETY: chosen only where the CPU has AVX2 and FMA; check_block bounds every load.
+    unsafe { gram_block_avx2_inner(buf, rp, wp, stride, acc, next) }
+}
+
+/// AVX2 + FMA: each 4×4 tile as two 4×2 halves (8 accumulators + 6 loads in 16 registers).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gram_block_avx2_inner(
+    buf: &[f64],
+    rp: usize,
+    wp: usize,
+    stride: usize,
+    acc: &mut [f64],
+    next: &NextBlock,
+) {
+    use std::arch::x86_64::*;
+    let row = |i: usize| buf.as_ptr().add(i * stride);
+    let (tiles, mut q) = (tile_count(rp), 0);
+    for ti in (0..rp).step_by(GRAM_TILE) {
+        let x = [row(ti), row(ti + 1), row(ti + 2), row(ti + 3)];
+        for tj in (ti..rp).step_by(GRAM_TILE) {
+            next.fetch_share(q, tiles);
+            q += 1;
+            for h in [0, 2] {
+                let y = [row(tj + h), row(tj + h + 1)];
+                let mut s = [[_mm256_setzero_pd(); 2]; 4];
+                for k in (0..wp).step_by(4) {
+                    let b = [_mm256_loadu_pd(y[0].add(k)), _mm256_loadu_pd(y[1].add(k))];
+                    for i in 0..4 {
+                        let a = _mm256_loadu_pd(x[i].add(k));
+                        for j in 0..2 {
+                            s[i][j] = _mm256_fmadd_pd(a, b[j], s[i][j]);
+                        }
+                    }
+                }
+                for i in 0..4 {
+                    for j in 0..2 {
+                        let v = s[i][j];
+                        let h2 = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+                        acc[(ti + i) * rp + tj + h + j] +=
+                            _mm_cvtsd_f64(_mm_add_sd(h2, _mm_unpackhi_pd(h2, h2)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn gram_block_avx512(
+    buf: &[f64],
+    rp: usize,
+    wp: usize,
+    stride: usize,
+    acc: &mut [f64],
+    next: &NextBlock,
+) {
+    check_block(buf, rp, wp, stride, acc);
+    // SAFETY: chosen only where the CPU has AVX-512F; check_block bounds every load.
+    unsafe { gram_block_avx512_inner(buf, rp, wp, stride, acc, next) }
+}
+
+/// AVX-512F: a whole 4×4 tile at once (16 accumulators + 8 loads in 32 registers).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gram_block_avx512_inner(
+    buf: &[f64],
+    rp: usize,
+    wp: usize,
+    stride: usize,
+    acc: &mut [f64],
+    next: &NextBlock,
+) {
+    use std::arch::x86_64::*;
+    let row = |i: usize| buf.as_ptr().add(i * stride);
+    let (tiles, mut q) = (tile_count(rp), 0);
+    for ti in (0..rp).step_by(GRAM_TILE) {
+        let x = [row(ti), row(ti + 1), row(ti + 2), row(ti + 3)];
+        for tj in (ti..rp).step_by(GRAM_TILE) {
+            next.fetch_share(q, tiles);
+            q += 1;
+            let y = [row(tj), row(tj + 1), row(tj + 2), row(tj + 3)];
+            let mut s = [[_mm512_setzero_pd(); 4]; 4];
+            for k in (0..wp).step_by(8) {
+                let b = [
+                    _mm512_loadu_pd(y[0].add(k)),
+                    _mm512_loadu_pd(y[1].add(k)),
+                    _mm512_loadu_pd(y[2].add(k)),
+                    _mm512_loadu_pd(y[3].add(k)),
+                ];
+                for i in 0..4 {
+                    let a = _mm512_loadu_pd(x[i].add(k));
+                    for j in 0..4 {
+                        s[i][j] = _mm512_fmadd_pd(a, b[j], s[i][j]);
+                    }
+                }
+            }
+            for i in 0..4 {
+                for j in 0..4 {
+                    acc[(ti + i) * rp + tj + j] += _mm512_reduce_add_pd(s[i][j]);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +525,134 @@ mod tests {
         let ev = symmetric_eigenvalues(&lap, 3);
         for (a, b) in ev.iter().zip([0.0, 1.0, 3.0]) {
             assert!((a - b).abs() < 1e-12, "{ev:?}");
+        }
+    }
+
+    /// splitmix64 → uniform in [-1, 1), with about one value in eight exactly zero.
+    fn random(len: usize, seed: u64) -> Vec<f64> {
+        let mut st = seed;
+        (0..len)
+            .map(|_| {
+                st = st.wrapping_add(0x9E3779B97F4A7C15);
+                let mut z = st;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+                z ^= z >> 31;
+                if z % 8 == 0 {
+                    0.0
+                } else {
+                    (z >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+                }
+            })
+            .collect()
+    }
+
+    /// The textbook definition: one dot product per pair of rows, in column order.
+    fn gram_reference<T: Copy + Into<f64>>(x: &[T], r: usize, c: usize) -> Vec<f64> {
+        let mut k = vec![0.0f64; r * r];
+        for a in 0..r {
+            for b in a..r {
+                let d: f64 = x[a * c..(a + 1) * c]
+                    .iter()
+                    .zip(&x[b * c..(b + 1) * c])
+                    .map(|(&p, &q)| p.into() * q.into())
+                    .sum();
+                k[a * r + b] = d;
+                k[b * r + a] = d;
+            }
+        }
+        k
+    }
+
+    /// Entry by entry within 1e-12 of the entry's scale √(K_aa·K_bb), which bounds Σ_k |x_ak·x_bk|
+    /// and so the rounding of any summation order: an off-diagonal entry that nearly cancels
+    /// is only as accurate as that, in the textbook order too. Diagonal entries (no
+    /// cancellation) within 1e-12 of themselves.
+    fn assert_gram_close(got: &[f64], want: &[f64], r: usize, what: &str) {
+        for a in 0..r {
+            for b in 0..r {
+                let (x, y) = (got[a * r + b], want[a * r + b]);
+                let scale = (want[a * r + a] * want[b * r + b]).sqrt();
+                assert!(
+                    (x - y).abs() <= 1e-12 * scale,
+                    "{what} entry ({a}, {b}): {x} vs {y} (scale {scale})"
+                );
+                assert_eq!(x, got[b * r + a], "{what}: not symmetric");
+            }
+        }
+    }
+
+    /// Every kernel this CPU can run.
+    fn gram_kernels() -> Vec<(&'static str, GramKernels)> {
+        let mut v = vec![(
+            "portable",
+            GramKernels {
+                kernel: gram_block_portable,
+                wide: false,
+            },
+        )];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                v.push((
+                    "avx2",
+                    GramKernels {
+                        kernel: gram_block_avx2,
+                        wide: false,
+                    },
+                ));
+            }
+            if std::is_x86_feature_detected!("avx512f") {
+                v.push((
+                    "avx512",
+                    GramKernels {
+                        kernel: gram_block_avx512,
+                        wide: true,
+                    },
+                ));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn gram_rows_equals_the_textbook_loop() {
+        // Awkward sizes: rows not a multiple of the 4-row tile, columns not a multiple of the
+        // SIMD width, and wide enough to span several column blocks (4096 columns per block
+        // at 1 row, 512 at 64 rows).
+        for (r, c) in [
+            (1, 1),
+            (1, 5000),
+            (2, 3),
+            (7, 1),
+            (7, 45),
+            (7, 4700),
+            (13, 2500),
+            (64, 1),
+            (64, 100),
+            (64, 1037),
+            (0, 5),
+            (5, 0),
+        ] {
+            let x = random(r * c, (r * 1000 + c) as u64);
+            let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+            // Small integers: every partial sum is exact, so any order gives the same bits.
+            let ints: Vec<f32> = x.iter().map(|&v| (v * 4.0).round() as f32).collect();
+            for (name, kernel) in gram_kernels() {
+                let want = gram_reference(&x32, r, c);
+                let got = gram_rows_with(&x32, r, c, kernel);
+                assert_eq!(got.len(), r * r);
+                assert_gram_close(&got, &want, r, &format!("{name} f32 {r}x{c}"));
+                let want = gram_reference(&x, r, c);
+                let got = gram_rows_with(&x, r, c, kernel);
+                assert_gram_close(&got, &want, r, &format!("{name} f64 {r}x{c}"));
+                assert_eq!(
+                    gram_rows_with(&ints, r, c, kernel),
+                    gram_reference(&ints, r, c),
+                    "{name} integers {r}x{c}"
+                );
+            }
+            assert_eq!(gram_rows(&ints, r, c), gram_reference(&ints, r, c));
         }
     }
 

@@ -1,4 +1,4 @@
-//! The formulas of DESIGN §4 on plain matrices, so each can be tested on hand-computed values.
+//! The formulas of docs/semantics.md (Scorers) on plain matrices, so each can be tested on hand-computed values.
 //! s_i = sign(g_i) elementwise (0 stays 0); classes come from the labels.
 
 use std::collections::BTreeMap;
@@ -150,13 +150,56 @@ fn packed_gram(s: &SignPlanes, idx: &[usize]) -> Vec<i64> {
     k
 }
 
-/// GradSign on packed signs.
+/// GradSign on packed signs: Σ_k |p_k − m_k|, p_k and m_k the numbers of rows with a positive
+/// and a negative sign in column k. Counted eight columns to a u64 add: a table spreads each
+/// byte of a plane word over the eight bytes of a u64 (column 8q + j of a word → byte j of
+/// counter q), and byte counters hold up to 255 rows before they are flushed.
 pub fn gradsign_packed(s: &SignPlanes) -> f64 {
-    s.column_sums()
-        .iter()
-        .map(|&a| a.unsigned_abs() as f64)
-        .sum()
+    let words = s.words;
+    let mut pos = vec![0u64; words * 8];
+    let mut neg = vec![0u64; words * 8];
+    let mut sums = vec![0i64; words * 64];
+    for first in (0..s.rows).step_by(255) {
+        for i in first..s.rows.min(first + 255) {
+            let (p, n) = s.row(i);
+            for ((pc, nc), (&pw, &nw)) in pos
+                .chunks_exact_mut(8)
+                .zip(neg.chunks_exact_mut(8))
+                .zip(p.iter().zip(n))
+            {
+                for q in 0..8 {
+                    pc[q] += SPREAD[(pw >> (8 * q)) as usize & 0xff];
+                    nc[q] += SPREAD[(nw >> (8 * q)) as usize & 0xff];
+                }
+            }
+        }
+        for ((sc, &pc), &nc) in sums.chunks_exact_mut(8).zip(&pos).zip(&neg) {
+            for (j, v) in sc.iter_mut().enumerate() {
+                *v += ((pc >> (8 * j)) & 0xff) as i64 - ((nc >> (8 * j)) & 0xff) as i64;
+            }
+        }
+        pos.fill(0);
+        neg.fill(0);
+    }
+    sums.iter().map(|&a| a.unsigned_abs() as f64).sum()
 }
+
+/// Byte b spread over a u64: bit j of b → bit 0 of byte j.
+static SPREAD: [u64; 256] = {
+    let mut t = [0u64; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut j = 0;
+        while j < 8 {
+            if (b >> j) & 1 == 1 {
+                t[b] |= 1 << (8 * j);
+            }
+            j += 1;
+        }
+        b += 1;
+    }
+    t
+};
 
 /// GradAlign-I (`dot`) on packed signs; `class_means` has one row per class in ascending label
 /// order (the sign of that class's mean gradient).
@@ -280,6 +323,99 @@ mod tests {
             .collect();
         let y: Vec<i64> = (0..12).map(|i| (i % 3) as i64).collect();
         packed_equals_reference(m(&data, 12), &y);
+    }
+
+    /// Timing of the packed scorers on NB201-size signs (64 × 368,432, 10 classes):
+    /// `cargo test --release -p gradalign-scorers bench_ -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_packed_scorers() {
+        use std::time::Instant;
+        let (n, p) = (64usize, 368_432usize);
+        let mut st = 42u64;
+        let data: Vec<f32> = (0..n * p)
+            .map(|_| {
+                st = st
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let v = (st >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+                if v.abs() < 0.1 {
+                    0.0
+                } else {
+                    (v * 1e-3) as f32
+                }
+            })
+            .collect();
+        let y: Vec<i64> = (0..n).map(|i| (i % 10) as i64).collect();
+        let g = Matrix {
+            data: &data[..],
+            rows: n,
+            cols: p,
+        };
+        let t = Instant::now();
+        let (s, means) = pack(g, &y);
+        println!(
+            "pack (host side)         {:>10.2} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        let (s, means) = (s.planes(), means.planes());
+        fn time<R>(name: &str, mut f: impl FnMut() -> R) -> R {
+            let mut best = f64::INFINITY;
+            let mut out = None;
+            for _ in 0..3 {
+                let t = Instant::now();
+                out = Some(std::hint::black_box(f()));
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!("{name:<24} {:>10.2} ms", best * 1e3);
+            out.unwrap()
+        }
+        let r = [
+            time("gradsign", || gradsign_packed(&s)),
+            time("gradalign-i", || gradalign_i_dot_packed(&s, &means, &y)),
+            time("gradalign-i-cos", || gradalign_i_cos_packed(&s, &y)),
+            time("gradalign-ii", || {
+                gradalign_ii_packed(&s, &y, true).unwrap()
+            }),
+            time("gradalign-ii-raw", || {
+                gradalign_ii_packed(&s, &y, false).unwrap()
+            }),
+        ];
+        println!("scores: {r:?}");
+    }
+
+    #[test]
+    fn packed_gradsign_equals_the_definition_at_awkward_sizes() {
+        // Rows 1, 7, 64 and 300 (more than one 255-row group of byte counters); columns not a
+        // multiple of 8 or 64.
+        for rows in [1usize, 7, 64, 300] {
+            for cols in [1usize, 7, 63, 65, 130, 1000] {
+                let mut st = (rows * 1000 + cols) as u64;
+                let data: Vec<f32> = (0..rows * cols)
+                    .map(|_| {
+                        st = st
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        // mostly positive, so column sums reach ±rows
+                        [1.0, 0.5, 2.0, -1.0, 0.0][((st >> 33) % 5) as usize]
+                    })
+                    .collect();
+                let g = m(&data, rows);
+                let p = PackedSigns::from_matrix(g.data, rows, cols);
+                let want: f64 = p
+                    .planes()
+                    .column_sums()
+                    .iter()
+                    .map(|&a| a.unsigned_abs() as f64)
+                    .sum();
+                assert_eq!(gradsign_packed(&p.planes()), want, "{rows}x{cols}");
+                assert_eq!(gradsign_packed(&p.planes()), gradsign(g), "{rows}x{cols}");
+            }
+        }
+        // All rows agreeing: every column sum is ±rows.
+        let data = vec![-1.0f32; 300 * 70];
+        let p = PackedSigns::from_matrix(&data, 300, 70);
+        assert_eq!(gradsign_packed(&p.planes()), 300.0 * 70.0);
     }
 
     fn m(data: &[f32], rows: usize) -> Matrix<'_, f32> {
