@@ -151,6 +151,9 @@ impl InputData {
                 .as_ref()
                 .map_or(std::ptr::null(), |s| s.1.neg.as_ptr()),
             n_sign_classes: self.signs.as_ref().map_or(0, |s| s.1.rows as u64),
+            struct_size: std::mem::size_of::<GaInputs>() as u64,
+            // Set per plugin when the scorer is called.
+            user_data: std::ptr::null_mut(),
         };
         RawInputs {
             inputs,

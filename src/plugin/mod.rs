@@ -5,12 +5,36 @@
 pub mod inputs;
 pub mod isolate;
 
-use std::ffi::{c_char, CStr};
+use std::ffi::{c_char, c_void, CStr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use gradalign_plugin_api::abi::{self, GaInputs, GaPluginTable, ScoreFn, TableFn};
+use gradalign_plugin_api::abi::{
+    self, GaInputs, GaPluginTable, GaPluginTableV2, ScoreFn, TableFn, TeardownFn,
+};
+
+/// A loaded plugin: keeps its library mapped while any of its scorers exists, and runs its
+/// `teardown` (ABI 3) once, when the last one goes.
+struct LoadedPlugin {
+    teardown: Option<TeardownFn>,
+    user_data: *mut c_void,
+    // Dropped after `teardown` ran (fields drop after `Drop::drop`).
+    _lib: Option<libloading::Library>,
+}
+
+// The ABI documents that scorers may be called from several threads with the same user_data.
+unsafe impl Send for LoadedPlugin {}
+unsafe impl Sync for LoadedPlugin {}
+
+impl Drop for LoadedPlugin {
+    fn drop(&mut self) {
+        if let Some(t) = self.teardown {
+            // SAFETY: the plugin's own teardown with its own user_data, once.
+            unsafe { t(self.user_data) };
+        }
+    }
+}
 
 /// One scorer the host can call.
 #[derive(Clone)]
@@ -21,8 +45,9 @@ pub struct ScorerInfo {
     /// "built-in (gradalign)" or the library path.
     pub origin: String,
     score: ScoreFn,
-    /// Keeps an external library mapped while its scorers exist.
-    _lib: Option<Arc<libloading::Library>>,
+    /// The ABI version the plugin's table declared: its inputs are stamped with it.
+    abi_version: u32,
+    plugin: Option<Arc<LoadedPlugin>>,
     /// The shared library an external scorer came from.
     pub library: Option<PathBuf>,
     /// Run in a child process (`--isolate`; external scorers only).
@@ -44,6 +69,7 @@ pub fn input_names(flags: u64) -> Vec<&'static str> {
         (SYNFLOW_GRADS, "synflow-grads"),
         (HESSIAN_GRAD_PRODUCT, "hessian-grad-product"),
         (ALL_PARAMS, "all-params"),
+        (SIGNS, "signs"),
     ];
     all.iter()
         .filter(|(f, _)| flags & f != 0)
@@ -56,8 +82,15 @@ impl ScorerInfo {
     pub fn call(&self, inputs: &GaInputs) -> std::result::Result<f64, String> {
         let mut out = f64::NAN;
         let mut err = vec![0 as c_char; 4096];
+        // The plugin sees the version it was built for (ABI 2 fields are a prefix of ABI 3's).
+        let mut stamped = *inputs;
+        stamped.abi_version = self.abi_version;
+        stamped.user_data = self
+            .plugin
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |p| p.user_data);
         // SAFETY: `inputs` follows the ABI (built by `inputs::InputData`), `err` is writable.
-        let rc = unsafe { (self.score)(inputs, &mut out, err.as_mut_ptr(), err.len()) };
+        let rc = unsafe { (self.score)(&stamped, &mut out, err.as_mut_ptr(), err.len()) };
         if rc != 0 {
             let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
                 .to_string_lossy()
@@ -138,22 +171,61 @@ impl Registry {
         &mut self,
         table: *const GaPluginTable,
         origin: &str,
-        lib: Option<Arc<libloading::Library>>,
+        lib: Option<libloading::Library>,
     ) -> Result<()> {
         if table.is_null() {
             bail!("{origin}: the plugin table function returned a null pointer");
         }
         // The version is read on its own first: the rest of the layout may differ.
         let version = unsafe { std::ptr::read(table as *const u32) };
-        if version != abi::ABI_VERSION {
+        if !(abi::OLDEST_ABI_VERSION..=abi::ABI_VERSION).contains(&version) {
             bail!(
                 "{origin}: plugin built for gradalign plugin ABI version {version}, but this gradalign \
-                 speaks version {}; rebuild it against gradalign-plugin-api {}",
+                 reads versions {} to {}; rebuild it against gradalign-plugin-api {}",
+                abi::OLDEST_ABI_VERSION,
                 abi::ABI_VERSION,
                 env!("CARGO_PKG_VERSION")
             );
         }
-        let t = unsafe { &*table };
+        // Read exactly the prefix this version defines: an ABI-2 table ends after `scorers`.
+        let t: GaPluginTableV2 = unsafe { std::ptr::read(table as *const GaPluginTableV2) };
+        let (mut user_data, mut init, mut teardown) = (std::ptr::null_mut(), None, None);
+        if version >= 3 {
+            let size_at = std::mem::offset_of!(GaPluginTable, struct_size);
+            let size = unsafe { std::ptr::read((table as *const u8).add(size_at) as *const u32) };
+            if (size as usize) < std::mem::size_of::<GaPluginTable>() {
+                bail!(
+                    "{origin}: an ABI {version} plugin table must be at least {} bytes, it says {size} \
+                     (struct_size unset? use GA_TABLE_INIT or the Rust export_plugin! macro)",
+                    std::mem::size_of::<GaPluginTable>()
+                );
+            }
+            let full = unsafe { &*table };
+            (user_data, init, teardown) = (full.user_data, full.init, full.teardown);
+        }
+        if let Some(init) = init {
+            let mut err = vec![0 as c_char; 4096];
+            // SAFETY: the plugin's own init with its own user_data, once, before any scorer.
+            let rc = unsafe { init(user_data, err.as_mut_ptr(), err.len()) };
+            if rc != 0 {
+                let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned();
+                bail!("{origin}: the plugin's init failed (code {rc}): {msg}");
+            }
+        }
+        // From here on, dropping the plugin runs its teardown.
+        let plugin = (lib.is_some() || teardown.is_some() || !user_data.is_null()).then(|| {
+            Arc::new(LoadedPlugin {
+                teardown,
+                user_data,
+                _lib: lib,
+            })
+        });
+        let library = plugin
+            .as_ref()
+            .filter(|p| p._lib.is_some())
+            .map(|_| PathBuf::from(origin));
         if t.n_scorers > 0 && t.scorers.is_null() {
             bail!(
                 "{origin}: the table lists {} scorers but no array",
@@ -188,8 +260,9 @@ impl Registry {
                 inputs: row.inputs,
                 origin: origin.to_string(),
                 score: row.score,
-                _lib: lib.clone(),
-                library: lib.as_ref().map(|_| PathBuf::from(origin)),
+                abi_version: version,
+                plugin: plugin.clone(),
+                library: library.clone(),
                 isolated: false,
             });
         }
@@ -226,7 +299,7 @@ impl Registry {
             }
         };
         let table = unsafe { table_fn() };
-        self.add_table(table, &shown, Some(Arc::new(lib)))
+        self.add_table(table, &shown, Some(lib))
     }
 
     /// Resolves `--scorer a,b,…` (or `all`); an unknown name lists the available ones.

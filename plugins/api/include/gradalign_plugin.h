@@ -1,12 +1,23 @@
-/* gradalign scorer plugin ABI, version 1 — for plugin authors in C, C++ or any language with a
+/* gradalign scorer plugin ABI, version 3 — for plugin authors in C, C++ or any language with a
  * C FFI. Mirrors plugins/api/src/abi.rs; Rust authors use the crate and `export_plugin!` instead.
  *
- * A plugin is a shared library exporting
- *     const GaPluginTable *gradalign_plugin_table(void);
- * (or `<stem>_plugin_table`, where lib<stem>.so is the file name). The host reads
- * `abi_version` first and refuses any other version. Scorers must not unwind or longjmp across
- * the boundary; return non-zero with a message instead. Higher score = predicted better; a
- * non-finite score is reported as an error by the host.
+ * A plugin is a shared library exporting the entry point declared below,
+ *     GA_EXPORT const GaPluginTable *gradalign_plugin_table(void);
+ * (or `<stem>_plugin_table`, where lib<stem>.so is the file name).
+ *
+ * Versions. The host reads `abi_version` first and loads versions GA_OLDEST_ABI_VERSION to
+ * GA_ABI_VERSION. Growth is append-only: a new version adds fields at the end of GaPluginTable
+ * and GaInputs only (never to GaScorer or GaParam, which sit in arrays) and `struct_size` says
+ * how large the plugin's table is. Each scorer receives inputs stamped with the version its
+ * table declared; fields of later versions are simply not read by an older plugin.
+ *
+ * Lifetimes and threads. `init` (may be NULL) runs once right after loading, before any scorer;
+ * `teardown` (may be NULL) once after the last call, before the library is unloaded. `score` may
+ * be called from several threads at once with the same `user_data`: scorers must be
+ * thread-safe. Every pointer in GaInputs is valid only during that one `score` call; the table,
+ * its strings and its scorer rows must stay valid while the library is loaded. Scorers must not
+ * unwind or longjmp across the boundary; return non-zero with a message instead. Higher score =
+ * predicted better; a non-finite score is reported as an error by the host.
  */
 #ifndef GRADALIGN_PLUGIN_H
 #define GRADALIGN_PLUGIN_H
@@ -14,7 +25,18 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define GA_ABI_VERSION 2u
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define GA_ABI_VERSION 3u
+#define GA_OLDEST_ABI_VERSION 2u
+
+#if defined(_WIN32)
+#define GA_EXPORT __declspec(dllexport)
+#else
+#define GA_EXPORT __attribute__((visibility("default")))
+#endif
 
 /* Input flags (GaScorer.inputs): the host computes only what the selected scorers declare and
  * passes NULL for everything a scorer did not declare. */
@@ -51,7 +73,7 @@ typedef struct {
 } GaParam;
 
 typedef struct {
-    uint32_t abi_version;
+    uint32_t abi_version;  /* the version of the plugin's own table */
     uint32_t precision;    /* of grads: GA_PRECISION_* */
     uint64_t n_samples;
     uint64_t n_columns;
@@ -81,10 +103,16 @@ typedef struct {
     const uint64_t *class_sign_pos;
     const uint64_t *class_sign_neg;
     uint64_t n_sign_classes;
+    /* ABI 3 */
+    uint64_t struct_size;  /* sizeof(GaInputs) as the host built it */
+    void *user_data;       /* the table's user_data */
 } GaInputs;
 
 /* Returns 0 and writes *out, or non-zero and a NUL-terminated message (≤ err_len bytes). */
 typedef int32_t (*GaScoreFn)(const GaInputs *inputs, double *out, char *err, size_t err_len);
+/* Returns 0, or non-zero and a message: the plugin then fails to load with it. */
+typedef int32_t (*GaInitFn)(void *user_data, char *err, size_t err_len);
+typedef void (*GaTeardownFn)(void *user_data);
 
 typedef struct {
     const char *name;
@@ -94,11 +122,41 @@ typedef struct {
 } GaScorer;
 
 typedef struct {
-    uint32_t abi_version;  /* must stay the first field */
+    uint32_t abi_version;  /* must stay the first field: GA_ABI_VERSION */
     uint32_t n_scorers;
     const char *plugin_name;
     const char *plugin_version;
     const GaScorer *scorers;
+    /* ABI 3 */
+    uint32_t struct_size;  /* sizeof(GaPluginTable) */
+    uint32_t reserved;     /* 0 */
+    void *user_data;       /* handed to init, teardown and every scorer (GaInputs.user_data) */
+    GaInitFn init;         /* may be NULL */
+    GaTeardownFn teardown; /* may be NULL */
 } GaPluginTable;
+
+/* A table initialiser that fills the version and size fields:
+ *     static const GaPluginTable table = GA_TABLE_INIT(n, "name", "1.0", scorers,
+ *                                                      user_data, init, teardown); */
+#define GA_TABLE_INIT(n_scorers, name, version, scorers, user_data, init, teardown) \
+    { GA_ABI_VERSION, (n_scorers), (name), (version), (scorers), \
+      (uint32_t)sizeof(GaPluginTable), 0u, (user_data), (init), (teardown) }
+
+/* The entry point every plugin defines (this name, or <stem>_plugin_table). */
+GA_EXPORT const GaPluginTable *gradalign_plugin_table(void);
+
+#if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L && UINTPTR_MAX == 0xffffffffffffffffu
+/* The layout the host asserts on its side (64-bit targets). */
+_Static_assert(sizeof(GaParam) == 64, "GaParam layout");
+_Static_assert(sizeof(GaScorer) == 32, "GaScorer layout");
+_Static_assert(offsetof(GaInputs, struct_size) == 200, "GaInputs ABI 2 prefix");
+_Static_assert(sizeof(GaInputs) == 216, "GaInputs layout");
+_Static_assert(offsetof(GaPluginTable, struct_size) == 32, "GaPluginTable ABI 2 prefix");
+_Static_assert(sizeof(GaPluginTable) == 64, "GaPluginTable layout");
+#endif
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* GRADALIGN_PLUGIN_H */

@@ -3,12 +3,27 @@
 //! A plugin library exports one symbol, `gradalign_plugin_table` (or `<stem>_plugin_table`, where
 //! `lib<stem>.so` is the library's file name — that form lets several plugins be linked into one
 //! binary), of type [`TableFn`]. The table's first field is the ABI version, at the same offset in
-//! every version, so the host can refuse a mismatched plugin before reading anything else.
+//! every version, so the host can refuse a plugin it cannot read before reading anything else.
+//!
+//! Growth is append-only: a new version only adds fields at the end of [`GaPluginTable`] and
+//! [`GaInputs`] (never to [`GaScorer`] or [`GaParam`], which sit in arrays), and records the size
+//! it was built with in `struct_size`. A host accepts every version from
+//! [`OLDEST_ABI_VERSION`] to [`ABI_VERSION`], reads only the prefix a plugin's version defines,
+//! and passes each plugin inputs stamped with the plugin's own version.
+//!
+//! Threading and lifetimes: `init` runs once, right after loading, before any scorer; `teardown`
+//! once, after the last call, before the library is unloaded. `score` may be called from several
+//! threads at once (with the same `user_data`), so a scorer must be thread-safe. Every pointer in
+//! [`GaInputs`] is valid only during that one `score` call; the table, its strings and scorer
+//! rows must stay valid while the library is loaded.
 
 use std::ffi::{c_char, c_void};
 
-/// Bump on any change to the structs below.
-pub const ABI_VERSION: u32 = 2;
+/// This ABI's version: 3 appended `struct_size`, `user_data`, `init` and `teardown` to the table
+/// and `struct_size`, `user_data` to the inputs.
+pub const ABI_VERSION: u32 = 3;
+/// The oldest plugin ABI this host still loads (version 2 tables are a prefix of version 3).
+pub const OLDEST_ABI_VERSION: u32 = 2;
 /// The generic exported symbol.
 pub const SYMBOL: &str = "gradalign_plugin_table";
 
@@ -117,7 +132,15 @@ pub struct GaInputs {
     pub class_sign_pos: *const u64,
     pub class_sign_neg: *const u64,
     pub n_sign_classes: u64,
+    /// ABI 3: `sizeof(GaInputs)` as the host built it (fields beyond a plugin's version are
+    /// never needed by that plugin).
+    pub struct_size: u64,
+    /// ABI 3: the plugin table's `user_data`, passed back to every scorer.
+    pub user_data: *mut c_void,
 }
+
+/// Size of [`GaInputs`] up to the end of ABI version 2's fields.
+pub const INPUTS_V2_SIZE: usize = std::mem::offset_of!(GaInputs, struct_size);
 
 /// Computes one score. Returns 0 and writes `*out` on success; otherwise returns non-zero and
 /// writes a NUL-terminated message of at most `err_len` bytes into `err`.
@@ -138,6 +161,13 @@ pub struct GaScorer {
     pub score: ScoreFn,
 }
 
+/// Called once after loading with the table's `user_data`; returns 0, or non-zero and a
+/// NUL-terminated message (the plugin then fails to load with that message).
+pub type InitFn =
+    unsafe extern "C" fn(user_data: *mut c_void, err: *mut c_char, err_len: usize) -> i32;
+/// Called once before the library is unloaded.
+pub type TeardownFn = unsafe extern "C" fn(user_data: *mut c_void);
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct GaPluginTable {
@@ -147,6 +177,38 @@ pub struct GaPluginTable {
     pub plugin_name: *const c_char,
     pub plugin_version: *const c_char,
     pub scorers: *const GaScorer,
+    /// ABI 3: `sizeof(GaPluginTable)` as the plugin was built; the host reads no field beyond it.
+    pub struct_size: u32,
+    pub reserved: u32,
+    /// ABI 3: handed to `init`, `teardown` and (as `GaInputs::user_data`) every scorer.
+    pub user_data: *mut c_void,
+    /// ABI 3, may be null.
+    pub init: Option<InitFn>,
+    /// ABI 3, may be null.
+    pub teardown: Option<TeardownFn>,
+}
+
+/// The version 2 table: the prefix of [`GaPluginTable`] an ABI-2 plugin provides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GaPluginTableV2 {
+    pub abi_version: u32,
+    pub n_scorers: u32,
+    pub plugin_name: *const c_char,
+    pub plugin_version: *const c_char,
+    pub scorers: *const GaScorer,
 }
 
 pub type TableFn = unsafe extern "C" fn() -> *const GaPluginTable;
+
+// The layout is the contract with C plugins (the header asserts the same sizes on its side).
+#[cfg(target_pointer_width = "64")]
+const _: () = {
+    assert!(std::mem::size_of::<GaParam>() == 64);
+    assert!(std::mem::size_of::<GaScorer>() == 32);
+    assert!(std::mem::size_of::<GaPluginTableV2>() == 32);
+    assert!(std::mem::offset_of!(GaPluginTable, struct_size) == 32);
+    assert!(std::mem::size_of::<GaPluginTable>() == 64);
+    assert!(INPUTS_V2_SIZE == 200);
+    assert!(std::mem::size_of::<GaInputs>() == 216);
+};

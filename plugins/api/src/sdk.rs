@@ -98,10 +98,19 @@ impl<'a> Inputs<'a> {
     /// `raw` must follow the ABI: every non-null pointer valid for the lengths it states.
     pub unsafe fn from_raw(raw: &'a GaInputs) -> Result<Self, String> {
         if raw.abi_version != abi::ABI_VERSION {
+            // A host stamps the inputs with the version the plugin's table declared.
             return Err(format!(
                 "host passed inputs of ABI version {}, this plugin speaks {}",
                 raw.abi_version,
                 abi::ABI_VERSION
+            ));
+        }
+        if (raw.struct_size as usize) < std::mem::size_of::<GaInputs>() {
+            return Err(format!(
+                "host passed {}-byte inputs, ABI {} needs {}",
+                raw.struct_size,
+                abi::ABI_VERSION,
+                std::mem::size_of::<GaInputs>()
             ));
         }
         let raw_params = slice(raw.params, raw.n_params as usize, "params")?;
@@ -134,6 +143,10 @@ impl<'a> Inputs<'a> {
     }
     pub fn params(&self) -> &[Param] {
         &self.params
+    }
+    /// The table's `user_data` (null unless the plugin set one).
+    pub fn user_data(&self) -> *mut std::ffi::c_void {
+        self.raw.user_data
     }
     pub fn grads(&self) -> Result<Grads<'a>, String> {
         let (rows, cols) = (self.n_samples(), self.n_columns());
@@ -170,6 +183,11 @@ impl<'a> Inputs<'a> {
             self.n_columns(),
         );
         let classes = self.raw.n_sign_classes as usize;
+        if !self.raw.sign_pos.is_null() && words != cols.div_ceil(64) {
+            return Err(format!(
+                "sign planes of {words} words per row do not fit {cols} columns"
+            ));
+        }
         unsafe {
             Ok((
                 SignPlanes {
@@ -348,6 +366,11 @@ impl PluginTableHolder {
             plugin_name,
             plugin_version,
             scorers: rows.as_ptr(),
+            struct_size: std::mem::size_of::<GaPluginTable>() as u32,
+            reserved: 0,
+            user_data: std::ptr::null_mut(),
+            init: None,
+            teardown: None,
         };
         PluginTableHolder {
             table,
