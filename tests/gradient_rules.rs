@@ -338,3 +338,119 @@ fn layer_norm_gelu_tanh_block() {
     let z = head(&mut g, &res, 3 * 8, 4);
     check(&g, &z, 4, BnMode::Sample, ParamSelect::All);
 }
+
+/// MobileNetV3 / SELU-style activations (lowered to primitives), including PRelu's learnable
+/// per-channel slope as a parameter.
+#[test]
+fn hard_sigmoid_hard_swish_elu_selu_prelu() {
+    let mut g = GraphSpec::new(&[2, 5, 5], 12);
+    // Inputs spread over the kinks of every activation (±3 for the hard ones, 0 for the rest).
+    let w1 = g.param("c1.w", &[3, 2, 3, 3], 1.5);
+    let c1 = g.node("Conv", &["x", &w1], vec![a_ints("pads", &[1, 1, 1, 1])]);
+    let hs = g.node("HardSwish", &[&c1], vec![]);
+    let hg = g.node(
+        "HardSigmoid",
+        &[&c1],
+        vec![a_f("alpha", 0.3), a_f("beta", 0.4)],
+    );
+    let e = g.node("Elu", &[&c1], vec![a_f("alpha", 0.7)]);
+    let se = g.node("Selu", &[&c1], vec![]);
+    let slope = g.param("prelu.slope", &[3, 1, 1], 0.5);
+    let pr = g.node("PRelu", &[&c1, &slope], vec![]);
+    let s1 = g.node("Add", &[&hs, &hg], vec![]);
+    let s2 = g.node("Add", &[&e, &se], vec![]);
+    let s3 = g.node("Mul", &[&s1, &s2], vec![]);
+    let s4 = g.node("Add", &[&s3, &pr], vec![]);
+    let z = head(&mut g, &s4, 3 * 5 * 5, 3);
+    let model = g.model(&z);
+    let probe = random_probe(&g.input_shape, N, 3, 5);
+    let o = opts(BnMode::Sample, ParamSelect::All);
+    let worst = fd_check(&model, &probe, o, 24);
+    assert!(worst < 1e-5, "worst relative error {worst:e}");
+    let r = gradalign::engine::per_sample_grads(&model, &probe, o, false).unwrap();
+    assert!(
+        r.layout.iter().any(|e| e.name == "prelu.slope"),
+        "PRelu's slope must be a parameter: {:?}",
+        r.layout.iter().map(|e| &e.name).collect::<Vec<_>>()
+    );
+}
+
+/// The lowered activations compute ONNX's definitions (finite differences alone would accept a
+/// wrong forward): logits of a graph that is just the activation, against the formulas.
+#[test]
+fn piecewise_activations_match_their_onnx_definitions() {
+    let xs = [-4.0, -3.0, -1.5, -0.25, 0.0, 0.25, 1.5, 3.0, 4.0, 2.9];
+    let slope = [0.1, -0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+    type Def = (
+        &'static str,
+        Vec<gradalign::onnx::pb::AttributeProto>,
+        fn(f64, usize) -> f64,
+    );
+    let cases: Vec<Def> = vec![
+        (
+            "HardSigmoid",
+            vec![a_f("alpha", 0.3), a_f("beta", 0.4)],
+            |x, _| (0.3f32 as f64 * x + 0.4f32 as f64).clamp(0.0, 1.0),
+        ),
+        ("HardSwish", vec![], |x, _| {
+            x * (x / 6.0 + 0.5).clamp(0.0, 1.0)
+        }),
+        ("Elu", vec![a_f("alpha", 0.7)], |x, _| {
+            if x > 0.0 {
+                x
+            } else {
+                0.7f32 as f64 * (x.exp() - 1.0)
+            }
+        }),
+        ("Selu", vec![], |x, _| {
+            1.050_701_022_148_132_3
+                * if x > 0.0 {
+                    x
+                } else {
+                    1.673_263_192_176_818_8 * (x.exp() - 1.0)
+                }
+        }),
+        ("PRelu", vec![], |x, k| {
+            if x > 0.0 {
+                x
+            } else {
+                [0.1, -0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0][k] * x
+            }
+        }),
+    ];
+    for (op, attrs, f) in cases {
+        let mut g = GraphSpec::new(&[10], 1);
+        let mut ins = vec!["x".to_string()];
+        if op == "PRelu" {
+            ins.push(g.tensor(
+                "slope",
+                HostTensor::F32(
+                    ArrayD::from_shape_vec(IxDyn(&[10]), slope.map(|v| v as f32).to_vec()).unwrap(),
+                ),
+            ));
+        }
+        let refs: Vec<&str> = ins.iter().map(String::as_str).collect();
+        let act = g.node(op, &refs, attrs);
+        let model = g.model(&act);
+        let mut probe = random_probe(&g.input_shape, 2, 10, 3);
+        for (i, v) in probe.images.iter_mut().enumerate() {
+            *v = xs[i % 10] as f32;
+        }
+        let r = gradalign::engine::per_sample_grads(
+            &model,
+            &probe,
+            opts(BnMode::Sample, ParamSelect::All),
+            false,
+        )
+        .unwrap();
+        let logits = r.logits.to_f64();
+        for (i, &got) in logits.iter().enumerate() {
+            let x = xs[i % 10] as f32 as f64;
+            let want = f(x, i % 10);
+            assert!(
+                (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "{op}({x}) = {got}, want {want}"
+            );
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! Elementwise ops with numpy broadcasting: Add, Sub, Mul, Div, Pow (constant exponent), the
-//! activations (Relu, LeakyRelu, Sigmoid, Tanh, Erf, Gelu → Erf/Tanh, Clip), Sqrt, Exp, Neg,
+//! activations (Relu, LeakyRelu, Sigmoid, Tanh, Erf, Gelu → Erf/Tanh, Clip; HardSigmoid,
+//! HardSwish, Elu, Selu, PRelu → primitives), Sqrt, Exp, Neg,
 //! Abs, Reciprocal, Where and the comparisons (no gradient).
 //!
 //! Every rule forms the local gradient at the broadcast shape and then reduces it to the
@@ -100,6 +101,69 @@ pub fn lower_gelu(lw: &mut Lowering, node: Node) -> Result<()> {
     let p = lw.emit(&node.name, "Add", vec![inner, one], None, vec![])?;
     let hx = lw.emit(&node.name, "Mul", vec![x.clone(), half], None, vec![])?;
     lw.emit(&node.name, "Mul", vec![hx, p], Some(y), vec![])?;
+    Ok(())
+}
+
+/// The piecewise activations of MobileNetV3, EfficientNet-style and SELU networks, lowered to
+/// primitives whose rules already exist (so their gradients are the primitives' chain rule):
+/// HardSigmoid = Clip(αx + β, 0, 1); HardSwish = x · HardSigmoid(x) with α = 1/6, β = 1/2;
+/// Elu = Where(x > 0, x, α(eˣ − 1)); Selu = γ · Elu_α(x); PRelu = Where(x > 0, x, slope · x)
+/// (slope broadcast as ONNX does, a parameter when it is an initializer).
+pub fn lower_piecewise(lw: &mut Lowering, node: Node) -> Result<()> {
+    let x = node.inputs[0].clone();
+    let y = node.outputs[0].clone();
+    let base = node.name.clone();
+    let attr = |name: &str, default: f64| node.attr_f(name).map_or(default, |v| v as f64);
+    let hard_sigmoid = |lw: &mut Lowering, alpha: f64, beta: f64, out: Option<String>| {
+        let a = lw.scalar(alpha);
+        let b = lw.scalar(beta);
+        let (lo, hi) = (lw.scalar(0.0), lw.scalar(1.0));
+        let ax = lw.emit(&base, "Mul", vec![x.clone(), a], None, vec![])?;
+        let s = lw.emit(&base, "Add", vec![ax, b], None, vec![])?;
+        lw.emit(&base, "Clip", vec![s, lo, hi], out, vec![])
+    };
+    // Where(x > 0, x, negative) with the negative branch given.
+    let positive_or = |lw: &mut Lowering, negative: String, out: Option<String>| {
+        let zero = lw.scalar(0.0);
+        let m = lw.emit(&base, "Greater", vec![x.clone(), zero], None, vec![])?;
+        lw.emit(&base, "Where", vec![m, x.clone(), negative], out, vec![])
+    };
+    let elu = |lw: &mut Lowering, alpha: f64, out: Option<String>| {
+        let e = lw.emit(&base, "Exp", vec![x.clone()], None, vec![])?;
+        let one = lw.scalar(1.0);
+        let em1 = lw.emit(&base, "Sub", vec![e, one], None, vec![])?;
+        let a = lw.scalar(alpha);
+        let neg = lw.emit(&base, "Mul", vec![em1, a], None, vec![])?;
+        positive_or(lw, neg, out)
+    };
+    match node.op.as_str() {
+        "HardSigmoid" => {
+            hard_sigmoid(lw, attr("alpha", 0.2), attr("beta", 0.5), Some(y))?;
+        }
+        "HardSwish" => {
+            let h = hard_sigmoid(lw, 1.0 / 6.0, 0.5, None)?;
+            lw.emit(&base, "Mul", vec![x.clone(), h], Some(y), vec![])?;
+        }
+        "Elu" => {
+            elu(lw, attr("alpha", 1.0), Some(y))?;
+        }
+        "Selu" => {
+            let e = elu(lw, attr("alpha", 1.673_263_192_176_818_8), None)?;
+            let g = lw.scalar(attr("gamma", 1.050_701_022_148_132_3));
+            lw.emit(&base, "Mul", vec![e, g], Some(y), vec![])?;
+        }
+        "PRelu" => {
+            let sx = lw.emit(
+                &base,
+                "Mul",
+                vec![x.clone(), node.inputs[1].clone()],
+                None,
+                vec![],
+            )?;
+            positive_or(lw, sx, Some(y))?;
+        }
+        op => bail!("{}: {op} is not a piecewise activation", node.describe()),
+    }
     Ok(())
 }
 

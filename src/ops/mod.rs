@@ -33,6 +33,7 @@ pub const SUPPORTED: &[&str] = &[
     "Conv",
     "Div",
     "Dropout",
+    "Elu",
     "Equal",
     "Erf",
     "Exp",
@@ -43,6 +44,8 @@ pub const SUPPORTED: &[&str] = &[
     "Gemm",
     "GlobalAveragePool",
     "Greater",
+    "HardSigmoid",
+    "HardSwish",
     "Identity",
     "LayerNormalization",
     "LeakyRelu",
@@ -53,6 +56,7 @@ pub const SUPPORTED: &[&str] = &[
     "MaxPool",
     "Mul",
     "Neg",
+    "PRelu",
     "Pad",
     "Pow",
     "Range",
@@ -61,6 +65,7 @@ pub const SUPPORTED: &[&str] = &[
     "ReduceSum",
     "Relu",
     "Reshape",
+    "Selu",
     "Shape",
     "Sigmoid",
     "Slice",
@@ -89,9 +94,8 @@ pub fn unsupported(node: &Node) -> anyhow::Error {
 fn arity(op: &str) -> (usize, usize, usize, usize) {
     match op {
         "Constant" => (0, 0, 1, 1),
-        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Greater" | "Less" | "MatMul" => {
-            (2, 2, 1, 1)
-        }
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Greater" | "Less" | "MatMul"
+        | "PRelu" => (2, 2, 1, 1),
         "Max" | "Concat" => (1, usize::MAX, 1, 1),
         "Where" => (3, 3, 1, 1),
         "Conv" | "Gemm" => (2, 3, 1, 1),
@@ -157,6 +161,9 @@ pub fn lower(lw: &mut Lowering, node: Node) -> Result<()> {
         "Gelu" => elementwise::lower_gelu(lw, node),
         "Sigmoid" | "Erf" => elementwise::lower_f64_fallbacks(lw, node),
         "Clip" => elementwise::lower_clip(lw, node),
+        "HardSigmoid" | "HardSwish" | "Elu" | "Selu" | "PRelu" => {
+            elementwise::lower_piecewise(lw, node)
+        }
         "Conv" => conv::lower(lw, node),
         "Gemm" => linear::lower_gemm(lw, node),
         "AveragePool" | "MaxPool" => pool::lower(lw, node),
