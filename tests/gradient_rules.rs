@@ -454,3 +454,28 @@ fn piecewise_activations_match_their_onnx_definitions() {
         }
     }
 }
+
+/// Exporters cast on the data path (`Cast(to=FLOAT)`, opset-15 `CastLike`); in an f64 run those
+/// casts keep f64 instead of dropping to f32 mid-graph, and the gradients stay exact.
+#[test]
+fn cast_and_cast_like_on_the_data_path_in_f64() {
+    let mut g = GraphSpec::new(&[2, 4, 4], 13);
+    let c = g.node("Cast", &["x"], vec![a_i("to", 1)]);
+    let w1 = g.param("c1.w", &[3, 2, 3, 3], 0.5);
+    let c1 = g.node("Conv", &[&c, &w1], vec![a_ints("pads", &[1, 1, 1, 1])]);
+    let like = g.tensor("like", HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), 0.0)));
+    let cl = g.node("CastLike", &[&c1, &like], vec![]);
+    let t = g.node("Tanh", &[&cl], vec![]);
+    let z = head(&mut g, &t, 3 * 4 * 4, 3);
+    let model = g.model(&z);
+    let probe = random_probe(&g.input_shape, N, 3, 5);
+    let o = opts(BnMode::Sample, ParamSelect::Weights);
+    let r = gradalign::engine::per_sample_grads(&model, &probe, o, false).unwrap();
+    assert!(
+        matches!(r.grads, HostTensor::F64(_)),
+        "an f64 run stays f64 through the casts"
+    );
+    // Finite differences in f64 only agree to 1e-5 if no f32 rounding crept in.
+    let worst = fd_check(&model, &probe, o, 16);
+    assert!(worst < 1e-5, "worst relative error {worst:e}");
+}

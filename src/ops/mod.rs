@@ -26,6 +26,7 @@ pub const SUPPORTED: &[&str] = &[
     "AveragePool",
     "BatchNormalization",
     "Cast",
+    "CastLike",
     "Clip",
     "Concat",
     "Constant",
@@ -95,7 +96,7 @@ fn arity(op: &str) -> (usize, usize, usize, usize) {
     match op {
         "Constant" => (0, 0, 1, 1),
         "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Greater" | "Less" | "MatMul"
-        | "PRelu" => (2, 2, 1, 1),
+        | "PRelu" | "CastLike" => (2, 2, 1, 1),
         "Max" | "Concat" => (1, usize::MAX, 1, 1),
         "Where" => (3, 3, 1, 1),
         "Conv" | "Gemm" => (2, 3, 1, 1),
@@ -154,6 +155,7 @@ pub fn lower(lw: &mut Lowering, node: Node) -> Result<()> {
         "Identity" | "Dropout" => shape::lower_identity(lw, node),
         "Squeeze" | "Unsqueeze" | "Flatten" | "Reshape" => shape::lower_reshape(lw, node),
         "Split" => shape::lower_split(lw, node),
+        "Cast" | "CastLike" => shape::lower_cast(lw, node),
         "Slice" => shape::lower_slice(lw, node),
         "Pad" => shape::lower_pad(lw, node),
         "BatchNormalization" => norm::lower_batch_norm(lw, node),

@@ -556,6 +556,34 @@ fn to_usize(v: &[i64]) -> Vec<usize> {
     v.iter().map(|&d| d.max(0) as usize).collect()
 }
 
+/// Cast and CastLike. One float type per graph: a float-to-float cast is lowered to the run's
+/// float type, so an f64 run never drops to f32 mid-graph (and an f32 run does not widen);
+/// casts to or from integers and bools are kept as written.
+pub fn lower_cast(lw: &mut Lowering, node: Node) -> Result<()> {
+    let x = lw.input_info(&node, 0)?.clone();
+    let target = if node.op == "CastLike" {
+        lw.input_info(&node, 1)?.dtype
+    } else {
+        let to = node.attr_i("to").unwrap_or(1) as i32;
+        DType::from_onnx(to)
+            .ok_or_else(|| anyhow!("{}: unsupported cast target {to}", node.describe()))?
+    };
+    let target = if x.dtype.is_float() && target.is_float() {
+        lw.float
+    } else {
+        target
+    };
+    lw.add(
+        Node::new(
+            node.name.clone(),
+            "Cast",
+            vec![node.inputs[0].clone()],
+            vec![node.outputs[0].clone()],
+        )
+        .with_attr(attr::i("to", target.onnx_code() as i64)),
+    )
+}
+
 /// Constant folding.
 pub fn eval(node: &Node, vals: &[Option<&HostTensor>]) -> Result<Vec<HostTensor>> {
     let x = vals.first().copied().flatten();
