@@ -176,3 +176,26 @@ fn non_finite_gradients_are_a_warning() {
         );
     }
 }
+
+#[test]
+fn weights_reaching_matmul_through_a_transpose_are_weights() {
+    // The legacy exporter's nn.Linear on token sequences: MatMul(x, Transpose(W)).
+    let mut g = GraphSpec::new(&[6], 21);
+    let w1 = g.param("lin1.weight", &[5, 6], 0.7);
+    let t1 = g.node("Transpose", &[&w1], vec![a_ints("perm", &[1, 0])]);
+    let h = g.node("MatMul", &["x", &t1], vec![]);
+    let a = g.node("Tanh", &[&h], vec![]);
+    let w2 = g.param("lin2.weight", &[3, 5], 0.7);
+    let t2 = g.node("Transpose", &[&w2], vec![a_ints("perm", &[1, 0])]);
+    let c2 = g.node("Identity", &[&t2], vec![]);
+    let z = g.node("MatMul", &[&a, &c2], vec![]);
+    let model = g.model(&z);
+    let probe = random_probe(&g.input_shape, 5, 3, 6);
+    let o = opts(BnMode::Sample, ParamSelect::Weights);
+    let r = per_sample_grads(&model, &probe, o, false).unwrap();
+    let names: Vec<&str> = r.layout.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["lin1.weight", "lin2.weight"], "default columns");
+    assert_eq!(r.layout.iter().map(|e| e.numel).sum::<usize>(), 30 + 15);
+    let worst = fd_check(&model, &probe, o, 16);
+    assert!(worst < 1e-5, "worst relative error {worst:e}");
+}

@@ -266,6 +266,33 @@ fn trainable_params(model: &Model) -> Vec<Param> {
             }
         }
     }
+    // A weight may reach its slot through views (how the legacy exporter writes nn.Linear on
+    // sequences: MatMul(x, Transpose(W))): follow view chains back from the weight slots, so
+    // such a weight is not silently left out of the default columns. Nodes are in topological
+    // order, so one reverse pass covers chains of any length.
+    for node in model.nodes.iter().rev() {
+        let view = matches!(
+            node.op.as_str(),
+            "Transpose"
+                | "Reshape"
+                | "Cast"
+                | "CastLike"
+                | "Identity"
+                | "Unsqueeze"
+                | "Squeeze"
+                | "Flatten"
+        );
+        if view
+            && node
+                .outputs
+                .first()
+                .is_some_and(|o| weight.contains(o.as_str()))
+        {
+            if let Some(src) = node.inputs.first() {
+                weight.insert(src.as_str());
+            }
+        }
+    }
     let mut params = vec![];
     for (name, t) in &model.initializers {
         if !t.dtype().is_float() || !trainable_use.contains(name.as_str()) {
