@@ -199,3 +199,58 @@ fn weights_reaching_matmul_through_a_transpose_are_weights() {
     let worst = fd_check(&model, &probe, o, 16);
     assert!(worst < 1e-5, "worst relative error {worst:e}");
 }
+
+/// Two biased convolutions and no normalisation node: what a BN-folding exporter leaves.
+fn conv_net(with_bn: bool) -> (GraphSpec, String) {
+    let mut g = GraphSpec::new(&[2, 5, 5], 31);
+    let w1 = g.param("c1.weight", &[3, 2, 3, 3], 0.5);
+    let b1 = g.param("c1.bias", &[3], 0.5);
+    let mut h = g.node(
+        "Conv",
+        &["x", &w1, &b1],
+        vec![a_ints("pads", &[1, 1, 1, 1])],
+    );
+    if with_bn {
+        let scale = g.param("bn.scale", &[3], 1.0);
+        let bias = g.param("bn.bias", &[3], 1.0);
+        let mean = g.param("bn.mean", &[3], 0.3);
+        let var = g.tensor(
+            "bn.var",
+            HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[3]), vec![0.5, 1.5, 2.0]).unwrap()),
+        );
+        h = g.node(
+            "BatchNormalization",
+            &[&h, &scale, &bias, &mean, &var],
+            vec![a_f("epsilon", 1e-5)],
+        );
+    }
+    let r = g.node("Relu", &[&h], vec![]);
+    let w2 = g.param("c2.weight", &[2, 3, 3, 3], 0.5);
+    let b2 = g.param("c2.bias", &[2], 0.5);
+    let c2 = g.node("Conv", &[&r, &w2, &b2], vec![]);
+    let f = g.node("Flatten", &[&c2], vec![a_i("axis", 1)]);
+    let hw = g.param("head.w", &[3, 2 * 3 * 3], 0.5);
+    let z = g.node("Gemm", &[&f, &hw], vec![a_i("transB", 1)]);
+    (g, z)
+}
+
+#[test]
+fn a_bn_folded_looking_network_gets_a_warning_and_a_bn_network_does_not() {
+    for (with_bn, warned) in [(false, true), (true, false)] {
+        let (g, z) = conv_net(with_bn);
+        let probe = random_probe(&g.input_shape, 4, 3, 7);
+        let r = per_sample_grads(
+            &g.model(&z),
+            &probe,
+            opts(BnMode::Sample, ParamSelect::Weights),
+            false,
+        )
+        .unwrap();
+        let w: Vec<&String> = r
+            .notes
+            .iter()
+            .filter(|n| n.starts_with(WARNING) && n.contains("folded"))
+            .collect();
+        assert_eq!(w.len(), warned as usize, "with_bn {with_bn}: {:?}", r.notes);
+    }
+}

@@ -320,6 +320,35 @@ fn trainable_params(model: &Model) -> Vec<Param> {
     params
 }
 
+/// A warning when the model looks like a network whose BatchNorm the exporter folded into the
+/// convolutions (torch's dynamo exporter and tf2onnx do this even for training-mode exports):
+/// no normalisation node at all, and at least two convolutions that all carry a bias. Folding
+/// changes the function, so its per-sample gradients are not those of the trained network.
+fn folded_norm_warning(model: &Model) -> Option<String> {
+    let norm = model.nodes.iter().any(|n| {
+        matches!(
+            n.op.as_str(),
+            "BatchNormalization"
+                | "LayerNormalization"
+                | "InstanceNormalization"
+                | "GroupNormalization"
+        )
+    });
+    let convs: Vec<&crate::onnx::Node> = model.nodes.iter().filter(|n| n.op == "Conv").collect();
+    let all_biased = convs.iter().all(|n| n.input(2).is_some());
+    (!norm && convs.len() >= 2 && all_biased).then(|| {
+        format!(
+            "{}the model has {} convolutions, all with a bias, and no normalisation layer: if the \
+             network was built with BatchNorm, the exporter folded it into the convolutions and \
+             these are gradients of a different function. Re-export keeping BatchNorm as a node \
+             (PyTorch: torch.onnx.export(..., training=torch.onnx.TrainingMode.TRAINING, \
+             do_constant_folding=False, dynamo=False)); see docs/cli.md, Exporting from PyTorch",
+            crate::engine::WARNING,
+            convs.len()
+        )
+    })
+}
+
 impl Analysis {
     /// Analyse `model` for a probe of shape `input_shape` (sample axis first).
     pub fn new(model: &Model, input_shape: &[usize], opts: GradOptions) -> Result<Analysis> {
@@ -454,6 +483,7 @@ impl Analysis {
         let mut nodes = lw.out;
 
         let mut notes = vec![];
+        notes.extend(folded_norm_warning(model));
         if model.outputs.len() > 1 {
             notes.push(format!(
                 "the model has {} outputs; using the first ('{}') as logits",
