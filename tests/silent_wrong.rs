@@ -254,3 +254,52 @@ fn a_bn_folded_looking_network_gets_a_warning_and_a_bn_network_does_not() {
         assert_eq!(w.len(), warned as usize, "with_bn {with_bn}: {:?}", r.notes);
     }
 }
+
+#[test]
+fn a_classifier_with_a_label_head_is_scored_on_its_probability_output() {
+    // skl2onnx's shape of a classifier: outputs [label, probabilities]; the label comes from
+    // ArgMax and an ai.onnx.ml node, the probabilities from a Softmax.
+    let (mut g, z, probs) = mlp_with_tail(&["Softmax"]);
+    let am = g.node("ArgMax", &[&probs], vec![a_i("axis", 1)]);
+    let label = g.fresh();
+    g.nodes.push(gradalign::onnx::pb::NodeProto {
+        input: vec![am],
+        output: vec![label.clone()],
+        name: "label_encoder".into(),
+        op_type: "LabelEncoder".into(),
+        domain: "ai.onnx.ml".into(),
+        ..Default::default()
+    });
+    let probe = random_probe(&g.input_shape, 5, 3, 2);
+    let o = opts(BnMode::Sample, ParamSelect::All);
+    let got = per_sample_grads(&g.model_outputs(&[&label, &probs]), &probe, o, false).unwrap();
+    let (g0, z0, _) = mlp_with_tail(&[]);
+    assert_eq!(z, z0);
+    let want = per_sample_grads(&g0.model(&z0), &probe, o, false).unwrap();
+    assert_eq!(got.grads.to_f64(), want.grads.to_f64());
+    assert!(
+        got.notes
+            .iter()
+            .any(|n| n.contains(&format!("using '{probs}' as logits"))),
+        "{:?}",
+        got.notes
+    );
+    // When the output itself needs an ML-domain node, the error names node and domain.
+    let zipped = g.fresh();
+    g.nodes.push(gradalign::onnx::pb::NodeProto {
+        input: vec![probs.clone()],
+        output: vec![zipped.clone()],
+        name: "zipmap".into(),
+        op_type: "ZipMap".into(),
+        domain: "ai.onnx.ml".into(),
+        ..Default::default()
+    });
+    let err = per_sample_grads(&g.model_outputs(&[&zipped]), &probe, o, false)
+        .err()
+        .expect("a label output cannot be differentiated");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("zipmap") && msg.contains("ZipMap") && msg.contains("ai.onnx.ml"),
+        "{msg}"
+    );
+}

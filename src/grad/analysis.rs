@@ -320,6 +320,36 @@ fn trainable_params(model: &Model) -> Vec<Param> {
     params
 }
 
+/// Indices of the nodes `output` depends on (nodes are in topological order; names may repeat).
+fn ancestors(model: &Model, output: &str) -> HashSet<usize> {
+    let mut needed: HashSet<&str> = HashSet::from([output]);
+    let mut live = HashSet::new();
+    for (i, node) in model.nodes.iter().enumerate().rev() {
+        if node.outputs.iter().any(|o| needed.contains(o.as_str())) {
+            live.insert(i);
+            needed.extend(node.inputs.iter().map(String::as_str));
+        }
+    }
+    live
+}
+
+/// The output taken as logits: the first one computed only by supported default-domain ops (a
+/// classifier's probability output rather than its ArgMax label or ML-domain head), else the
+/// first (whose unsupported op the lowering then names). Returns it with its ancestor nodes.
+fn choose_output(model: &Model) -> (String, HashSet<usize>) {
+    let supported =
+        |n: &crate::onnx::Node| n.domain.is_empty() && ops::SUPPORTED.contains(&n.op.as_str());
+    for out in &model.outputs {
+        let live = ancestors(model, out);
+        if live.iter().all(|&i| supported(&model.nodes[i])) {
+            return (out.clone(), live);
+        }
+    }
+    let first = model.outputs[0].clone();
+    let live = ancestors(model, &first);
+    (first, live)
+}
+
 /// A warning when the model looks like a network whose BatchNorm the exporter folded into the
 /// convolutions (torch's dynamo exporter and tf2onnx do this even for training-mode exports):
 /// no normalisation node at all, and at least two convolutions that all carry a bias. Folding
@@ -477,7 +507,15 @@ impl Analysis {
             opset: model.opset,
             counter: 0,
         };
-        for node in &model.nodes {
+        // Only what the chosen output needs is lowered, so an unused head (a label ArgMax, an
+        // ai.onnx.ml ZipMap) neither fails the model nor costs anything.
+        let (chosen, live) = choose_output(model);
+        for (_, node) in model
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| live.contains(i))
+        {
             ops::lower(&mut lw, node.clone()).with_context(|| format!("at {}", node.describe()))?;
         }
         let mut nodes = lw.out;
@@ -486,12 +524,13 @@ impl Analysis {
         notes.extend(folded_norm_warning(model));
         if model.outputs.len() > 1 {
             notes.push(format!(
-                "the model has {} outputs; using the first ('{}') as logits",
+                "the model has {} outputs; using '{}' as logits (the first whose computation is \
+                 all supported ONNX ops; the others are not computed)",
                 model.outputs.len(),
-                model.outputs[0]
+                chosen
             ));
         }
-        let mut logits = model.outputs[0].clone();
+        let mut logits = chosen.clone();
         // Logits are taken before a final Softmax/LogSoftmax: the loss applies its own. Exporters
         // (skl2onnx, tf2onnx) put Identity or Cast nodes after it, which change no value: look
         // through them, or the loss would silently be taken on probabilities.

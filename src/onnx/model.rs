@@ -21,6 +21,10 @@ pub struct Node {
     pub inputs: Vec<String>,
     pub outputs: Vec<String>,
     pub attrs: Vec<pb::AttributeProto>,
+    /// Operator domain: empty for default-domain ONNX. Other domains (e.g. `ai.onnx.ml` label
+    /// heads) are kept so that a graph whose logits do not need them still loads; lowering
+    /// refuses them only when the logits depend on them.
+    pub domain: String,
 }
 
 impl Node {
@@ -36,6 +40,7 @@ impl Node {
             inputs,
             outputs,
             attrs: vec![],
+            domain: String::new(),
         }
     }
     pub fn with_attr(mut self, a: pb::AttributeProto) -> Node {
@@ -240,13 +245,6 @@ impl Model {
             } else {
                 n.name.clone()
             };
-            if !(n.domain.is_empty() || n.domain == "ai.onnx") {
-                bail!(
-                    "node '{name}' ({}) is in domain '{}'; gradalign differentiates default-domain ONNX ops only",
-                    n.op_type,
-                    n.domain
-                );
-            }
             for o in n.output.iter().filter(|o| !o.is_empty()) {
                 if defined.contains(o) || producers.insert(o.clone(), i).is_some() {
                     bail!("tensor '{o}' is produced more than once (second time by node '{name}')");
@@ -258,6 +256,11 @@ impl Model {
                 inputs: n.input.clone(),
                 outputs: n.output.clone(),
                 attrs: n.attribute.clone(),
+                domain: if n.domain == "ai.onnx" {
+                    String::new()
+                } else {
+                    n.domain.clone()
+                },
             });
         }
         for n in &nodes {

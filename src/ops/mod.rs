@@ -82,6 +82,15 @@ pub const SUPPORTED: &[&str] = &[
 ];
 
 pub fn unsupported(node: &Node) -> anyhow::Error {
+    if !node.domain.is_empty() {
+        return anyhow::anyhow!(
+            "{}: operator '{}' is in domain '{}', and the logits depend on it; gradalign \
+             differentiates default-domain ONNX ops only",
+            node.describe(),
+            node.op,
+            node.domain
+        );
+    }
     anyhow::anyhow!(
         "{}: operator '{}' is not supported by gradalign's gradient builder. Supported operators: {}",
         node.describe(),
@@ -149,6 +158,9 @@ pub fn check_arity(node: &Node) -> Result<()> {
 }
 
 pub fn lower(lw: &mut Lowering, node: Node) -> Result<()> {
+    if !node.domain.is_empty() {
+        return Err(unsupported(&node));
+    }
     check_arity(&node)?;
     match node.op.as_str() {
         "Constant" => shape::lower_constant(lw, node),

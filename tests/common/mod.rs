@@ -83,6 +83,10 @@ impl GraphSpec {
     }
     /// Finish with `logits` as the output.
     pub fn model(&self, logits: &str) -> Model {
+        self.model_outputs(&[logits])
+    }
+    /// Finish with several graph outputs, in order (an `ai.onnx.ml` opset is imported too).
+    pub fn model_outputs(&self, outputs: &[&str]) -> Model {
         use pb::tensor_shape_proto::{dimension::Value, Dimension};
         let mut dims = vec![Dimension {
             value: Some(Value::DimParam("N".into())),
@@ -105,15 +109,21 @@ impl GraphSpec {
         };
         let proto = pb::ModelProto {
             ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto {
-                domain: String::new(),
-                version: 17,
-            }],
+            opset_import: vec![
+                pb::OperatorSetIdProto {
+                    domain: String::new(),
+                    version: 17,
+                },
+                pb::OperatorSetIdProto {
+                    domain: "ai.onnx.ml".into(),
+                    version: 3,
+                },
+            ],
             graph: Some(pb::GraphProto {
                 node: self.nodes.clone(),
                 initializer: self.inits.clone(),
                 input: vec![vi("x", dims)],
-                output: vec![vi(logits, vec![])],
+                output: outputs.iter().map(|o| vi(o, vec![])).collect(),
                 ..Default::default()
             }),
             ..Default::default()
