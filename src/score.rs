@@ -279,7 +279,15 @@ pub fn score_model(
         if !matrix_needed || !crate::stream::matrix_fits(model, probe, run_opts)? {
             // Stream the columns the user selected, keeping signs (in parameter groups and
             // sample chunks when even one pass over them exceeds --max-memory).
-            let sg = crate::stream::per_sample_signs(model, probe, shipped, opts, backend, device)?;
+            let sg = crate::stream::per_sample_signs(
+                model,
+                probe,
+                shipped,
+                opts,
+                backend,
+                device,
+                union & flag::BATCH_GRADS != 0,
+            )?;
             runtime = sg.runtime.to_string();
             notes.extend(sg.notes.iter().cloned());
             phases = Some(sg.phases);

@@ -26,7 +26,7 @@ pub struct StreamedGrads {
     pub signs: PackedSigns,
     /// One row per class present in the labels, ascending.
     pub class_signs: PackedSigns,
-    /// Σ_i g_i, P.
+    /// Σ_i g_i, P (empty unless asked for).
     pub batch_grads: Vec<f64>,
     /// N × classes.
     pub logits: Vec<f64>,
@@ -72,6 +72,7 @@ pub fn per_sample_signs(
     opts: GradOptions,
     backend: Backend,
     device: Device,
+    batch_grads: bool,
 ) -> Result<StreamedGrads> {
     let n = probe.len();
     let limit = opts.max_memory.unwrap_or_else(memory::default_limit);
@@ -172,7 +173,8 @@ pub fn per_sample_signs(
     }
     let mut signs = PackedSigns::zeros(n, p);
     let mut class_signs = PackedSigns::zeros(nc, p);
-    let mut batch = vec![0.0f64; p];
+    let mut batch = vec![0.0f64; if batch_grads { p } else { 0 }];
+    let mut non_finite = 0;
     let mut logits = vec![];
     let mut classes = 0;
     let mut runtime_name = "none";
@@ -233,12 +235,18 @@ pub fn per_sample_signs(
                     gcols,
                 };
                 match &outs[out_i] {
-                    HostTensor::F32(b) => {
-                        acc.add(slice(b)?, &mut signs, &mut class_sum, &mut batch)
-                    }
-                    HostTensor::F64(b) => {
-                        acc.add(slice(b)?, &mut signs, &mut class_sum, &mut batch)
-                    }
+                    HostTensor::F32(b) => acc.add(
+                        slice(b)?,
+                        &mut signs,
+                        &mut class_sum,
+                        batch_part(&mut batch),
+                    ),
+                    HostTensor::F64(b) => acc.add(
+                        slice(b)?,
+                        &mut signs,
+                        &mut class_sum,
+                        batch_part(&mut batch),
+                    ),
                     _ => bail!("gradient output has an unexpected type"),
                 }
                 out_i += 1;
@@ -248,6 +256,10 @@ pub fn per_sample_signs(
         for c in 0..nc {
             class_signs.set(c, g0, &class_sum[c * gcols..(c + 1) * gcols]);
         }
+        // A non-finite value in any sample's gradient makes its class's sum non-finite.
+        non_finite += (0..gcols)
+            .filter(|&k| (0..nc).any(|c| !class_sum[c * gcols + k].is_finite()))
+            .count();
     }
     let mut notes = an.notes.clone();
     let zero = (0..n)
@@ -258,9 +270,7 @@ pub fn per_sample_signs(
         })
         .count();
     notes.extend(crate::engine::zero_gradient_warning(zero, n));
-    // A non-finite value in any sample's gradient makes that column's sum non-finite.
-    let bad = batch.iter().filter(|v| !v.is_finite()).count();
-    notes.extend(crate::engine::non_finite_warning(bad, p));
+    notes.extend(crate::engine::non_finite_warning(non_finite, p));
     if groups.len() > 1 || chunk < n {
         notes.push(format!(
             "the {n} × {p} gradients exceed --max-memory {}: streamed in {} parameter group(s) × {} \
@@ -281,6 +291,11 @@ pub fn per_sample_signs(
         notes,
         phases,
     })
+}
+
+/// The batch-gradient accumulator when one is kept (it is empty otherwise).
+fn batch_part(batch: &mut [f64]) -> Option<&mut [f64]> {
+    (!batch.is_empty()).then_some(batch)
 }
 
 fn slice<T>(a: &ndarray::ArrayD<T>) -> Result<&[T]> {
@@ -306,7 +321,7 @@ impl Accumulate<'_> {
         block: &[T],
         signs: &mut PackedSigns,
         class_sum: &mut [f64],
-        batch: &mut [f64],
+        mut batch: Option<&mut [f64]>,
     ) {
         let numel = self.numel;
         for r in 0..self.rows {
@@ -314,14 +329,23 @@ impl Accumulate<'_> {
             let i = self.start + r;
             signs.set(i, self.col, row);
             let cs = &mut class_sum[self.class_of[i] * self.gcols + self.class_off..][..numel];
-            for ((c, b), &v) in cs
-                .iter_mut()
-                .zip(&mut batch[self.col..self.col + numel])
-                .zip(row)
-            {
-                let v: f64 = v.into();
-                *c += v;
-                *b += v;
+            match batch.as_deref_mut() {
+                Some(batch) => {
+                    for ((c, b), &v) in cs
+                        .iter_mut()
+                        .zip(&mut batch[self.col..self.col + numel])
+                        .zip(row)
+                    {
+                        let v: f64 = v.into();
+                        *c += v;
+                        *b += v;
+                    }
+                }
+                None => {
+                    for (c, &v) in cs.iter_mut().zip(row) {
+                        *c += v.into();
+                    }
+                }
             }
         }
     }

@@ -166,6 +166,7 @@ fn non_finite_gradients_are_a_warning() {
         o,
         gradalign::runtime::Backend::Tract,
         gradalign::runtime::Device::Cpu,
+        false,
     )
     .unwrap();
     for notes in [&r.notes, &signs.notes] {
