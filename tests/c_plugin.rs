@@ -2,15 +2,14 @@
 //! and layout asserts of the header) and one as an ABI-2 plugin was built. Both are compiled here
 //! with the system C compiler, loaded, and must give GradSign's built-in value exactly.
 
+mod common;
+use common::score_avg_pool_heavy as score;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use gradalign::grad::GradOptions;
-use gradalign::onnx::Model;
 use gradalign::plugin::Registry;
-use gradalign::probe::Probe;
-use gradalign::runtime::{Backend, Device};
-use gradalign::score::{score_model, ScoreReport};
+use gradalign::score::ScoreReport;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -54,22 +53,6 @@ fn compile(dir: &Path, source: &str, stem: &str, defines: &[&str]) -> PathBuf {
         String::from_utf8_lossy(&res.stderr)
     );
     out
-}
-
-fn score(reg: &Registry, spec: &str) -> ScoreReport {
-    let model = Model::load(&root().join("models/nb201_avg_pool_heavy.onnx")).unwrap();
-    let probe = Probe::shipped(10).unwrap();
-    let scorers = reg.select(spec).unwrap();
-    score_model(
-        &model,
-        &probe,
-        true,
-        GradOptions::default(),
-        Backend::Tract,
-        Device::Cpu,
-        &scorers,
-    )
-    .unwrap()
 }
 
 fn value(r: &ScoreReport, name: &str) -> f64 {

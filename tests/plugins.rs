@@ -3,15 +3,13 @@
 //! (other ABI version, panic, NaN, error, undeclared input, not a plugin) give clear messages
 //! and leave the other scorers' results intact.
 
+mod common;
+use common::score_avg_pool_heavy as score;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use gradalign::grad::GradOptions;
-use gradalign::onnx::Model;
 use gradalign::plugin::Registry;
-use gradalign::probe::Probe;
-use gradalign::runtime::{Backend, Device};
-use gradalign::score::{score_model, ScoreReport};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -33,22 +31,6 @@ fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("gradalign-plugins-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn score(reg: &Registry, spec: &str) -> ScoreReport {
-    let model = Model::load(&root().join("models/nb201_avg_pool_heavy.onnx")).unwrap();
-    let probe = Probe::shipped(10).unwrap();
-    let scorers = reg.select(spec).unwrap();
-    score_model(
-        &model,
-        &probe,
-        true,
-        GradOptions::default(),
-        Backend::Tract,
-        Device::Cpu,
-        &scorers,
-    )
-    .unwrap()
 }
 
 #[test]

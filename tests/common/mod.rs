@@ -234,3 +234,25 @@ pub fn fd_check(model: &Model, probe: &Probe, o: GradOptions, max_coords: usize)
     }
     worst
 }
+
+/// The NB201 `avg_pool_heavy` fixture scored with `spec` from `reg`: shipped probe, N = 10, tract
+/// (the plugin tests' common ground).
+pub fn score_avg_pool_heavy(
+    reg: &gradalign::plugin::Registry,
+    spec: &str,
+) -> gradalign::score::ScoreReport {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = Model::load(&root.join("models/nb201_avg_pool_heavy.onnx")).unwrap();
+    let probe = Probe::shipped(10).unwrap();
+    let scorers = reg.select(spec).unwrap();
+    gradalign::score::score_model(
+        &model,
+        &probe,
+        true,
+        GradOptions::default(),
+        gradalign::runtime::Backend::Tract,
+        gradalign::runtime::Device::Cpu,
+        &scorers,
+    )
+    .unwrap()
+}
