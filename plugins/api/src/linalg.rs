@@ -305,8 +305,8 @@ impl NextBlock {
 #[inline]
 fn to_f64<T: Copy + Into<f64>>(dst: &mut [f64], src: &[T], wide: bool) {
     #[cfg(target_arch = "x86_64")]
-    if wide {
-        // SAFETY: `wide` is set only where the CPU has AVX-512F.
+    if wide && std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above; the check is a cached load).
         return unsafe { to_f64_avx512(dst, src) };
     }
     let _ = wide;
@@ -387,7 +387,10 @@ fn gram_block_avx2(
     next: &NextBlock,
 ) {
     check_block(buf, rp, wp, stride, acc);
-    // SAFETY: chosen only where the CPU has AVX2 and FMA; check_block bounds every load.
+    // A safe function must not rely on its caller for the CPU feature (one cached load per
+    // 256 KiB block).
+    assert!(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"));
+    // SAFETY: the CPU has AVX2 and FMA (checked above); check_block bounds every load.
     unsafe { gram_block_avx2_inner(buf, rp, wp, stride, acc, next) }
 }
 
@@ -445,7 +448,8 @@ fn gram_block_avx512(
     next: &NextBlock,
 ) {
     check_block(buf, rp, wp, stride, acc);
-    // SAFETY: chosen only where the CPU has AVX-512F; check_block bounds every load.
+    assert!(std::is_x86_feature_detected!("avx512f"));
+    // SAFETY: the CPU has AVX-512F (checked above); check_block bounds every load.
     unsafe { gram_block_avx512_inner(buf, rp, wp, stride, acc, next) }
 }
 
