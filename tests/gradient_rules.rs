@@ -479,3 +479,117 @@ fn cast_and_cast_like_on_the_data_path_in_f64() {
     let worst = fd_check(&model, &probe, o, 16);
     assert!(worst < 1e-5, "worst relative error {worst:e}");
 }
+
+/// Conv → `norm` (InstanceNormalization, GroupNormalization with `groups`, or per-sample
+/// BatchNormalization) → Relu → head, with the same weights whichever the norm.
+fn norm_graph(norm: &str, groups: i64) -> (GraphSpec, String) {
+    let mut g = GraphSpec::new(&[2, 4, 4], 17);
+    let w1 = g.param("c1.w", &[4, 2, 3, 3], 0.5);
+    let c1 = g.node("Conv", &["x", &w1], vec![a_ints("pads", &[1, 1, 1, 1])]);
+    let scale = g.param("n.scale", &[4], 1.0);
+    let bias = g.param("n.bias", &[4], 1.0);
+    let y = match norm {
+        "BatchNormalization" => {
+            let mean = g.tensor(
+                "bn.mean",
+                HostTensor::F32(ArrayD::from_elem(IxDyn(&[4]), 0.3)),
+            );
+            let var = g.tensor(
+                "bn.var",
+                HostTensor::F32(ArrayD::from_elem(IxDyn(&[4]), 1.0)),
+            );
+            g.node(
+                norm,
+                &[&c1, &scale, &bias, &mean, &var],
+                vec![a_f("epsilon", 1e-5)],
+            )
+        }
+        "GroupNormalization" => g.node(
+            norm,
+            &[&c1, &scale, &bias],
+            vec![a_f("epsilon", 1e-5), a_i("num_groups", groups)],
+        ),
+        _ => g.node(norm, &[&c1, &scale, &bias], vec![a_f("epsilon", 1e-5)]),
+    };
+    let r = g.node("Relu", &[&y], vec![]);
+    let z = head(&mut g, &r, 4 * 4 * 4, 3);
+    (g, z)
+}
+
+#[test]
+fn instance_and_group_normalization() {
+    for (norm, groups) in [("InstanceNormalization", 0), ("GroupNormalization", 2)] {
+        let (g, z) = norm_graph(norm, groups);
+        check(&g, &z, 3, BnMode::Sample, ParamSelect::All);
+    }
+    // Forward: InstanceNormalization is per-sample BatchNormalization, and GroupNormalization
+    // with one group per channel is InstanceNormalization.
+    let probe = random_probe(&[2, 4, 4], N, 3, 5);
+    let o = opts(BnMode::Sample, ParamSelect::All);
+    let logits = |norm: &str, groups: i64| {
+        let (g, z) = norm_graph(norm, groups);
+        gradalign::engine::per_sample_grads(&g.model(&z), &probe, o, false)
+            .unwrap()
+            .logits
+            .to_f64()
+    };
+    let bn = logits("BatchNormalization", 0);
+    assert_eq!(logits("InstanceNormalization", 0), bn);
+    assert_eq!(logits("GroupNormalization", 4), bn);
+    // Two groups of two channels really normalise over each group (not per channel).
+    assert_ne!(logits("GroupNormalization", 2), bn);
+}
+
+/// GroupNormalization's statistics, by hand: the first conv's output normalised over groups of
+/// channels equals the lowered graph's forward.
+#[test]
+fn group_normalization_forward_matches_its_definition() {
+    let mut g = GraphSpec::new(&[4, 2, 3], 3);
+    let scale = g.tensor(
+        "s",
+        HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[4]), vec![1.0, 2.0, -1.0, 0.5]).unwrap()),
+    );
+    let bias = g.tensor(
+        "b",
+        HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[4]), vec![0.1, 0.2, 0.3, 0.4]).unwrap()),
+    );
+    let y = g.node(
+        "GroupNormalization",
+        &["x", &scale, &bias],
+        vec![a_f("epsilon", 1e-3), a_i("num_groups", 2)],
+    );
+    let z = g.node("Flatten", &[&y], vec![a_i("axis", 1)]);
+    let probe = random_probe(&[4, 2, 3], 2, 24, 9);
+    let r = gradalign::engine::per_sample_grads(
+        &g.model(&z),
+        &probe,
+        opts(BnMode::Sample, ParamSelect::All),
+        false,
+    )
+    .unwrap();
+    let got: Vec<f64> = r.logits.to_f64().iter().copied().collect();
+    let x = probe.images.mapv(|v| v as f64);
+    let (s, b) = (
+        [1.0, 2.0, -1.0, 0.5],
+        [0.1f32 as f64, 0.2f32 as f64, 0.3f32 as f64, 0.4f32 as f64],
+    );
+    for n in 0..2 {
+        for grp in 0..2 {
+            let vals: Vec<f64> = (0..12)
+                .map(|k| x[[n, grp * 2 + k / 6, (k % 6) / 3, k % 3]])
+                .collect();
+            let mean = vals.iter().sum::<f64>() / 12.0;
+            let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 12.0;
+            for k in 0..12 {
+                let ch = grp * 2 + k / 6;
+                let want = (vals[k] - mean) / (var + 1e-3f32 as f64).sqrt() * s[ch] + b[ch];
+                let idx = n * 24 + ch * 6 + k % 6;
+                assert!(
+                    (got[idx] - want).abs() < 1e-9,
+                    "n {n} channel {ch}: {} vs {want}",
+                    got[idx]
+                );
+            }
+        }
+    }
+}

@@ -234,6 +234,99 @@ pub fn lower_batch_norm(lw: &mut Lowering, node: Node) -> Result<()> {
     Ok(())
 }
 
+/// InstanceNormalization and GroupNormalization (scale and bias per channel, as opset 21 and
+/// PyTorch define them): statistics of each sample over its spatial axes (instance) or over the
+/// channels of its group and their spatial axes (group), so they never mix samples.
+pub fn lower_instance_group_norm(lw: &mut Lowering, node: Node) -> Result<()> {
+    let x = lw.input_info(&node, 0)?.clone();
+    let r = x.shape.len();
+    if r < 3 {
+        bail!(
+            "{}: {} needs input [N, C, spatial...], got {:?}",
+            node.describe(),
+            node.op,
+            x.shape
+        );
+    }
+    let c = x.shape[1];
+    for i in 1..3 {
+        let s = &lw.input_info(&node, i)?.shape;
+        if s != &[c] {
+            bail!(
+                "{}: input {i} has shape {s:?}; gradalign reads per-channel scale and bias [{c}] \
+                 (opset 21 GroupNormalization; re-export with opset ≥ 21)",
+                node.describe()
+            );
+        }
+    }
+    let eps = node.attr_f("epsilon").unwrap_or(1e-5) as f64;
+    let spatial: usize = x.shape[2..].iter().product();
+    let groups = if node.op == "GroupNormalization" {
+        let g = node.attr_i("num_groups").unwrap_or(0);
+        if g <= 0 || c % g as usize != 0 {
+            bail!(
+                "{}: num_groups {g} does not divide the {c} channels",
+                node.describe()
+            );
+        }
+        g as usize
+    } else {
+        c
+    };
+    if spatial * (c / groups) == 1 {
+        bail!(
+            "{}: {} over a single value per group (input {:?}) normalises it to the bias, so every \
+             gradient through it would be 0; feed a larger input",
+            node.describe(),
+            node.op,
+            x.shape
+        );
+    }
+    let mut chan = vec![c as i64];
+    chan.extend(std::iter::repeat_n(1, r - 2));
+    let n = x.shape[0] as i64;
+    let mut s = Seq {
+        lw,
+        base: node.name.clone(),
+    };
+    let xh = if groups == c {
+        let axes: Vec<usize> = (2..r).collect();
+        s.standardise(&node.inputs[0], &axes, eps)?
+    } else {
+        let grouped = s.lw.konst(HostTensor::i64_vec(&[
+            n,
+            groups as i64,
+            (c / groups * spatial) as i64,
+        ]));
+        let xg = s.op(
+            "Reshape",
+            vec![node.inputs[0].clone(), grouped],
+            None,
+            vec![],
+        )?;
+        let hg = s.standardise(&xg, &[2], eps)?;
+        let back: Vec<i64> = x.shape.iter().map(|&d| d as i64).collect();
+        let back = s.lw.konst(HostTensor::i64_vec(&back));
+        s.op("Reshape", vec![hg, back], None, vec![])?
+    };
+    let shape_c = s.lw.konst(HostTensor::i64_vec(&chan));
+    let scale = s.op(
+        "Reshape",
+        vec![node.inputs[1].clone(), shape_c.clone()],
+        None,
+        vec![],
+    )?;
+    let bias = s.op(
+        "Reshape",
+        vec![node.inputs[2].clone(), shape_c],
+        None,
+        vec![],
+    )?;
+    let ys = s.op("Mul", vec![xh, scale], None, vec![])?;
+    s.op("Add", vec![ys, bias], Some(node.outputs[0].clone()), vec![])?;
+    Ok(())
+}
+
 pub fn lower_layer_norm(lw: &mut Lowering, node: Node) -> Result<()> {
     let x = lw.input_info(&node, 0)?.clone();
     let r = x.shape.len();
