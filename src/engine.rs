@@ -36,20 +36,61 @@ pub struct PerSampleGrads {
     pub run_seconds: f64,
 }
 
-/// Whether the shipped CIFAR-10 probe fits the model's declared input.
-pub fn model_takes_cifar10(model: &Model) -> bool {
+/// How the model lays out an image sample: channels first (N×C×H×W, ONNX's and PyTorch's
+/// convention) or channels last (N×H×W×C, TensorFlow/Keras and JAX exports).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum InputLayout {
+    /// Detect from the model's declared input: 32×32×3 is channels last, anything else first.
+    #[default]
+    Auto,
+    Nchw,
+    Nhwc,
+}
+
+fn declared_is(model: &Model, sample: [i64; 3]) -> bool {
     match model.inputs.as_slice() {
         [one] => match &one.dims {
             Some(d) => {
                 d.len() == 4
                     && d[1..]
                         .iter()
-                        .zip([3, 32, 32])
+                        .zip(sample)
                         .all(|(a, b)| a.is_none_or(|v| v == b))
             }
             None => true,
         },
         _ => false,
+    }
+}
+
+/// The layout a CIFAR-10 probe (channels first as read) must be fed in: `Auto` picks channels
+/// last only for a declared 32×32×3 input that is not also 3×32×32.
+pub fn probe_layout(model: &Model, asked: InputLayout) -> InputLayout {
+    match asked {
+        InputLayout::Auto
+            if declared_is(model, [32, 32, 3]) && !declared_is(model, [3, 32, 32]) =>
+        {
+            InputLayout::Nhwc
+        }
+        InputLayout::Auto => InputLayout::Nchw,
+        other => other,
+    }
+}
+
+/// Whether the shipped CIFAR-10 probe fits the model's declared input (in either layout).
+pub fn model_takes_cifar10(model: &Model) -> bool {
+    declared_is(model, [3, 32, 32]) || declared_is(model, [32, 32, 3])
+}
+
+/// A channels-first probe as channels last (N×C×H×W → N×H×W×C).
+pub fn to_channels_last(probe: &mut Probe) {
+    if probe.images.ndim() == 4 {
+        probe.images = probe
+            .images
+            .view()
+            .permuted_axes(ndarray::IxDyn(&[0, 2, 3, 1]))
+            .as_standard_layout()
+            .into_owned();
     }
 }
 

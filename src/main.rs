@@ -39,6 +39,10 @@ pub struct ProbeArgs {
     /// Default: 64 for CIFAR-10, every row of a .npy.
     #[arg(long)]
     n: Option<usize>,
+    /// Layout the CIFAR-10 probe (shipped or --data X.bin) is fed in; auto: channels last when
+    /// the model declares a 32×32×3 input. A .npy probe is always used as stored.
+    #[arg(long, value_enum, default_value_t = engine::InputLayout::Auto)]
+    input_layout: engine::InputLayout,
 }
 
 #[derive(Args, Clone)]
@@ -175,12 +179,26 @@ enum Cmd {
 
 pub fn load_probe(model: &Model, p: &ProbeArgs) -> Result<(Probe, bool)> {
     let shipped = p.data.is_none();
-    let probe = Probe::from_options(
+    let mut probe = Probe::from_options(
         p.data.as_deref(),
         p.labels.as_deref(),
         p.n,
         model_takes_cifar10(model),
     )?;
+    let cifar = p
+        .data
+        .as_ref()
+        .is_none_or(|d| d.extension().is_some_and(|e| e == "bin"));
+    if cifar && engine::probe_layout(model, p.input_layout) == engine::InputLayout::Nhwc {
+        engine::to_channels_last(&mut probe);
+        if p.input_layout == engine::InputLayout::Auto {
+            eprintln!(
+                "note: {} declares a channels-last 32×32×3 input: the CIFAR-10 probe is fed as \
+                 N×H×W×C (--input-layout nchw to override)",
+                model.source
+            );
+        }
+    }
     Ok((probe, shipped))
 }
 

@@ -374,3 +374,68 @@ fn exported_training_graph_passes_onnx_checker_and_python_onnxruntime() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A channels-last model (what TensorFlow/Keras and JAX export): the same NB201 network behind
+/// a Transpose from N×H×W×C. The shipped probe is fed channels last automatically and gives the
+/// channels-first model's gradients exactly.
+#[test]
+fn channels_last_model_gets_the_probe_in_its_layout() {
+    use gradalign::onnx::pb;
+    use prost::Message;
+    let d = tmpdir("nhwc");
+    let src = root().join("models/nb201_avg_pool_heavy.onnx");
+    let mut m = pb::ModelProto::decode(std::fs::read(&src).unwrap().as_slice()).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    let input = g.input.iter_mut().find(|i| i.name == "input").unwrap();
+    let old_name = input.name.clone();
+    input.name = "input_nhwc".into();
+    if let Some(pb::type_proto::Value::TensorType(t)) =
+        input.r#type.as_mut().and_then(|t| t.value.as_mut())
+    {
+        let dims = &mut t.shape.as_mut().unwrap().dim;
+        let chw: Vec<_> = dims.drain(1..).collect();
+        dims.extend([chw[1].clone(), chw[2].clone(), chw[0].clone()]);
+    }
+    g.node.insert(
+        0,
+        pb::NodeProto {
+            input: vec!["input_nhwc".into()],
+            output: vec![old_name],
+            name: "to_nchw".into(),
+            op_type: "Transpose".into(),
+            attribute: vec![gradalign::onnx::attr::ints("perm", &[0, 3, 1, 2])],
+            ..Default::default()
+        },
+    );
+    let nhwc = d.join("nhwc.onnx");
+    std::fs::write(&nhwc, m.encode_to_vec()).unwrap();
+    let grads = |model: &Path, out: &str, extra: &[&str]| {
+        let o = bin()
+            .args([
+                "grads",
+                model.to_str().unwrap(),
+                "--n",
+                "8",
+                "--backend",
+                "tract",
+            ])
+            .args(extra)
+            .args(["--out", d.join(out).to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (ok, _) = grads(&src, "nchw.npy", &[]);
+    assert!(ok);
+    let (ok, err) = grads(&nhwc, "nhwc.npy", &[]);
+    assert!(ok, "{err}");
+    assert!(err.contains("channels-last"), "the note says so: {err}");
+    let read = |f: &str| npy::read(&d.join(f)).unwrap().to_f64();
+    assert_eq!(read("nhwc.npy"), read("nchw.npy"));
+    // Forcing channels first on it is refused with the shapes, not run on transposed pixels.
+    let (ok, err) = grads(&nhwc, "forced.npy", &["--input-layout", "nchw"]);
+    assert!(!ok && err.contains("32"), "{err}");
+}
