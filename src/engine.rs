@@ -111,9 +111,6 @@ pub fn build_graph_with(
     opts: GradOptions,
     spec: GraphSpec,
 ) -> Result<(Analysis, GradGraph)> {
-    if opts.bn == crate::grad::BnMode::Batch && (spec.param_grads || spec.input_grad) {
-        bail!("batch-statistics BatchNormalization mixes samples: it serves forward passes only, not per-sample gradients");
-    }
     let mut shape = vec![n];
     shape.extend(sample_shape);
     let an = Analysis::new(model, &shape, opts)?;
@@ -124,6 +121,9 @@ pub fn build_graph_with(
 /// The gradient graph of an analysed model, refused when its estimate exceeds `--max-memory`.
 fn build_from(an: &Analysis, spec: GraphSpec) -> Result<GradGraph> {
     let (n, opts) = (an.n, an.opts);
+    if opts.bn == crate::grad::BnMode::Batch && (spec.param_grads || spec.input_grad) {
+        bail!("batch-statistics BatchNormalization mixes samples: it serves forward passes only, not per-sample gradients");
+    }
     let cols: usize = if spec.param_grads {
         an.selected.iter().map(|&i| an.params[i].numel()).sum()
     } else {

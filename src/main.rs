@@ -151,7 +151,7 @@ enum Cmd {
         /// are skipped, so an interrupted run resumes.
         #[arg(long)]
         out: PathBuf,
-        /// Models scored in parallel (default: one per core). Each job's runtime gets
+        /// Models scored in parallel (default: one per core, at most 8). Each job's runtime gets
         /// cores / jobs intra-op threads, and, without --max-memory, 1/jobs of the default
         /// memory bound; a given --max-memory bounds each model.
         #[arg(long)]

@@ -593,3 +593,30 @@ fn group_normalization_forward_matches_its_definition() {
         }
     }
 }
+
+/// Elu/Selu at inputs far above eˣ's float32 range: the forward is x and the gradient finite
+/// (eˣ is taken of the non-positive part only; 0 · ∞ in its backward would give NaN).
+#[test]
+fn elu_and_selu_gradients_stay_finite_for_large_inputs() {
+    for op in ["Elu", "Selu"] {
+        let mut g = GraphSpec::new(&[4], 2);
+        let w = g.param("w", &[3, 4], 0.5);
+        let a = g.node(op, &["x"], vec![]);
+        let z = g.node("Gemm", &[&a, &w], vec![a_i("transB", 1)]);
+        let mut probe = random_probe(&g.input_shape, 3, 3, 1);
+        probe.images.mapv_inplace(|v| 100.0 + v);
+        let mut o = opts(BnMode::Sample, ParamSelect::Weights);
+        o.precision = gradalign::grad::Precision::F32;
+        let r = gradalign::engine::per_sample_grads(&g.model(&z), &probe, o, false).unwrap();
+        assert!(
+            r.grads.to_f64().iter().all(|v| v.is_finite()),
+            "{op}: {:?}",
+            r.notes
+        );
+        assert!(
+            r.notes.iter().all(|n| !n.contains("non-finite")),
+            "{op}: {:?}",
+            r.notes
+        );
+    }
+}

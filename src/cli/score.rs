@@ -195,8 +195,10 @@ pub fn rank(
     }
     // Building a model's gradient graph and session is mostly serial work, so models side by
     // side (one intra-op thread each by default) keep the cores busier than one model at a time.
+    // Capped at 8 by default: on a many-core host each job keeps a useful share of the memory
+    // bound and several intra-op threads.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let jobs = jobs.unwrap_or(cores).max(1).min(todo.len().max(1));
+    let jobs = jobs.unwrap_or(cores.min(8)).max(1).min(todo.len().max(1));
     gradalign::runtime::set_parallel_jobs(jobs);
     let mut grad = grad.clone();
     if grad.max_memory.is_none() && jobs > 1 {

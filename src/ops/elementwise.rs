@@ -129,7 +129,18 @@ pub fn lower_piecewise(lw: &mut Lowering, node: Node) -> Result<()> {
         lw.emit(&base, "Where", vec![m, x.clone(), negative], out, vec![])
     };
     let elu = |lw: &mut Lowering, alpha: f64, out: Option<String>| {
-        let e = lw.emit(&base, "Exp", vec![x.clone()], None, vec![])?;
+        // eˣ of the non-positive part only: eˣ of a large positive x overflows, and its
+        // backward (0 · ∞) would turn the whole gradient into NaN.
+        let zero = lw.scalar(0.0);
+        let m = lw.emit(
+            &base,
+            "Greater",
+            vec![x.clone(), zero.clone()],
+            None,
+            vec![],
+        )?;
+        let xn = lw.emit(&base, "Where", vec![m, zero, x.clone()], None, vec![])?;
+        let e = lw.emit(&base, "Exp", vec![xn], None, vec![])?;
         let one = lw.scalar(1.0);
         let em1 = lw.emit(&base, "Sub", vec![e, one], None, vec![])?;
         let a = lw.scalar(alpha);
