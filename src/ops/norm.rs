@@ -29,6 +29,25 @@ impl Seq<'_, '_> {
     ) -> Result<String> {
         self.lw.emit(&self.base, op, ins, out, attrs)
     }
+    /// `x̂ · scale + bias` with the node's per-channel scale (input 1) and bias (input 2)
+    /// reshaped to `shape_c` ([C, 1, …]), written to the node's output.
+    fn channel_affine(&mut self, node: &Node, xh: String, shape_c: String) -> Result<()> {
+        let scale = self.op(
+            "Reshape",
+            vec![node.inputs[1].clone(), shape_c.clone()],
+            None,
+            vec![],
+        )?;
+        let bias = self.op(
+            "Reshape",
+            vec![node.inputs[2].clone(), shape_c],
+            None,
+            vec![],
+        )?;
+        let ys = self.op("Mul", vec![xh, scale], None, vec![])?;
+        self.op("Add", vec![ys, bias], Some(node.outputs[0].clone()), vec![])?;
+        Ok(())
+    }
     /// `(x - mean) / sqrt(var + eps)` over `axes`, as one `GaStandardize` node whose gradient
     /// is the fused formula (see [`backward`]).
     fn standardise(&mut self, x: &str, axes: &[usize], eps: f64) -> Result<String> {
@@ -217,21 +236,7 @@ pub fn lower_batch_norm(lw: &mut Lowering, node: Node) -> Result<()> {
             s.op("Mul", vec![xc, iv], None, vec![])?
         }
     };
-    let scale = s.op(
-        "Reshape",
-        vec![node.inputs[1].clone(), shape_c.clone()],
-        None,
-        vec![],
-    )?;
-    let bias = s.op(
-        "Reshape",
-        vec![node.inputs[2].clone(), shape_c],
-        None,
-        vec![],
-    )?;
-    let ys = s.op("Mul", vec![xh, scale], None, vec![])?;
-    s.op("Add", vec![ys, bias], Some(node.outputs[0].clone()), vec![])?;
-    Ok(())
+    s.channel_affine(&node, xh, shape_c)
 }
 
 /// InstanceNormalization and GroupNormalization (scale and bias per channel, as opset 21 and
@@ -310,21 +315,7 @@ pub fn lower_instance_group_norm(lw: &mut Lowering, node: Node) -> Result<()> {
         s.op("Reshape", vec![hg, back], None, vec![])?
     };
     let shape_c = s.lw.konst(HostTensor::i64_vec(&chan));
-    let scale = s.op(
-        "Reshape",
-        vec![node.inputs[1].clone(), shape_c.clone()],
-        None,
-        vec![],
-    )?;
-    let bias = s.op(
-        "Reshape",
-        vec![node.inputs[2].clone(), shape_c],
-        None,
-        vec![],
-    )?;
-    let ys = s.op("Mul", vec![xh, scale], None, vec![])?;
-    s.op("Add", vec![ys, bias], Some(node.outputs[0].clone()), vec![])?;
-    Ok(())
+    s.channel_affine(&node, xh, shape_c)
 }
 
 pub fn lower_layer_norm(lw: &mut Lowering, node: Node) -> Result<()> {
