@@ -141,6 +141,34 @@ fn build_from(an: &Analysis, spec: GraphSpec) -> Result<GradGraph> {
     GradGraphBuilder::with_spec(an, spec).build()
 }
 
+/// The probe for `model` from the user's options (the CLI's `--data`, `--labels`, `--n`,
+/// `--input-layout`): the shipped CIFAR-10 probe by default, fed channels last when the model
+/// declares a 32×32×3 input. Returns the probe, whether it is the shipped one, and a note to
+/// show when the layout was chosen automatically.
+pub fn probe_for_model(
+    model: &Model,
+    data: Option<&std::path::Path>,
+    labels: Option<&std::path::Path>,
+    n: Option<usize>,
+    layout: InputLayout,
+) -> Result<(Probe, bool, Option<String>)> {
+    let shipped = data.is_none();
+    let mut probe = Probe::from_options(data, labels, n, model_takes_cifar10(model))?;
+    let cifar = data.is_none_or(|d| d.extension().is_some_and(|e| e == "bin"));
+    let mut note = None;
+    if cifar && probe_layout(model, layout) == InputLayout::Nhwc {
+        to_channels_last(&mut probe);
+        if layout == InputLayout::Auto {
+            note = Some(format!(
+                "{} declares a channels-last 32×32×3 input: the CIFAR-10 probe is fed as \
+                 N×H×W×C (--input-layout nchw to override)",
+                model.source
+            ));
+        }
+    }
+    Ok((probe, shipped, note))
+}
+
 /// Per-sample gradients on the embedded tract runtime (deterministic, always available).
 pub fn per_sample_grads(
     model: &Model,

@@ -8,7 +8,7 @@ mod cli;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use gradalign::engine::{self, model_takes_cifar10};
+use gradalign::engine;
 use gradalign::grad::{BnMode, GradOptions, ParamSelect, Precision};
 use gradalign::npy;
 use gradalign::onnx::Model;
@@ -159,6 +159,25 @@ enum Cmd {
         /// Run each external plugin scorer in its own child process (see `score --isolate`).
         #[arg(long)]
         isolate: bool,
+        /// Score only shard I of N (e.g. 3/16, a job-array index): a model belongs to the shard
+        /// its path hashes to, the same on every machine and rerun; `count:I/N` deals the
+        /// sorted list round-robin instead (even sizes; every task must see the same list).
+        /// Combine the shards' CSVs with `gradalign merge`.
+        #[arg(long)]
+        shard: Option<gradalign::rank::Shard>,
+    },
+    /// Combine the results CSVs of a sharded `rank` sweep into one: every model exactly once,
+    /// failures kept; refuses overlapping shards and files scored with different scorers.
+    Merge {
+        /// The merged CSV to write (written whole, then renamed into place).
+        out: PathBuf,
+        /// The shards' results CSVs.
+        #[arg(required = true)]
+        shards: Vec<PathBuf>,
+        /// The sweep's models (files or folders, as given to `rank`): report any that no shard
+        /// holds yet, and exit 2 if some are missing.
+        #[arg(long, num_args = 1..)]
+        models: Vec<PathBuf>,
     },
     /// Internal: runs one isolated plugin scorer on inputs read from stdin.
     #[command(name = "__scorer-worker", hide = true)]
@@ -178,26 +197,15 @@ enum Cmd {
 }
 
 pub fn load_probe(model: &Model, p: &ProbeArgs) -> Result<(Probe, bool)> {
-    let shipped = p.data.is_none();
-    let mut probe = Probe::from_options(
+    let (probe, shipped, note) = engine::probe_for_model(
+        model,
         p.data.as_deref(),
         p.labels.as_deref(),
         p.n,
-        model_takes_cifar10(model),
+        p.input_layout,
     )?;
-    let cifar = p
-        .data
-        .as_ref()
-        .is_none_or(|d| d.extension().is_some_and(|e| e == "bin"));
-    if cifar && engine::probe_layout(model, p.input_layout) == engine::InputLayout::Nhwc {
-        engine::to_channels_last(&mut probe);
-        if p.input_layout == engine::InputLayout::Auto {
-            eprintln!(
-                "note: {} declares a channels-last 32×32×3 input: the CIFAR-10 probe is fed as \
-                 N×H×W×C (--input-layout nchw to override)",
-                model.source
-            );
-        }
+    if let Some(note) = note {
+        eprintln!("note: {note}");
     }
     Ok((probe, shipped))
 }
@@ -339,7 +347,15 @@ fn main() -> ExitCode {
             out,
             jobs,
             isolate,
-        } => cli::score::rank(models, probe, grad, scorer, plugin, out, *jobs, *isolate),
+            shard,
+        } => cli::score::rank(
+            models, probe, grad, scorer, plugin, out, *jobs, *isolate, *shard,
+        ),
+        Cmd::Merge {
+            out,
+            shards,
+            models,
+        } => cli::score::merge(out, shards, models),
         Cmd::ScorerWorker {
             library,
             scorer,

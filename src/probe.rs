@@ -115,32 +115,50 @@ impl Probe {
                 other.dtype()
             ),
         };
+        let mut probe = Self::from_arrays(
+            images,
+            labels,
+            n,
+            &format!("--data {}", x.display()),
+            &format!("--labels {}", y.display()),
+        )?;
+        probe.source = x.display().to_string();
+        Ok(probe)
+    }
+
+    /// A probe from in-memory arrays (float32 N×…, int64 labels of length N), the first `n`
+    /// rows (all by default). `data`/`labels` name the arrays in messages.
+    pub fn from_arrays(
+        images: ArrayD<f32>,
+        labels: ArrayD<i64>,
+        n: Option<usize>,
+        data: &str,
+        labels_name: &str,
+    ) -> Result<Probe> {
+        let (x, y) = (data, labels_name);
         if labels.ndim() != 1 {
             bail!(
-                "--labels {}: expected a 1-D array, got shape {:?}",
-                y.display(),
+                "{}: expected a 1-D array, got shape {:?}",
+                y,
                 labels.shape()
             );
         }
         if images.ndim() < 2 || images.shape()[0] != labels.len() {
             bail!(
-                "--data {} has shape {:?} but --labels {} has {} labels; the first axis must match",
-                x.display(),
+                "{} has shape {:?} but {} has {} labels; the first axis must match",
+                x,
                 images.shape(),
-                y.display(),
+                y,
                 labels.len()
             );
         }
         let total = labels.len();
         let n = n.unwrap_or(total);
         if n == 0 || total == 0 {
-            bail!("--data {}: the probe is empty (0 samples)", x.display());
+            bail!("{}: the probe is empty (0 samples)", x);
         }
         if n > total {
-            bail!(
-                "--n {n} but --data {} holds only {total} samples",
-                x.display()
-            );
+            bail!("--n {n} but {} holds only {total} samples", x);
         }
         let images = images
             .slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..n))
@@ -150,15 +168,12 @@ impl Probe {
             .to_owned();
         let labels = labels.into_shape_with_order(n)?;
         if images.iter().any(|v| !v.is_finite()) {
-            bail!(
-                "--data {}: the images contain NaN or infinite values",
-                x.display()
-            );
+            bail!("{}: the images contain NaN or infinite values", x);
         }
         Ok(Probe {
             images,
             labels,
-            source: x.display().to_string(),
+            source: x.to_string(),
         })
     }
 

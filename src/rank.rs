@@ -186,6 +186,205 @@ pub fn collect_models(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// One slice of a sweep split across machines, as in `cargo nextest --partition`:
+/// - `I/N` (or `hash:I/N`): the models whose key (the path as written in the results file)
+///   hashes to `I` modulo `N`. A model's shard depends on its own key only, never on the rest of
+///   the list, so it is the same on every machine and in every rerun even when models are added
+///   while the sweep runs; shard sizes vary by about ±√(M/N).
+/// - `count:I/N`: every N-th model of the sorted list, starting at the I-th: sizes differ by at
+///   most one, but a model's shard moves when the list changes, so every task must see the same
+///   list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+    pub by_count: bool,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Shard, String> {
+        let bad = || {
+            format!(
+                "'{s}': expected I/N, hash:I/N or count:I/N with 0 <= I < N, e.g. 0/4 \
+                 (Slurm: $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)"
+            )
+        };
+        let (by_count, spec) = match s.split_once(':') {
+            Some(("hash", rest)) => (false, rest),
+            Some(("count", rest)) => (true, rest),
+            Some(_) => return Err(bad()),
+            None => (false, s),
+        };
+        let (i, n) = spec.split_once('/').ok_or_else(bad)?;
+        let index: usize = i.trim().parse().map_err(|_| bad())?;
+        let count: usize = n.trim().parse().map_err(|_| bad())?;
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard {
+            index,
+            count,
+            by_count,
+        })
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.by_count { "count" } else { "hash" };
+        write!(f, "{kind}:{}/{}", self.index, self.count)
+    }
+}
+
+impl Shard {
+    /// The keys of `keys` this shard scores, in their given order.
+    pub fn select<'a>(&self, keys: &'a [String]) -> Vec<&'a String> {
+        if self.by_count {
+            let mut sorted: Vec<&String> = keys.iter().collect();
+            sorted.sort();
+            sorted.dedup();
+            let mine: std::collections::HashSet<&String> = sorted
+                .into_iter()
+                .skip(self.index)
+                .step_by(self.count)
+                .collect();
+            keys.iter().filter(|k| mine.contains(k)).collect()
+        } else {
+            keys.iter()
+                .filter(|k| shard_hash(k) % self.count as u64 == self.index as u64)
+                .collect()
+        }
+    }
+}
+
+/// FNV-1a over the key's bytes, then the splitmix64 finaliser so that every bit of the hash
+/// depends on every byte (plain FNV's low bits are weak for `% N`). Fixed forever: changing it
+/// would reassign models between shards of a sweep in progress.
+pub fn shard_hash(key: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key.as_bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// The shard results files of one sweep, checked and combined.
+#[derive(Debug)]
+pub struct Merged {
+    pub header: String,
+    /// (model key, CSV line without its newline), sorted by key.
+    pub rows: Vec<(String, String)>,
+    /// Rows whose error column holds an error and whose scores are all empty.
+    pub failed: usize,
+    /// Shard files whose last line was torn by a kill; the torn row is not merged (the shard,
+    /// rerun, scores that model again).
+    pub torn: Vec<PathBuf>,
+}
+
+/// Reads every shard file: the headers must agree (same scorer list), every row must have the
+/// header's number of fields, and no model may appear twice — in one file or across files —
+/// since that means the shards overlapped (different N, or one file passed twice).
+pub fn merge(shards: &[PathBuf]) -> Result<Merged> {
+    if shards.is_empty() {
+        bail!("no shard files given");
+    }
+    let mut header: Option<(String, &Path)> = None;
+    let mut seen: std::collections::HashMap<String, (PathBuf, usize)> = Default::default();
+    let mut rows = vec![];
+    let mut torn = vec![];
+    let mut failed = 0;
+    for path in shards {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if complete < bytes.len() {
+            torn.push(path.clone());
+        }
+        let text = std::str::from_utf8(&bytes[..complete])
+            .with_context(|| format!("{}: not a UTF-8 results file", path.display()))?;
+        let mut lines = text.lines();
+        let Some(h) = lines.next() else {
+            bail!(
+                "{}: empty file (no header): not a `gradalign rank` results file",
+                path.display()
+            );
+        };
+        if !h.starts_with("model,") || !h.ends_with(",error,seconds") {
+            bail!(
+                "{}: header '{h}' is not a `gradalign rank` results header",
+                path.display()
+            );
+        }
+        match &header {
+            None => header = Some((h.to_string(), path)),
+            Some((h0, p0)) if h0 != h => bail!(
+                "{} has columns '{h}' but {} has '{h0}': the shards were scored with different \
+                 --scorer lists; rerun them with the same list",
+                path.display(),
+                p0.display()
+            ),
+            Some(_) => {}
+        }
+        let width = split_csv(h).len();
+        for (i, line) in lines.enumerate() {
+            let lineno = i + 2;
+            let fields = split_csv(line);
+            if fields.len() != width {
+                bail!(
+                    "{}:{lineno}: {} fields where the header has {width}",
+                    path.display(),
+                    fields.len()
+                );
+            }
+            let key = fields[0].clone();
+            if let Some((p0, l0)) = seen.get(&key) {
+                bail!(
+                    "model '{key}' appears twice: {}:{l0} and {}:{lineno}; shards must not \
+                     overlap (same N in every --shard I/N, each file passed once)",
+                    p0.display(),
+                    path.display()
+                );
+            }
+            seen.insert(key.clone(), (path.clone(), lineno));
+            let scores = &fields[1..width - 2];
+            if scores.iter().all(|v| v.is_empty()) && !fields[width - 2].is_empty() {
+                failed += 1;
+            }
+            rows.push((key, line.to_string()));
+        }
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(Merged {
+        header: header.map(|(h, _)| h).unwrap_or_default(),
+        rows,
+        failed,
+        torn,
+    })
+}
+
+impl Merged {
+    /// Writes the merged file whole (temporary file, fsync, rename): a reader never sees half
+    /// of it.
+    pub fn write(&self, out: &Path) -> Result<()> {
+        let mut text = self.header.clone() + "\n";
+        for (_, line) in &self.rows {
+            text += line;
+            text.push('\n');
+        }
+        let tmp = out.with_extension("csv.partial");
+        let mut f =
+            File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +413,95 @@ mod tests {
             format!("{h}\nm1.onnx,1.0,,0.1\n")
         );
         assert!(ResultsFile::open(&p, "model,other,error,seconds").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn shards_partition_every_model_exactly_once() {
+        let keys: Vec<String> = (0..1000)
+            .map(|i| format!("models/arch-{i:05}.onnx"))
+            .collect();
+        for n in [1, 2, 4, 7] {
+            for kind in ["hash", "count"] {
+                let mut owner = std::collections::HashMap::new();
+                let mut sizes = vec![];
+                for i in 0..n {
+                    let sh: Shard = format!("{kind}:{i}/{n}").parse().unwrap();
+                    let mine = sh.select(&keys);
+                    sizes.push(mine.len() as f64);
+                    for k in mine {
+                        assert!(
+                            owner.insert(k.clone(), i).is_none(),
+                            "{k} in two {kind} shards"
+                        );
+                    }
+                }
+                assert_eq!(owner.len(), keys.len(), "{kind}/{n}: a model in no shard");
+                let mean = 1000.0 / n as f64;
+                let tol = if kind == "count" {
+                    1.0
+                } else {
+                    // Within sampling noise of a uniform hash (±5σ).
+                    5.0 * (mean * (1.0 - 1.0 / n as f64)).sqrt() + 1e-9
+                };
+                assert!(
+                    sizes.iter().all(|s| (s - mean).abs() <= tol),
+                    "{kind}/{n}: {sizes:?}"
+                );
+            }
+        }
+        // A hash shard does not depend on the rest of the list.
+        let sh: Shard = "1/4".parse().unwrap();
+        let some: Vec<String> = keys[..10].to_vec();
+        let from_some: Vec<&String> = sh.select(&some);
+        let from_all: Vec<&String> = sh
+            .select(&keys)
+            .into_iter()
+            .filter(|k| some.contains(k))
+            .collect();
+        assert_eq!(from_some, from_all);
+        // Pinned (independently computed): a change of hash would reassign the models of a
+        // sweep in progress.
+        assert_eq!(shard_hash("models/arch-00000.onnx"), 0x281c_32cc_0da0_ee6e);
+        assert_eq!(shard_hash("models/arch-00001.onnx"), 0xdb37_abca_9644_f015);
+        for bad in ["4/4", "1", "a/2", "0/0", "-1/3"] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn merge_refuses_overlaps_and_mismatched_columns() {
+        let dir = std::env::temp_dir().join(format!("ga-merge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let h = header(&["s".into()]);
+        let a = dir.join("a.csv");
+        let b = dir.join("b.csv");
+        std::fs::write(
+            &a,
+            format!("{h}\nm2.onnx,2.0,,0.1\nm9.onnx,,\"load: bad, file\",0.0\n"),
+        )
+        .unwrap();
+        std::fs::write(&b, format!("{h}\nm1.onnx,1.0,,0.1\nm3.onnx,3.")).unwrap();
+        let m = merge(&[a.clone(), b.clone()]).unwrap();
+        let keys: Vec<&str> = m.rows.iter().map(|r| r.0.as_str()).collect();
+        assert_eq!(keys, ["m1.onnx", "m2.onnx", "m9.onnx"]);
+        assert_eq!((m.failed, m.torn.clone()), (1, vec![b.clone()]));
+        let out = dir.join("all.csv");
+        m.write(&out).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            format!("{h}\nm1.onnx,1.0,,0.1\nm2.onnx,2.0,,0.1\nm9.onnx,,\"load: bad, file\",0.0\n")
+        );
+        let e = merge(&[a.clone(), a.clone()]).unwrap_err().to_string();
+        assert!(e.contains("appears twice") && e.contains("m2.onnx"), "{e}");
+        let c = dir.join("c.csv");
+        std::fs::write(&c, format!("{}\nm5.onnx,1.0,,0.1\n", header(&["t".into()]))).unwrap();
+        let e = merge(&[a.clone(), c]).unwrap_err().to_string();
+        assert!(e.contains("different") && e.contains("--scorer"), "{e}");
+        let d = dir.join("d.csv");
+        std::fs::write(&d, format!("{h}\nm7.onnx,1.0\n")).unwrap();
+        let e = merge(&[d]).unwrap_err().to_string();
+        assert!(e.contains("d.csv:2"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -130,3 +130,106 @@ fn sigkill_half_way_then_resume_gives_every_model_exactly_once() {
     assert_eq!(self::rows(&out), rows);
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// A sweep split three ways and merged holds every model exactly once with the values of one
+/// unsharded run; `merge --models` reports a missing shard, and overlapping shards are refused.
+#[test]
+fn sharded_sweep_merges_to_the_unsharded_result() {
+    let d = std::env::temp_dir().join(format!("gradalign-shard-{}", std::process::id()));
+    let models = d.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let src = [
+        root().join("models/nb201_all_none.onnx"),
+        root().join("models/nb201_avg_pool_heavy.onnx"),
+    ];
+    for k in 0..9 {
+        std::fs::copy(&src[k % 2], models.join(format!("m{k}.onnx"))).unwrap();
+    }
+    std::fs::write(models.join("m9_broken.onnx"), b"garbage").unwrap();
+    let whole = d.join("whole.csv");
+    assert_eq!(
+        rank(&models, &whole).output().unwrap().status.code(),
+        Some(2)
+    );
+
+    let drop_seconds = |rows: Vec<Vec<String>>| -> Vec<Vec<String>> {
+        rows.into_iter()
+            .map(|mut r| {
+                r.pop();
+                r
+            })
+            .collect()
+    };
+    for kind in ["hash", "count"] {
+        let mut shards = vec![];
+        let mut sizes = vec![];
+        for i in 0..3 {
+            let out = d.join(format!("{kind}-{i}.csv"));
+            let res = rank(&models, &out)
+                .args(["--shard", &format!("{kind}:{i}/3")])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&res.stderr);
+            let n: usize = stderr
+                .split(&format!("shard {kind}:{i}/3: "))
+                .nth(1)
+                .and_then(|s| s.split(' ').next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("{stderr}"));
+            assert_eq!(rows(&out).len(), n, "{stderr}");
+            sizes.push(n);
+            shards.push(out);
+        }
+        assert_eq!(sizes.iter().sum::<usize>(), 10, "{kind}: {sizes:?}");
+        if kind == "count" {
+            assert_eq!(sizes, [4, 3, 3]);
+        }
+        let merged = d.join(format!("{kind}-merged.csv"));
+        let res = Command::new(env!("CARGO_BIN_EXE_gradalign"))
+            .arg("merge")
+            .arg(&merged)
+            .args(&shards)
+            .arg("--models")
+            .arg(&models)
+            .output()
+            .unwrap();
+        assert_eq!(
+            res.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        let mut want = drop_seconds(rows(&whole));
+        want.sort();
+        assert_eq!(drop_seconds(rows(&merged)), want, "{kind}");
+
+        // Without one shard, --models names what is missing and the exit status is 2.
+        let res = Command::new(env!("CARGO_BIN_EXE_gradalign"))
+            .arg("merge")
+            .arg(d.join("partial.csv"))
+            .args(&shards[..2])
+            .arg("--models")
+            .arg(&models)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains(&format!("{} model(s) are in no shard", sizes[2])),
+            "{stderr}"
+        );
+    }
+    // The same shard twice: refused, nothing written.
+    let res = Command::new(env!("CARGO_BIN_EXE_gradalign"))
+        .arg("merge")
+        .arg(d.join("dup.csv"))
+        .arg(d.join("count-0.csv"))
+        .arg(d.join("count-0.csv"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("appears twice"), "{stderr}");
+    assert!(!d.join("dup.csv").exists());
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -170,14 +170,28 @@ pub fn rank(
     out: &Path,
     jobs: Option<usize>,
     isolate: bool,
+    shard: Option<rank::Shard>,
 ) -> Result<i32> {
     let reg = registry(plugins);
     let scorers = isolated(reg.select(scorer)?, isolate);
     gradalign::runtime::check_backend(grad.backend)?;
     let names: Vec<String> = scorers.iter().map(|s| s.name.clone()).collect();
-    let all = rank::collect_models(models)?;
+    let mut all = rank::collect_models(models)?;
     if all.is_empty() {
         bail!("no .onnx models found in the given paths");
+    }
+    if let Some(sh) = shard {
+        let total = all.len();
+        let keys: Vec<String> = all.iter().map(|p| p.display().to_string()).collect();
+        let mine: std::collections::HashSet<&String> = sh.select(&keys).into_iter().collect();
+        all.retain(|p| mine.contains(&p.display().to_string()));
+        eprintln!("shard {sh}: {} of {total} models", all.len());
+        if all.is_empty() {
+            // Not an error: with more shards than models some are legitimately empty. The
+            // header is still written so that `merge` sees every shard's scorer list.
+            ResultsFile::open(out, &rank::header(&names))?;
+            return Ok(0);
+        }
     }
     let results = ResultsFile::open(out, &rank::header(&names))?;
     let todo: Vec<PathBuf> = all
@@ -274,6 +288,51 @@ pub fn rank(
         );
     }
     Ok(if failed > 0 { 2 } else { 0 })
+}
+
+/// `gradalign merge`: exit 0 when the merged file is complete, 2 when `--models` names models
+/// that no shard holds (the merged file is still written).
+pub fn merge(out: &Path, shards: &[PathBuf], models: &[PathBuf]) -> Result<i32> {
+    let m = rank::merge(shards)?;
+    for t in &m.torn {
+        eprintln!(
+            "warning: {} ends with a row torn by a kill; that model is not merged — rerun the \
+             shard (it resumes) and merge again",
+            t.display()
+        );
+    }
+    let mut missing = vec![];
+    if !models.is_empty() {
+        let have: std::collections::HashSet<&str> = m.rows.iter().map(|r| r.0.as_str()).collect();
+        for p in rank::collect_models(models)? {
+            let key = p.display().to_string();
+            if !have.contains(key.as_str()) {
+                missing.push(key);
+            }
+        }
+    }
+    m.write(out)?;
+    let names: Vec<String> = {
+        let h = rank::split_csv(&m.header);
+        h[1..h.len() - 2].to_vec()
+    };
+    print_ranking(out, &names)?;
+    eprintln!(
+        "merged {} models from {} files into {} ({} failed, errors kept in the CSV)",
+        m.rows.len(),
+        shards.len(),
+        out.display(),
+        m.failed
+    );
+    if !missing.is_empty() {
+        eprintln!(
+            "error: {} model(s) are in no shard yet (first: {}); rerun the shards that hold them",
+            missing.len(),
+            missing[..missing.len().min(5)].join(", ")
+        );
+        return Ok(2);
+    }
+    Ok(if m.torn.is_empty() { 0 } else { 2 })
 }
 
 /// The final table: every row of the results file, sorted by the first scorer (best first).

@@ -167,6 +167,28 @@ impl Model {
         Model::from_proto(&proto, &path.display().to_string())
     }
 
+    /// A model serialised in memory (e.g. `onnx.ModelProto.SerializeToString()`), named
+    /// `source` in messages. External data cannot be resolved without the model's folder.
+    pub fn from_bytes(bytes: &[u8], source: &str) -> Result<Model> {
+        let proto = pb::ModelProto::decode(bytes).map_err(|e| {
+            anyhow!("{source} is not a valid ONNX model (protobuf decoding failed: {e})")
+        })?;
+        if let Some(g) = &proto.graph {
+            if let Some(t) = g
+                .initializer
+                .iter()
+                .find(|t| t.data_location == Some(1) || !t.external_data.is_empty())
+            {
+                bail!(
+                    "{source}: initializer '{}' is stored as external data, which needs the \
+                     model's folder: pass the model's path instead of its bytes",
+                    t.name
+                );
+            }
+        }
+        Model::from_proto(&proto, source)
+    }
+
     pub fn from_proto(proto: &pb::ModelProto, source: &str) -> Result<Model> {
         Self::from_proto_inner(proto, source).with_context(|| format!("invalid model {source}"))
     }

@@ -363,6 +363,26 @@ fn main() -> Result<()> {
             eprintln!("wrote {} (ResNet-50, 3×{hw}×{hw} input, {params} parameters)", out.display());
             Ok(())
         }
+        Some("gen-nb201") => {
+            // Seeded NB201 networks as ONNX files, for sweeps and the cluster tests: the same
+            // sample and weight seeds as `bench nb201`, so a file here is that run's model.
+            use prost::Message;
+            let count: usize = get("--count").map(|v| v.parse()).transpose()?.unwrap_or(40);
+            let seed: u64 = get("--seed").map(|v| v.parse()).transpose()?.unwrap_or(0);
+            let c: usize = get("--channels").map(|v| v.parse()).transpose()?.unwrap_or(16);
+            let cells: usize = get("--cells").map(|v| v.parse()).transpose()?.unwrap_or(5);
+            let out = get("--out").map(PathBuf::from).context("gen-nb201 needs --out DIR")?;
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            let archs = nb201::load_archs(&root())?;
+            for i in nb201::sample(archs.len(), count, seed) {
+                let a = &archs[i];
+                let proto = gradalign::zoo::nb201_model(&a.arch, nb201::weight_seed(seed, a.index), c, cells)?;
+                let path = out.join(format!("nb201-{:05}.onnx", a.index));
+                std::fs::write(&path, proto.encode_to_vec()).with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            eprintln!("wrote {count} NB201 models (C = {c}, {cells} cells per stage, seed {seed}) to {}", out.display());
+            Ok(())
+        }
         Some("fuzz") => fuzz::run(&fuzz::Options {
             execs: get("--execs").map(|v| v.parse()).transpose()?.unwrap_or(1_000_000),
             seconds: get("--seconds").map(|v| v.parse()).transpose()?.unwrap_or(1800),
@@ -449,6 +469,6 @@ fn main() -> Result<()> {
                 nb201::run(&root(), &o)
             }
         }
-        _ => bail!("usage: cargo xtask gen-resnet50 [--out FILE] [--input 32] | cargo xtask fuzz [--execs 1000000] [--seconds 1800] [--seed S] [--jobs J] [--corpus DIR] [--crashes DIR] | cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] | cargo xtask bench throughput [--count 24] [--seed 0] [--n 64] [--threads T] [--out FILE] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR] [--report-only]"),
+        _ => bail!("usage: cargo xtask gen-resnet50 [--out FILE] [--input 32] | cargo xtask gen-nb201 --out DIR [--count 40] [--seed 0] [--channels 16] [--cells 5] | cargo xtask fuzz [--execs 1000000] [--seconds 1800] [--seed S] [--jobs J] [--corpus DIR] [--crashes DIR] | cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] | cargo xtask bench throughput [--count 24] [--seed 0] [--n 64] [--threads T] [--out FILE] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR] [--report-only]"),
     }
 }
