@@ -19,6 +19,10 @@ from ._native import GradalignError
 
 DEFAULT_SCORERS: str = _native.DEFAULT_SCORERS
 
+# isolate=True runs each external scorer in a child process: `python -m gradalign._worker`.
+if sys.executable:
+    _native.set_worker_interpreter(sys.executable)
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 

@@ -43,11 +43,13 @@ impl ModelSource {
         if let Ok(b) = obj.cast::<PyBytes>() {
             return Ok(ModelSource::Bytes(b.as_bytes().to_vec()));
         }
-        obj.extract::<PathBuf>().map(ModelSource::Path).map_err(|_| {
-            pyo3::exceptions::PyTypeError::new_err(
-                "model must be a path, ONNX bytes or an onnx.ModelProto",
-            )
-        })
+        obj.extract::<PathBuf>()
+            .map(ModelSource::Path)
+            .map_err(|_| {
+                pyo3::exceptions::PyTypeError::new_err(
+                    "model must be a path, ONNX bytes or an onnx.ModelProto",
+                )
+            })
     }
 
     fn load(&self) -> Result<Model> {
@@ -113,7 +115,9 @@ impl Options {
                 params: parse_enum("params", params)?,
                 precision: parse_enum("precision", precision)?,
                 max_memory: max_memory
-                    .map(|m| gradalign::memory::parse_size(m).map_err(|e| anyhow!("max_memory: {e}")))
+                    .map(|m| {
+                        gradalign::memory::parse_size(m).map_err(|e| anyhow!("max_memory: {e}"))
+                    })
                     .transpose()?,
             },
             backend,
@@ -133,16 +137,15 @@ impl Options {
             if self.data_path.is_some() {
                 bail!("give the probe images either as an array or as a file, not both");
             }
-            let labels = self
-                .labels
-                .clone()
-                .ok_or_else(|| anyhow!("data given as an array needs labels (int64, one per image)"))?;
+            let labels = self.labels.clone().ok_or_else(|| {
+                anyhow!("data given as an array needs labels (int64, one per image)")
+            })?;
             let floats: Vec<f32> = bytes
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
-            let images = ArrayD::from_shape_vec(IxDyn(shape), floats)
-                .map_err(|e| anyhow!("data: {e}"))?;
+            let images =
+                ArrayD::from_shape_vec(IxDyn(shape), floats).map_err(|e| anyhow!("data: {e}"))?;
             let len = labels.len();
             let labels = ArrayD::from_shape_vec(IxDyn(&[len]), labels)?;
             let probe = Probe::from_arrays(images, labels, self.n, "data", "labels")?;
@@ -162,7 +165,6 @@ impl Options {
         Ok((probe, shipped))
     }
 }
-
 
 fn registry(plugins: &[PathBuf]) -> Registry {
     Registry::with_plugins(plugins)
@@ -205,7 +207,8 @@ impl Report {
                     .iter()
                     .map(|(n, v)| (n.clone(), v.map_or(serde_json::Value::Null, |v| v.into())))
                     .collect();
-                let mut warnings: Vec<String> = r.warnings().iter().map(|s| s.to_string()).collect();
+                let mut warnings: Vec<String> =
+                    r.warnings().iter().map(|s| s.to_string()).collect();
                 warnings.extend(self.load_errors.iter().cloned());
                 serde_json::json!({
                     "model": self.model,
@@ -248,8 +251,18 @@ fn score_report(
 ) -> PyResult<Report> {
     let source = ModelSource::extract(model)?;
     let opts = Options::parse(
-        bn, params, precision, backend, device, max_memory, data_path, labels_path, data, labels,
-        n, input_layout,
+        bn,
+        params,
+        precision,
+        backend,
+        device,
+        max_memory,
+        data_path,
+        labels_path,
+        data,
+        labels,
+        n,
+        input_layout,
     )
     .map_err(py_err)?;
     let reg = registry(&plugins);
@@ -266,7 +279,15 @@ fn score_report(
             let m = source.load()?;
             let mut notes = vec![];
             let (probe, shipped) = opts.probe(&m, &mut notes)?;
-            let mut r = score_model(&m, &probe, shipped, opts.grad, opts.backend, opts.device, &selected)?;
+            let mut r = score_model(
+                &m,
+                &probe,
+                shipped,
+                opts.grad,
+                opts.backend,
+                opts.device,
+                &selected,
+            )?;
             r.model = source.name();
             notes.append(&mut r.notes);
             r.notes = notes;
@@ -285,11 +306,23 @@ fn score_report(
 fn tensor_bytes(t: &HostTensor) -> (Vec<u8>, Vec<usize>, &'static str) {
     let shape = t.shape();
     match t {
-        HostTensor::F32(a) => (a.iter().flat_map(|v| v.to_le_bytes()).collect(), shape, "<f4"),
-        HostTensor::F64(a) => (a.iter().flat_map(|v| v.to_le_bytes()).collect(), shape, "<f8"),
+        HostTensor::F32(a) => (
+            a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            shape,
+            "<f4",
+        ),
+        HostTensor::F64(a) => (
+            a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            shape,
+            "<f8",
+        ),
         other => {
             let a = other.to_f64();
-            (a.iter().flat_map(|v| v.to_le_bytes()).collect(), shape, "<f8")
+            (
+                a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                shape,
+                "<f8",
+            )
         }
     }
 }
@@ -322,19 +355,31 @@ fn grads<'py>(
 )> {
     let source = ModelSource::extract(model)?;
     let opts = Options::parse(
-        bn, params, precision, backend, device, max_memory, data_path, labels_path, data, labels,
-        n, input_layout,
+        bn,
+        params,
+        precision,
+        backend,
+        device,
+        max_memory,
+        data_path,
+        labels_path,
+        data,
+        labels,
+        n,
+        input_layout,
     )
     .map_err(py_err)?;
     let res = py.detach(move || -> Result<_> {
         let m = source.load()?;
         let mut notes = vec![];
         let (probe, shipped) = opts.probe(&m, &mut notes)?;
-        let g = engine::per_sample_grads_on(&m, &probe, opts.grad, shipped, opts.backend, opts.device)
-            .with_context(|| source.name())?;
+        let g =
+            engine::per_sample_grads_on(&m, &probe, opts.grad, shipped, opts.backend, opts.device)
+                .with_context(|| source.name())?;
         notes.extend(g.notes.iter().cloned());
-        let (warnings, notes): (Vec<String>, Vec<String>) =
-            notes.into_iter().partition(|n| n.starts_with(engine::WARNING));
+        let (warnings, notes): (Vec<String>, Vec<String>) = notes
+            .into_iter()
+            .partition(|n| n.starts_with(engine::WARNING));
         let warnings: Vec<String> = warnings
             .into_iter()
             .map(|w| w.trim_start_matches(engine::WARNING).to_string())
@@ -347,7 +392,11 @@ fn grads<'py>(
             "runtime": g.runtime,
             "seconds": {"build": g.build_seconds, "run": g.run_seconds},
         });
-        Ok((tensor_bytes(&g.grads), tensor_bytes(&g.logits), meta.to_string()))
+        Ok((
+            tensor_bytes(&g.grads),
+            tensor_bytes(&g.logits),
+            meta.to_string(),
+        ))
     });
     let ((gb, gs, gt), (lb, ls, lt), meta) = res.map_err(py_err)?;
     Ok((
@@ -431,6 +480,22 @@ fn resolve_scorers(scorers: &str, plugins: Vec<PathBuf>) -> PyResult<Vec<String>
         .collect())
 }
 
+/// Runs one isolated plugin scorer on inputs read from stdin (the child side of
+/// `isolate=True`; see gradalign/_worker.py). Returns the process exit status.
+#[pyfunction]
+fn scorer_worker(library: PathBuf, scorer: &str, flags: u64) -> i32 {
+    gradalign::plugin::isolate::worker_main(&library, scorer, flags)
+}
+
+/// Where isolated scorers run: `python -m gradalign._worker` under this interpreter.
+#[pyfunction]
+fn set_worker_interpreter(python: PathBuf) {
+    gradalign::plugin::isolate::set_worker_program(
+        python,
+        vec!["-m".into(), "gradalign._worker".into()],
+    );
+}
+
 #[pyfunction]
 fn ort_available() -> Option<String> {
     gradalign::runtime::check_backend(Backend::Ort)
@@ -451,5 +516,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(list_scorers, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_scorers, m)?)?;
     m.add_function(wrap_pyfunction!(ort_available, m)?)?;
+    m.add_function(wrap_pyfunction!(scorer_worker, m)?)?;
+    m.add_function(wrap_pyfunction!(set_worker_interpreter, m)?)?;
     Ok(())
 }

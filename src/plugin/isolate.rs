@@ -270,12 +270,26 @@ pub fn decode(b: &[u8]) -> Result<InputData> {
     Ok(d)
 }
 
-/// The gradalign executable the worker runs as: `GRADALIGN_BIN`, else this process.
-fn worker_exe() -> Result<PathBuf> {
-    match std::env::var_os("GRADALIGN_BIN") {
-        Some(p) => Ok(PathBuf::from(p)),
-        None => Ok(std::env::current_exe()?),
+/// A host that is not the `gradalign` executable (the Python extension, inside `python3`)
+/// names the program that runs [`worker_main`], and the arguments before the worker's own.
+static WORKER: std::sync::OnceLock<(PathBuf, Vec<std::ffi::OsString>)> = std::sync::OnceLock::new();
+
+/// Sets the worker program for this process (first call wins): the worker is started as
+/// `program args… __scorer-worker LIBRARY SCORER FLAGS`.
+pub fn set_worker_program(program: PathBuf, args: Vec<std::ffi::OsString>) {
+    let _ = WORKER.set((program, args));
+}
+
+/// The program the worker runs as, with its leading arguments: `GRADALIGN_BIN`, else the one
+/// set by [`set_worker_program`], else this executable.
+fn worker_exe() -> Result<(PathBuf, Vec<std::ffi::OsString>)> {
+    if let Some(p) = std::env::var_os("GRADALIGN_BIN") {
+        return Ok((PathBuf::from(p), vec![]));
     }
+    if let Some(w) = WORKER.get() {
+        return Ok(w.clone());
+    }
+    Ok((std::env::current_exe()?, vec![]))
 }
 
 fn signal_name(sig: i32) -> &'static str {
@@ -297,7 +311,9 @@ pub fn call_isolated(s: &ScorerInfo, d: &InputData) -> std::result::Result<f64, 
             .library
             .as_ref()
             .ok_or_else(|| anyhow!("built-in scorers run in process"))?;
-        let mut child = Command::new(worker_exe()?)
+        let (program, leading) = worker_exe()?;
+        let mut child = Command::new(program)
+            .args(leading)
             .arg(WORKER_COMMAND)
             .arg(lib)
             .arg(&s.name)
