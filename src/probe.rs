@@ -38,6 +38,17 @@ impl Probe {
     /// getting ⌊n/10⌋ images and the first n mod 10 classes one more (docs/cli.md, Probe), the first
     /// images of each class in file order. Samples are ordered by class.
     pub fn from_cifar10_bytes(bytes: &[u8], n: usize, source: &str) -> Result<Probe> {
+        Self::from_cifar10_bytes_skipping(bytes, n, 0, source)
+    }
+
+    /// As [`Probe::from_cifar10_bytes`], skipping the first `skip` images of each class: draws
+    /// with `skip = d · ⌈n/10⌉`, d = 0, 1, …, are class-balanced and share no image.
+    pub fn from_cifar10_bytes_skipping(
+        bytes: &[u8],
+        n: usize,
+        skip: usize,
+        source: &str,
+    ) -> Result<Probe> {
         if bytes.is_empty() || bytes.len() % RECORD != 0 {
             bail!(
                 "{source}: size {} is not a multiple of the CIFAR-10 record size {RECORD}",
@@ -58,13 +69,14 @@ impl Probe {
         let mut picks = vec![];
         for (c, idx) in by_class.iter().enumerate() {
             let want = n / 10 + usize::from(c < n % 10);
-            if idx.len() < want {
+            if idx.len() < skip + want {
                 bail!(
-                    "{source}: class {c} has {} images but a balanced probe of {n} needs {want}",
-                    idx.len()
+                    "{source}: class {c} has {} images but a balanced probe of {n} needs {want}{}",
+                    idx.len(),
+                    if skip > 0 { format!(" after skipping {skip}") } else { String::new() }
                 );
             }
-            picks.extend(idx[..want].iter().map(|&i| (i, c)));
+            picks.extend(idx[skip..skip + want].iter().map(|&i| (i, c)));
         }
         let mut images = Array4::<f32>::zeros((n, 3, 32, 32));
         let mut labels = Array1::<i64>::zeros(n);
@@ -83,6 +95,18 @@ impl Probe {
             labels,
             source: source.to_string(),
         })
+    }
+
+    /// Draw `draw` (0 = the default probe) of `n` shipped images: class-balanced, disjoint from
+    /// every other draw of the same `n`.
+    pub fn shipped_draw(n: usize, draw: usize) -> Result<Probe> {
+        let per_class = n.div_ceil(10);
+        Self::from_cifar10_bytes_skipping(
+            SHIPPED_CIFAR10,
+            n,
+            draw * per_class,
+            &format!("shipped CIFAR-10 probe, draw {draw}"),
+        )
     }
 
     pub fn shipped(n: usize) -> Result<Probe> {

@@ -98,3 +98,55 @@ fn generated_nb201_equals_the_pytorch_export_with_the_same_weights() {
         eprintln!("{name}: {} parameters, logits max|Δ| {dz:e}", ga.len() / 10);
     }
 }
+
+/// The NB101 generator's network has NB101's own parameter count on every one of the 30,001
+/// cells that carry it: the channel rule, the projections and the output concatenation are
+/// NB101's.
+#[test]
+fn nb101_parameter_counts_equal_nb101s_own_on_all_30001_cells() {
+    use gradalign::zoo::nb101::Nb101Cell;
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/nb101_accuracies.csv"),
+    )
+    .unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "hash,num_vertices,adjacency_rowmajor,ops,val_acc_108,test_acc_108,trainable_parameters"
+    );
+    let (mut checked, mut cells) = (0, 0);
+    for line in lines {
+        let f: Vec<&str> = line.split(',').collect();
+        let cell = Nb101Cell::parse(f[2], f[3]).unwrap_or_else(|e| panic!("{}: {e}", f[0]));
+        assert_eq!(cell.ops.len(), f[1].parse::<usize>().unwrap());
+        cells += 1;
+        if !f[6].is_empty() {
+            assert_eq!(cell.trainable_parameters(), f[6].parse::<usize>().unwrap(), "{}", f[0]);
+            checked += 1;
+        }
+    }
+    assert_eq!((cells, checked), (32_338, 30_001));
+}
+
+/// The generated ONNX holds exactly the trainable parameters NB101 counts (plus BN running
+/// statistics), and is accepted by the gradient builder.
+#[test]
+fn nb101_model_initializers_match_the_count() {
+    use gradalign::zoo::nb101::{nb101_model, Nb101Cell};
+    // NB101 cell 000834cf…: 7 vertices, an input→output edge and a truncated summand.
+    let cell = Nb101Cell::parse(
+        "0100001001000000010010000101000001000000010000000",
+        "input|conv3x3-bn-relu|conv3x3-bn-relu|conv3x3-bn-relu|conv3x3-bn-relu|conv3x3-bn-relu|output",
+    )
+    .unwrap();
+    assert_eq!(cell.trainable_parameters(), 6_342_515);
+    let proto = nb101_model(&cell, 7, 32).unwrap();
+    let m = gradalign::onnx::Model::from_proto(&proto, "nb101").unwrap();
+    let trainable: usize = m
+        .initializers
+        .iter()
+        .filter(|(n, t)| !n.contains("running") && t.dtype() == gradalign::onnx::DType::F32)
+        .map(|(_, t)| t.len())
+        .sum();
+    assert_eq!(trainable, cell.trainable_parameters());
+}

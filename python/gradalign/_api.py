@@ -194,6 +194,15 @@ def grads(
     return g, meta["layout"], logits
 
 
+def cifar10_probe(n: int = 64) -> tuple:
+    """The shipped CIFAR-10 probe exactly as the CLI feeds it: `n` test images, class-balanced
+    (⌊n/10⌋ per class, the first n mod 10 classes one more), normalised with CIFAR-10's channel
+    means and standard deviations. Returns (images float32 N×3×32×32, labels int64 N) — e.g. to
+    resize for networks that need larger inputs, then pass as `data=`, `labels=`."""
+    b, shape, labels = _native.shipped_probe(int(n))
+    return np.frombuffer(b, dtype="<f4").reshape(shape).copy(), np.asarray(labels, dtype=np.int64)
+
+
 def scorers(plugins: Iterable[Any] = ()) -> list:
     """Every scorer found (built-in and in `plugins`), as the CLI's `plugins` lists them:
     dicts with "name", "origin", "inputs" and "description"."""

@@ -480,6 +480,16 @@ fn resolve_scorers(scorers: &str, plugins: Vec<PathBuf>) -> PyResult<Vec<String>
         .collect())
 }
 
+/// The shipped CIFAR-10 probe as the CLI feeds it: `n` images class-balanced and normalised
+/// (N×3×32×32 float32 bytes, shape) and their labels.
+#[pyfunction]
+#[pyo3(signature = (n=64))]
+fn shipped_probe(py: Python<'_>, n: usize) -> PyResult<(Bound<'_, PyBytes>, Vec<usize>, Vec<i64>)> {
+    let p = Probe::shipped(n).map_err(py_err)?;
+    let bytes: Vec<u8> = p.images.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Ok((PyBytes::new(py, &bytes), p.images.shape().to_vec(), p.labels.to_vec()))
+}
+
 /// Runs one isolated plugin scorer on inputs read from stdin (the child side of
 /// `isolate=True`; see gradalign/_worker.py). Returns the process exit status.
 #[pyfunction]
@@ -517,6 +527,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(resolve_scorers, m)?)?;
     m.add_function(wrap_pyfunction!(ort_available, m)?)?;
     m.add_function(wrap_pyfunction!(scorer_worker, m)?)?;
+    m.add_function(wrap_pyfunction!(shipped_probe, m)?)?;
     m.add_function(wrap_pyfunction!(set_worker_interpreter, m)?)?;
     Ok(())
 }

@@ -77,6 +77,16 @@ def test_probe_as_arrays_equals_probe_as_npy_files(root):
     np.testing.assert_array_equal(from_tensors, from_arrays[:2])
 
 
+def test_shipped_probe_is_the_clis(root):
+    x, y = gradalign.cifar10_probe(20)
+    assert x.shape == (20, 3, 32, 32) and x.dtype == np.float32
+    assert list(y) == [c for c in range(10) for _ in range(2)]
+    # Fed explicitly, it gives the scores of the default probe.
+    a = gradalign.score(root / FIXTURE, n=20, backend="tract")["scores"]
+    b = gradalign.score(root / FIXTURE, data=x, labels=y, backend="tract")["scores"]
+    assert a == b
+
+
 def test_rank_resumes_its_csv_and_keeps_failures_last(root, tmp_path):
     models = tmp_path / "models"
     models.mkdir()

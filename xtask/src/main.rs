@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 mod fuzz;
 mod nb201;
 mod regions;
+mod seeds;
 mod throughput;
 
 fn root() -> PathBuf {
@@ -383,6 +384,38 @@ fn main() -> Result<()> {
             eprintln!("wrote {count} NB201 models (C = {c}, {cells} cells per stage, seed {seed}) to {}", out.display());
             Ok(())
         }
+        Some("gen-nb101") => {
+            // NB101 networks by hash (comma-separated) or a seeded sample of the 30,001
+            // validation cells, from data/nb101_accuracies.csv.
+            use prost::Message;
+            let seed: u64 = get("--seed").map(|v| v.parse()).transpose()?.unwrap_or(0);
+            let hw: usize = get("--input").map(|v| v.parse()).transpose()?.unwrap_or(32);
+            let out = get("--out").map(PathBuf::from).context("gen-nb101 needs --out DIR")?;
+            let text = std::fs::read_to_string(root().join("data/nb101_accuracies.csv"))
+                .context("data/nb101_accuracies.csv")?;
+            let rows: Vec<Vec<&str>> = text.lines().skip(1).map(|l| l.split(',').collect()).collect();
+            let picked: Vec<&Vec<&str>> = match (get("--hash"), get("--sample")) {
+                (Some(h), None) => h
+                    .split(',')
+                    .map(|h| rows.iter().find(|r| r[0] == h).with_context(|| format!("--hash {h}: not in data/nb101_accuracies.csv")))
+                    .collect::<Result<_>>()?,
+                (None, Some(k)) => {
+                    let val: Vec<&Vec<&str>> = rows.iter().filter(|r| !r[4].is_empty()).collect();
+                    nb201::sample(val.len(), k.parse()?, seed).into_iter().map(|i| val[i]).collect()
+                }
+                _ => bail!("gen-nb101 needs exactly one of --hash H[,H…] or --sample K"),
+            };
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            for r in &picked {
+                let cell = gradalign::zoo::nb101::Nb101Cell::parse(r[2], r[3])?;
+                let wseed = nb201::weight_seed(seed, u64::from_str_radix(&r[0][..12], 16)? as usize);
+                let proto = gradalign::zoo::nb101::nb101_model(&cell, wseed, hw)?;
+                let path = out.join(format!("nb101-{}.onnx", r[0]));
+                std::fs::write(&path, proto.encode_to_vec()).with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            eprintln!("wrote {} NB101 models ({hw}×{hw} input, seed {seed}) to {}", picked.len(), out.display());
+            Ok(())
+        }
         Some("fuzz") => fuzz::run(&fuzz::Options {
             execs: get("--execs").map(|v| v.parse()).transpose()?.unwrap_or(1_000_000),
             seconds: get("--seconds").map(|v| v.parse()).transpose()?.unwrap_or(1800),
@@ -435,6 +468,22 @@ fn main() -> Result<()> {
             gradalign::runtime::check_backend(backend)?;
             regions::run(&root(), &o)
         }
+        Some("bench") if args.get(1).map(String::as_str) == Some("seeds") => {
+            let backend = parse_backend(get("--backend").as_deref())?;
+            let jobs = jobs_with_threads(get("--jobs").map(|v| v.parse()).transpose()?.unwrap_or(1));
+            gradalign::runtime::check_backend(backend)?;
+            seeds::run(&root(), &seeds::Options {
+                archs: get("--sample").map(|v| v.parse()).transpose()?.unwrap_or(200),
+                seeds: get("--seeds").map(|v| v.parse()).transpose()?.unwrap_or(5),
+                probes: get("--probes").map(|v| v.parse()).transpose()?.unwrap_or(3),
+                n: get("--n").map(|v| v.parse()).transpose()?.unwrap_or(64),
+                scorers: get("--scorers").unwrap_or_else(|| "gradalign-i,gradalign-ii,gradsign,synflow,naswot".into()),
+                backend,
+                jobs,
+                out: get("--out").map(PathBuf::from).unwrap_or_else(|| root().join("docs/results/seeds")),
+                report_only: args.iter().any(|a| a == "--report-only"),
+            })
+        }
         Some("bench") if matches!(args.get(1).map(String::as_str), Some("nb201" | "naslib-check")) => {
             let archs = nb201::load_archs(&root())?.len();
             let seed: u64 = get("--seed").map(|v| v.parse()).transpose()?.unwrap_or(0);
@@ -469,6 +518,6 @@ fn main() -> Result<()> {
                 nb201::run(&root(), &o)
             }
         }
-        _ => bail!("usage: cargo xtask gen-resnet50 [--out FILE] [--input 32] | cargo xtask gen-nb201 --out DIR [--count 40] [--seed 0] [--channels 16] [--cells 5] | cargo xtask fuzz [--execs 1000000] [--seconds 1800] [--seed S] [--jobs J] [--corpus DIR] [--crashes DIR] | cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] | cargo xtask bench throughput [--count 24] [--seed 0] [--n 64] [--threads T] [--out FILE] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR] [--report-only]"),
+        _ => bail!("usage: cargo xtask gen-resnet50 [--out FILE] [--input 32] | cargo xtask gen-nb201 --out DIR [--count 40] [--seed 0] [--channels 16] [--cells 5] | cargo xtask gen-nb101 --out DIR (--hash H[,H…] | --sample K) [--seed 0] [--input 32] | cargo xtask fuzz [--execs 1000000] [--seconds 1800] [--seed S] [--jobs J] [--corpus DIR] [--crashes DIR] | cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] | cargo xtask bench throughput [--count 24] [--seed 0] [--n 64] [--threads T] [--out FILE] | cargo xtask bench seeds [--sample 200] [--seeds 5] [--probes 3] [--n 64] [--scorers a,b] [--backend …] [--jobs J] [--out DIR] [--report-only] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR] [--report-only]"),
     }
 }

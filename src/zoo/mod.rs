@@ -4,6 +4,8 @@
 //! default initialisation distributions, seeded. Initializer names and order follow PyTorch's
 //! `state_dict` of `tests/golden/nb201.py`, so a PyTorch export's weights load by name.
 
+pub mod nb101;
+
 use anyhow::{bail, Result};
 use ndarray::{ArrayD, IxDyn};
 
@@ -91,6 +93,8 @@ struct Gen {
     /// ReLU output per input tensor: two ReLUConvBN edges leaving one cell node share one Relu,
     /// as in PyTorch's ONNX export (its common-subexpression pass merges them).
     relus: std::collections::HashMap<String, String>,
+    /// ONNX's `momentum` of every BatchNormalization (0.9 = PyTorch's default 0.1).
+    bn_momentum: f32,
 }
 
 impl Gen {
@@ -152,7 +156,7 @@ impl Gen {
             &[x, &g, &b, &m, &v],
             vec![
                 attr::f("epsilon", 1e-5),
-                attr::f("momentum", 0.9),
+                attr::f("momentum", self.bn_momentum),
                 attr::i("training_mode", 1),
             ],
         );
@@ -257,6 +261,7 @@ fn build(arch: &str, seed: u64, layout: Layout) -> Result<pb::ModelProto> {
         inits: vec![],
         count: 0,
         relus: Default::default(),
+        bn_momentum: 0.9,
     };
     let zero = "ga.zero".to_string();
     let mut x = if layout.stem {
@@ -405,6 +410,7 @@ pub fn resnet50_model(seed: u64, hw: usize, classes: usize) -> pb::ModelProto {
         inits: vec![],
         count: 0,
         relus: Default::default(),
+        bn_momentum: 0.9,
     };
     let stem = g.conv("input", "conv1.weight", 3, 64, 3, 1, 1);
     let b = g.bn(&stem, "bn1", 64);
