@@ -477,7 +477,7 @@ fn main() -> Result<()> {
                 seeds: get("--seeds").map(|v| v.parse()).transpose()?.unwrap_or(5),
                 probes: get("--probes").map(|v| v.parse()).transpose()?.unwrap_or(3),
                 n: get("--n").map(|v| v.parse()).transpose()?.unwrap_or(64),
-                scorers: get("--scorers").unwrap_or_else(|| "gradalign-i,gradalign-ii,gradsign,synflow,naswot".into()),
+                scorers: get("--scorers").unwrap_or_else(|| "gradalign-i,gradalign-ii,gradsign".into()),
                 backend,
                 jobs,
                 out: get("--out").map(PathBuf::from).unwrap_or_else(|| root().join("docs/results/seeds")),
