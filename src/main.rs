@@ -160,16 +160,19 @@ enum Cmd {
         #[arg(long)]
         isolate: bool,
         /// Score only shard I of N (e.g. 3/16, a job-array index): a model belongs to the shard
-        /// its path hashes to, the same on every machine and rerun; `count:I/N` deals the
-        /// sorted list round-robin instead (even sizes; every task must see the same list).
-        /// Combine the shards' CSVs with `gradalign merge`.
+        /// its path (as given, e.g. models/a.onnx) hashes to, so every machine and rerun that
+        /// names the models the same way agrees; `count:I/N` deals the sorted list round-robin
+        /// instead (even sizes; every task must see the same list). Combine the shards' CSVs
+        /// with `gradalign merge`.
         #[arg(long)]
         shard: Option<gradalign::rank::Shard>,
     },
     /// Combine the results CSVs of a sharded `rank` sweep into one: every model exactly once,
-    /// failures kept; refuses overlapping shards and files scored with different scorers.
+    /// failures kept; refuses overlapping shards and files scored with different scorers. Exit
+    /// status 2 when the result is incomplete: models that --models names but no shard holds,
+    /// missing shard-I-of-N.csv files, or a shard's torn last row.
     Merge {
-        /// The merged CSV to write (written whole, then renamed into place).
+        /// The merged CSV to write (a new file: written whole, then renamed into place).
         out: PathBuf,
         /// The shards' results CSVs.
         #[arg(required = true)]
@@ -178,6 +181,9 @@ enum Cmd {
         /// holds yet, and exit 2 if some are missing.
         #[arg(long, num_args = 1..)]
         models: Vec<PathBuf>,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Internal: runs one isolated plugin scorer on inputs read from stdin.
     #[command(name = "__scorer-worker", hide = true)]
@@ -355,7 +361,8 @@ fn main() -> ExitCode {
             out,
             shards,
             models,
-        } => cli::score::merge(out, shards, models),
+            force,
+        } => cli::score::merge(out, shards, models, *force),
         Cmd::ScorerWorker {
             library,
             scorer,

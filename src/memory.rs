@@ -44,13 +44,51 @@ pub fn parse_size(s: &str) -> Result<u64> {
     Ok(bytes as u64)
 }
 
-/// Three quarters of physical memory (Linux `/proc/meminfo`), else 16 GiB.
+/// Three quarters of the memory this process may use: physical memory (Linux
+/// `/proc/meminfo`), or the cgroup's limit when smaller (a container's or a Slurm/Kubernetes
+/// job's memory limit, cgroup v2 `memory.max` or v1 `memory.limit_in_bytes`), else 16 GiB.
 pub fn default_limit() -> u64 {
     let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
         line.split_whitespace().nth(1)?.parse::<u64>().ok()
     });
-    total.map_or(16 << 30, |kb| kb * 1024 / 4 * 3)
+    let physical = total.map(|kb| kb * 1024);
+    let available = match (physical, cgroup_limit()) {
+        (Some(p), Some(c)) => Some(p.min(c)),
+        (p, c) => p.or(c),
+    };
+    available.map_or(16 << 30, |b| b / 4 * 3)
+}
+
+/// This process's cgroup memory limit, if one is set.
+fn cgroup_limit() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    for line in cgroup.lines() {
+        // v2: "0::/path"; v1: "N:memory:/path" (or a list of controllers including memory).
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let file = if controllers.is_empty() {
+            format!("/sys/fs/cgroup{path}/memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        let v = std::fs::read_to_string(&file)
+            .or_else(|_| {
+                // Inside a container the cgroup's own files are mounted at the root.
+                let name = file.rsplit('/').next().unwrap_or_default();
+                std::fs::read_to_string(if controllers.is_empty() {
+                    format!("/sys/fs/cgroup/{name}")
+                } else {
+                    format!("/sys/fs/cgroup/memory/{name}")
+                })
+            })
+            .ok()?;
+        // "max" (v2) or a huge number (v1) mean no limit.
+        return v.trim().parse::<u64>().ok().filter(|&b| b < 1 << 60);
+    }
+    None
 }
 
 pub fn fmt_bytes(b: u64) -> String {

@@ -73,7 +73,11 @@ impl Probe {
                 bail!(
                     "{source}: class {c} has {} images but a balanced probe of {n} needs {want}{}",
                     idx.len(),
-                    if skip > 0 { format!(" after skipping {skip}") } else { String::new() }
+                    if skip > 0 {
+                        format!(" after skipping {skip}")
+                    } else {
+                        String::new()
+                    }
                 );
             }
             picks.extend(idx[skip..skip + want].iter().map(|&i| (i, c)));

@@ -99,6 +99,15 @@ impl ResultsFile {
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open {} for appending", path.display()))?;
+        // One writer per results file: a second `rank` on the same file (a duplicated job, a
+        // replacement pod started before the old one died) would interleave rows.
+        if let Err(std::fs::TryLockError::WouldBlock) = file.try_lock() {
+            bail!(
+                "another process is writing {} (a second `gradalign rank` with the same --out?); \
+                 wait for it or pass another --out",
+                path.display()
+            );
+        }
         if file.metadata()?.len() == 0 {
             writeln!(file, "{header}")?;
             file.sync_all()?;
@@ -183,6 +192,9 @@ pub fn collect_models(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
             bail!("{}: no such file or directory", a.display());
         }
     }
+    // A model named twice (a file and its folder) is scored once.
+    let mut seen = HashSet::new();
+    out.retain(|p| seen.insert(p.clone()));
     Ok(out)
 }
 
@@ -285,6 +297,25 @@ pub struct Merged {
     pub torn: Vec<PathBuf>,
 }
 
+/// For shard files named as the job scripts name them (`shard-I-of-N.csv`, one N), the
+/// indices of the missing ones: a task that never started leaves no file to merge.
+pub fn missing_shard_files(shards: &[PathBuf]) -> Option<(usize, Vec<usize>)> {
+    let mut n0 = None;
+    let mut have = HashSet::new();
+    for p in shards {
+        let name = p.file_name()?.to_str()?;
+        let rest = name.strip_prefix("shard-")?.strip_suffix(".csv")?;
+        let (i, n) = rest.split_once("-of-")?;
+        let (i, n): (usize, usize) = (i.parse().ok()?, n.parse().ok()?);
+        if *n0.get_or_insert(n) != n {
+            return None;
+        }
+        have.insert(i);
+    }
+    let n = n0?;
+    Some((n, (0..n).filter(|i| !have.contains(i)).collect()))
+}
+
 /// Reads every shard file: the headers must agree (same scorer list), every row must have the
 /// header's number of fields, and no model may appear twice — in one file or across files —
 /// since that means the shards overlapped (different N, or one file passed twice).
@@ -342,6 +373,13 @@ pub fn merge(shards: &[PathBuf]) -> Result<Merged> {
             }
             let key = fields[0].clone();
             if let Some((p0, l0)) = seen.get(&key) {
+                if p0 == path {
+                    bail!(
+                        "model '{key}' appears twice in {} (lines {l0} and {lineno}): two \
+                         processes wrote that file at once",
+                        path.display()
+                    );
+                }
                 bail!(
                     "model '{key}' appears twice: {}:{l0} and {}:{lineno}; shards must not \
                      overlap (same N in every --shard I/N, each file passed once)",

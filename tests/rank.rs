@@ -206,7 +206,7 @@ fn sharded_sweep_merges_to_the_unsharded_result() {
         // Without one shard, --models names what is missing and the exit status is 2.
         let res = Command::new(env!("CARGO_BIN_EXE_gradalign"))
             .arg("merge")
-            .arg(d.join("partial.csv"))
+            .arg(d.join(format!("partial-{kind}.csv")))
             .args(&shards[..2])
             .arg("--models")
             .arg(&models)
@@ -231,5 +231,16 @@ fn sharded_sweep_merges_to_the_unsharded_result() {
     assert_eq!(res.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("appears twice"), "{stderr}");
     assert!(!d.join("dup.csv").exists());
+    // Forgetting the output name would overwrite a shard: refused, the shard untouched.
+    let before = std::fs::read(d.join("count-0.csv")).unwrap();
+    let res = Command::new(env!("CARGO_BIN_EXE_gradalign"))
+        .arg("merge")
+        .arg(d.join("count-0.csv"))
+        .arg(d.join("count-1.csv"))
+        .output()
+        .unwrap();
+    assert_eq!(res.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("exists"));
+    assert_eq!(std::fs::read(d.join("count-0.csv")).unwrap(), before);
     std::fs::remove_dir_all(&d).ok();
 }

@@ -121,7 +121,12 @@ fn nb101_parameter_counts_equal_nb101s_own_on_all_30001_cells() {
         assert_eq!(cell.ops.len(), f[1].parse::<usize>().unwrap());
         cells += 1;
         if !f[6].is_empty() {
-            assert_eq!(cell.trainable_parameters(), f[6].parse::<usize>().unwrap(), "{}", f[0]);
+            assert_eq!(
+                cell.trainable_parameters(),
+                f[6].parse::<usize>().unwrap(),
+                "{}",
+                f[0]
+            );
             checked += 1;
         }
     }

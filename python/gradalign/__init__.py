@@ -32,6 +32,9 @@ from ._api import (  # noqa: E402
     scorers,
 )
 from ._torch import from_torch  # noqa: E402
+
+# Pickled by reference (multiprocessing workers raise it): name it where users import it from.
+GradalignError.__module__ = "gradalign"
 from ._native import VERSION as __version__  # noqa: E402
 
 __all__ = [

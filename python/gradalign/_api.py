@@ -133,8 +133,9 @@ def score(
     (with `labels` an int64 .npy), or arrays/tensors (N×C×H×W images, already normalised, and
     N integer labels). Options are the CLI's (`gradalign score --help`).
 
-    Returns the CLI's JSON object: {"model", "scores": {name: float or None}, "errors":
-    {name: message}, "warnings", "notes", "runtime", "seconds"}. A scorer that fails leaves
+    Returns a dict like the CLI's `score --format json` object: {"model", "scores": {name:
+    float or None}, "errors": {name: message}, "warnings" (including plugin libraries that
+    failed to load), "notes", "runtime", "seconds": {"inputs", "scorers", "total"}}. A scorer that fails leaves
     None with its error (and a warning); a model or probe that cannot be used raises
     `GradalignError`.
     """
@@ -216,15 +217,7 @@ def load_plugin(path: PathLike) -> Plugin:
     """Load and check an external scorer library; pass the result in `plugins=[...]`.
     Raises `GradalignError` with the loader's message when the library cannot be used."""
     p = os.fspath(path)
-    listing, errors = _native.list_scorers([p])
-    if errors:
-        raise GradalignError("; ".join(errors))
-    absolute = str(Path(p).resolve())
-    mine = tuple(
-        s["name"]
-        for s in json.loads(listing)
-        if s["origin"] in (p, absolute) or s["origin"].endswith(os.sep + Path(p).name)
-    )
+    mine = tuple(_native.plugin_scorers(p))
     return Plugin(path=p, scorers=mine)
 
 

@@ -3,7 +3,7 @@
 The native module loads ONNX Runtime at first use from ORT_DYLIB_PATH, else from the copy
 `cargo xtask fetch-ort` caches. A Python user usually has the `onnxruntime` wheel installed
 instead, so when ORT_DYLIB_PATH is unset and that wheel is the release this build speaks
-(1.31.x, C API 24), its library is used. Otherwise the pure-Rust tract runtime is the fallback
+(1.31.x, C API 24), its library is used (by setting ORT_DYLIB_PATH; Linux wheels only). Otherwise the pure-Rust tract runtime is the fallback
 (backend="auto"), and backend="ort" says why ORT is unavailable.
 """
 

@@ -31,9 +31,10 @@ def from_torch(module: Any, example_input: Any, path: str | os.PathLike | None =
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise GradalignError(f"from_torch needs torch and onnx installed ({e})") from e
 
-    was_training = module.training
-    buffers = {k: v.detach().clone() for k, v in module.state_dict().items()
-               if not any(k == n for n, _ in module.named_parameters())}
+    # Restored afterwards: every submodule's own mode (a frozen-BN backbone in a train()-mode
+    # model stays in eval), and every buffer (BN running statistics are updated by the trace).
+    modes = {m: m.training for m in module.modules()}
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
     buf = io.BytesIO()
     try:
         module.train()
@@ -53,10 +54,10 @@ def from_torch(module: Any, example_input: Any, path: str | os.PathLike | None =
         raise GradalignError(f"torch.onnx.export failed: {e}") from e
     finally:
         with torch.no_grad():
-            state = module.state_dict()
-            for k, v in buffers.items():
-                state[k].copy_(v)
-        module.train(was_training)
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, training in modes.items():
+            m.training = training
 
     model = onnx.load_from_string(buf.getvalue())
     inits = {t.name: tuple(t.dims) for t in model.graph.initializer}

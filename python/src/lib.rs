@@ -467,6 +467,18 @@ impl ResultsCsv {
     }
 }
 
+/// The scorers one plugin library adds, loaded on its own (not GRADALIGN_PLUGIN_PATH's).
+#[pyfunction]
+fn plugin_scorers(path: PathBuf) -> PyResult<Vec<String>> {
+    let mut reg = Registry::builtin();
+    let before = reg.scorers.len();
+    reg.load_library(&path).map_err(py_err)?;
+    Ok(reg.scorers[before..]
+        .iter()
+        .map(|s| s.name.clone())
+        .collect())
+}
+
 /// The names `select` resolves a scorer list to (`all`, comma-separated names).
 #[pyfunction]
 #[pyo3(signature = (scorers, plugins=Vec::new()))]
@@ -487,7 +499,11 @@ fn resolve_scorers(scorers: &str, plugins: Vec<PathBuf>) -> PyResult<Vec<String>
 fn shipped_probe(py: Python<'_>, n: usize) -> PyResult<(Bound<'_, PyBytes>, Vec<usize>, Vec<i64>)> {
     let p = Probe::shipped(n).map_err(py_err)?;
     let bytes: Vec<u8> = p.images.iter().flat_map(|v| v.to_le_bytes()).collect();
-    Ok((PyBytes::new(py, &bytes), p.images.shape().to_vec(), p.labels.to_vec()))
+    Ok((
+        PyBytes::new(py, &bytes),
+        p.images.shape().to_vec(),
+        p.labels.to_vec(),
+    ))
 }
 
 /// Runs one isolated plugin scorer on inputs read from stdin (the child side of
@@ -525,6 +541,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(collect_models, m)?)?;
     m.add_function(wrap_pyfunction!(list_scorers, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_scorers, m)?)?;
+    m.add_function(wrap_pyfunction!(plugin_scorers, m)?)?;
     m.add_function(wrap_pyfunction!(ort_available, m)?)?;
     m.add_function(wrap_pyfunction!(scorer_worker, m)?)?;
     m.add_function(wrap_pyfunction!(shipped_probe, m)?)?;

@@ -292,7 +292,27 @@ pub fn rank(
 
 /// `gradalign merge`: exit 0 when the merged file is complete, 2 when `--models` names models
 /// that no shard holds (the merged file is still written).
-pub fn merge(out: &Path, shards: &[PathBuf], models: &[PathBuf]) -> Result<i32> {
+pub fn merge(out: &Path, shards: &[PathBuf], models: &[PathBuf], force: bool) -> Result<i32> {
+    // `gradalign merge shards/shard-*.csv` (output forgotten) would otherwise replace shard 0
+    // with the merge of the others.
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    };
+    if let Some(s) = shards.iter().find(|s| same(s, out)) {
+        bail!(
+            "the output {} is also one of the shard files ({}): give the merged file a new name \
+             first, e.g. `gradalign merge results.csv shards/shard-*.csv`",
+            out.display(),
+            s.display()
+        );
+    }
+    if out.exists() && !force {
+        bail!(
+            "{} exists: merge writes a new file; remove it or pass --force to replace it",
+            out.display()
+        );
+    }
     let m = rank::merge(shards)?;
     for t in &m.torn {
         eprintln!(
@@ -300,6 +320,22 @@ pub fn merge(out: &Path, shards: &[PathBuf], models: &[PathBuf]) -> Result<i32> 
              shard (it resumes) and merge again",
             t.display()
         );
+    }
+    let mut incomplete = false;
+    if let Some((n, absent)) = rank::missing_shard_files(shards) {
+        if !absent.is_empty() {
+            eprintln!(
+                "error: {} of the {n} shard files are missing (shard {}): those tasks have not \
+                 written anything yet",
+                absent.len(),
+                absent
+                    .iter()
+                    .map(|i| format!("{i}/{n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            incomplete = true;
+        }
     }
     let mut missing = vec![];
     if !models.is_empty() {
@@ -332,7 +368,11 @@ pub fn merge(out: &Path, shards: &[PathBuf], models: &[PathBuf]) -> Result<i32> 
         );
         return Ok(2);
     }
-    Ok(if m.torn.is_empty() { 0 } else { 2 })
+    Ok(if m.torn.is_empty() && !incomplete {
+        0
+    } else {
+        2
+    })
 }
 
 /// The final table: every row of the results file, sorted by the first scorer (best first).

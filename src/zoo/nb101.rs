@@ -45,7 +45,10 @@ impl Nb101Cell {
             .collect();
         for (i, row) in matrix.iter().enumerate() {
             for (j, &e) in row.iter().enumerate() {
-                ensure!(!e || i < j, "adjacency has an edge {i}→{j}: not upper-triangular");
+                ensure!(
+                    !e || i < j,
+                    "adjacency has an edge {i}→{j}: not upper-triangular"
+                );
             }
         }
         ensure!(
@@ -67,6 +70,10 @@ impl Nb101Cell {
                 "vertex {t} is dangling: NB101 cells are pruned"
             );
         }
+        ensure!(
+            v > 2 || matrix[0][1],
+            "a 2-vertex cell must connect its input to its output"
+        );
         Ok(Nb101Cell { matrix, ops })
     }
 
@@ -174,11 +181,19 @@ impl Gen {
     }
 
     fn const_i64(&mut self, name: &str, v: &[i64]) -> String {
-        self.inits.push(crate::onnx::HostTensor::i64_vec(v).to_proto(name));
+        self.inits
+            .push(crate::onnx::HostTensor::i64_vec(v).to_proto(name));
         name.to_string()
     }
 
-    fn nb101_cell(&mut self, x: &str, cell: &Nb101Cell, prefix: &str, cin: usize, cout: usize) -> String {
+    fn nb101_cell(
+        &mut self,
+        x: &str,
+        cell: &Nb101Cell,
+        prefix: &str,
+        cin: usize,
+        cout: usize,
+    ) -> String {
         let v = cell.v();
         let m = &cell.matrix;
         let vc = cell.vertex_channels(cin, cout);
@@ -203,8 +218,12 @@ impl Gen {
                 sum = self.node("Add", &[&sum, a], vec![]);
             }
             let y = match cell.ops[t].as_str() {
-                "conv3x3-bn-relu" => self.conv_bn_relu(&sum, &format!("{prefix}.ops.{t}"), vc[t], vc[t], 3),
-                "conv1x1-bn-relu" => self.conv_bn_relu(&sum, &format!("{prefix}.ops.{t}"), vc[t], vc[t], 1),
+                "conv3x3-bn-relu" => {
+                    self.conv_bn_relu(&sum, &format!("{prefix}.ops.{t}"), vc[t], vc[t], 3)
+                }
+                "conv1x1-bn-relu" => {
+                    self.conv_bn_relu(&sum, &format!("{prefix}.ops.{t}"), vc[t], vc[t], 1)
+                }
                 _ => self.max_pool(&sum, 3, 1, 1),
             };
             if m[t][v - 1] {
@@ -287,6 +306,8 @@ mod tests {
         .unwrap();
         assert_eq!(cell.vertex_channels(128, 128), vec![128, 43, 43, 42, 128]);
         assert!(Nb101Cell::parse("0110", "input|output").is_err());
+        assert!(Nb101Cell::parse("0000", "input|output").is_err());
+        assert!(Nb101Cell::parse("0100", "input|output").is_ok());
         assert!(Nb101Cell::parse("011001000", "input|conv5x5|output").is_err());
     }
 }

@@ -2,15 +2,16 @@
 (src/zoo/nb101.rs) — written from google-research/nasbench `model_builder.py` and `base_ops.py`,
 not from the Rust code.
 
-    cargo xtask gen-nb101 --hash 000834cf25da3d33a8c0b0fed475d0f3 --input 16 --out /tmp/nb101
+    cargo xtask gen-nb101 --hash 000834cf25da3d33a8c0b0fed475d0f3 --out /tmp/nb101
     python tests/golden/nb101.py /tmp/nb101/nb101-000834cf25da3d33a8c0b0fed475d0f3.onnx \
         0100001001000000010010000101000001000000010000000 \
         "input|conv3x3-bn-relu|conv3x3-bn-relu|conv3x3-bn-relu|conv3x3-bn-relu|conv3x3-bn-relu|output"
 
-builds the cell's network in PyTorch, loads the ONNX file's weights by name (every trainable
-parameter must be there, with its shape), and compares the logits of a train()-mode forward
-per sample (BatchNorm over each sample's own statistics) with a PyTorch build of the ONNX
-graph's semantics; tests/python/test_nb101.py compares per-sample gradients too.
+builds the cell's network in PyTorch and loads the ONNX file's weights by name (every
+trainable parameter and BN statistic must be there with its shape, and every float initializer
+must be used). The comparisons — logits of a per-sample train()-mode forward and per-sample
+gradients, against gradalign on the same file — are in tests/python/test_nb101.py
+(`python -m pytest tests/python/test_nb101.py`).
 """
 
 import sys

@@ -161,3 +161,22 @@ def test_all_zero_gradients_warn(root):
         r = gradalign.score(root / "models/nb201_all_none.onnx", scorers="gradsign", n=8,
                             backend="tract")
     assert r["warnings"] and r["scores"]["gradsign"] == 0.0
+
+
+def test_errors_pickle_for_multiprocessing(root):
+    import pickle
+
+    try:
+        gradalign.score(root / "missing.onnx")
+    except gradalign.GradalignError as e:
+        again = pickle.loads(pickle.dumps(e))
+        assert type(again) is gradalign.GradalignError and str(again) == str(e)
+    else:
+        pytest.fail("no error")
+
+
+def test_load_plugin_ignores_unrelated_plugin_path(root, c_plugin, tmp_path, monkeypatch):
+    broken = tmp_path / "libbroken.so"
+    broken.write_bytes(b"not a library")
+    monkeypatch.setenv("GRADALIGN_PLUGIN_PATH", str(broken))
+    assert gradalign.load_plugin(c_plugin).scorers == ("gradsign-c",)

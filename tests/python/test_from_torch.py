@@ -108,3 +108,14 @@ def test_from_torch_refuses_an_export_that_loses_parameters():
 
     with pytest.raises(gradalign.GradalignError, match="lost 2 trainable parameter.*spare"):
         gradalign.from_torch(Unused(), torch.randn(2, 8))
+
+
+def test_from_torch_restores_every_submodule_mode():
+    net = torchvision.models.resnet18(num_classes=10)
+    net.train()
+    net.layer1.eval()  # a frozen-BN block inside a training model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gradalign.from_torch(net, torch.randn(2, 3, 64, 64))
+    assert net.training and not net.layer1.training and not net.layer1[0].bn1.training
+    assert net.layer2.training

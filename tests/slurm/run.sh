@@ -15,13 +15,21 @@ count=${SLURM_TEST_MODELS:-40}
 tasks=4
 say() { echo "slurm-test: $*" >&2; }
 fail() { say "FAILED: $*"; exit 1; }
+# Without Slurm and no way to install it, the test is skipped, saying so — except in CI
+# (CI=true), where a skip would hide a missing test.
+skip() {
+    if [[ ${CI:-} == true ]]; then fail "$* (CI=true: not skipping)"; fi
+    say "SKIPPED: $*"
+    exit 0
+}
 
-[[ $(id -u) == 0 ]] || fail "must run as root (it installs packages and starts the daemons)"
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+    [[ $(id -u) == 0 ]] || skip "slurm-wlm and munge are not installed and installing them needs root"
     say "installing slurm-wlm and munge"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; } \
+        || skip "could not install slurm-wlm and munge with apt-get"
 fi
+[[ $(id -u) == 0 ]] || skip "starting munged, slurmctld and slurmd as a test cluster needs root"
 bin=$repo/target/release/gradalign
 [[ -x $bin ]] || cargo build --release --bin gradalign
 
@@ -110,7 +118,7 @@ job=$(cd "$work" && GRADALIGN=$bin sbatch --parsable --array=0-$((tasks - 1)) \
 job=${job%%;*}
 say "submitted job array $job ($tasks tasks over $count models)"
 
-# Cancel the task with the largest shard once it has scored some but not all of its models.
+# Cancel the first task that has scored a model, while it still has models left.
 victim=""
 for i in $(seq 1 600); do
     for t in $(seq 0 $((tasks - 1))); do
@@ -123,15 +131,16 @@ for i in $(seq 1 600); do
 done
 [[ -n $victim ]] || fail "no task wrote a row within 120 s"
 scancel "${job}_$victim"
-before=$(($(wc -l < "$out/shard-$victim-of-$tasks.csv") - 1))
-expected=$(grep -h "^shard hash:$victim/$tasks:" "$work"/gradalign-sweep-*_"$victim".log | head -1 | sed 's/.*: \([0-9]*\) of.*/\1/')
-say "cancelled task $victim after $before of $expected models"
-[[ $before -lt $expected ]] || fail "task $victim finished before it was cancelled; the test did not interrupt it"
 for i in $(seq 1 100); do
     st=$(squeue -h -j "${job}_$victim" -o '%T' 2>/dev/null || true)
     [[ -z $st ]] && break
     sleep 0.2
 done
+# Counted once the task is gone: it may have finished a model between the poll and the signal.
+before=$(($(wc -l < "$out/shard-$victim-of-$tasks.csv") - 1))
+expected=$(grep -h "^shard hash:$victim/$tasks:" "$work"/gradalign-sweep-*_"$victim".log | head -1 | sed 's/.*: \([0-9]*\) of.*/\1/')
+say "cancelled task $victim after $before of $expected models"
+[[ $before -lt $expected ]] || fail "task $victim finished before it was cancelled; the test did not interrupt it"
 scontrol requeue "${job}_$victim"
 # Slurm holds a requeued job for two minutes before it is eligible again; don't wait for that.
 scontrol update JobId="${job}_$victim" StartTime=now

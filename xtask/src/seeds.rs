@@ -52,7 +52,10 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
             let mut lines = text[..complete].lines();
             if let Some(h) = lines.next() {
                 if h != header {
-                    bail!("{} has other columns ({h}); use the same --scorers", scores_path.display());
+                    bail!(
+                        "{} has other columns ({h}); use the same --scorers",
+                        scores_path.display()
+                    );
                 }
             }
             for l in lines {
@@ -76,12 +79,18 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         }
         eprintln!(
             "seeds: {} architectures × {} seeds × {} probe draws (N = {}), {} to score, {} job(s)",
-            o.archs, o.seeds, o.probes, o.n, todo.len(), o.jobs
+            o.archs,
+            o.seeds,
+            o.probes,
+            o.n,
+            todo.len(),
+            o.jobs
         );
         let work = |k: usize| -> Result<String> {
             let (i, s, p) = todo[k];
             let a = &archs[i];
-            let proto = gradalign::zoo::nb201_model(&a.arch, weight_seed(s as u64, a.index), 16, 5)?;
+            let proto =
+                gradalign::zoo::nb201_model(&a.arch, weight_seed(s as u64, a.index), 16, 5)?;
             let model = Model::from_proto(&proto, &format!("nb201 #{}", a.index))?;
             let r = gradalign::score::score_model(
                 &model,
@@ -104,7 +113,12 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
                         .unwrap_or_default()
                 })
                 .collect();
-            Ok(format!("{},{},{s},{p},{}\n", a.index, a.arch, vals.join(",")))
+            Ok(format!(
+                "{},{},{s},{p},{}\n",
+                a.index,
+                a.arch,
+                vals.join(",")
+            ))
         };
         let commit = |row: String| -> Result<()> {
             file.write_all(row.as_bytes())?;
@@ -129,29 +143,57 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
-fn report(root: &Path, o: &Options, archs: &[crate::nb201::Arch], scores_path: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(scores_path).with_context(|| scores_path.display().to_string())?;
+fn report(
+    root: &Path,
+    o: &Options,
+    archs: &[crate::nb201::Arch],
+    scores_path: &Path,
+) -> Result<()> {
+    let text =
+        std::fs::read_to_string(scores_path).with_context(|| scores_path.display().to_string())?;
     let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().context("empty scores.csv")?.split(',').collect();
+    let header: Vec<&str> = lines
+        .next()
+        .context("empty scores.csv")?
+        .split(',')
+        .collect();
     let names: Vec<&str> = header[4..].to_vec();
     // (seed, probe) → arch index → scores
     let mut runs: BTreeMap<(usize, usize), BTreeMap<usize, Vec<Option<f64>>>> = BTreeMap::new();
     for l in lines {
         let f: Vec<&str> = l.split(',').collect();
         let vals = f[4..].iter().map(|v| v.parse::<f64>().ok()).collect();
-        runs.entry((f[2].parse()?, f[3].parse()?)).or_default().insert(f[0].parse()?, vals);
+        runs.entry((f[2].parse()?, f[3].parse()?))
+            .or_default()
+            .insert(f[0].parse()?, vals);
     }
     let acc: BTreeMap<usize, f64> = archs.iter().map(|a| (a.index, a.acc[0])).collect();
     // Architectures scored in every run, so that every τ is over the same set.
     let common: Vec<usize> = {
         let mut it = runs.values();
-        let first: HashSet<usize> = it.next().map(|m| m.keys().copied().collect()).unwrap_or_default();
-        let mut c: Vec<usize> = first.into_iter().filter(|i| runs.values().all(|m| m.contains_key(i))).collect();
+        let first: HashSet<usize> = it
+            .next()
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default();
+        let mut c: Vec<usize> = first
+            .into_iter()
+            .filter(|i| runs.values().all(|m| m.contains_key(i)))
+            .collect();
         c.sort();
         c
     };
-    let seeds: Vec<usize> = runs.keys().map(|k| k.0).collect::<HashSet<_>>().into_iter().collect();
-    let probes: Vec<usize> = runs.keys().map(|k| k.1).collect::<HashSet<_>>().into_iter().collect();
+    let seeds: Vec<usize> = runs
+        .keys()
+        .map(|k| k.0)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let probes: Vec<usize> = runs
+        .keys()
+        .map(|k| k.1)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
     let mut out = String::new();
     out += "# Seed and probe robustness (NAS-Bench-201)\n\n";
     out += &format!(
@@ -178,7 +220,9 @@ fn report(root: &Path, o: &Options, archs: &[crate::nb201::Arch], scores_path: &
         let keys: Vec<&(usize, usize)> = runs.keys().collect();
         for (x, kx) in keys.iter().enumerate() {
             for ky in keys.iter().skip(x + 1) {
-                let (Some(a), Some(b)) = (vector(&runs[kx], j), vector(&runs[ky], j)) else { continue };
+                let (Some(a), Some(b)) = (vector(&runs[kx], j), vector(&runs[ky], j)) else {
+                    continue;
+                };
                 let t = kendall_tau_b(&a, &b);
                 if kx.1 == ky.1 {
                     between_seeds.extend(t);
@@ -199,7 +243,11 @@ fn report(root: &Path, o: &Options, archs: &[crate::nb201::Arch], scores_path: &
         out += &format!(
             "| {name} | {} | {} | {} | {} |\n",
             fmt(&with_acc),
-            if worst.is_finite() { format!("{worst:.3}") } else { "—".into() },
+            if worst.is_finite() {
+                format!("{worst:.3}")
+            } else {
+                "—".into()
+            },
             fmt(&between_seeds),
             fmt(&between_probes)
         );
