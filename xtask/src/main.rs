@@ -337,8 +337,86 @@ fn jobs_with_threads(jobs: usize) -> usize {
     jobs
 }
 
+/// The flags each command reads: anything else is refused, so that a misspelt flag is an error
+/// rather than silently ignored.
+fn known_flags(cmd: &str, sub: Option<&str>) -> Option<&'static [&'static str]> {
+    Some(match (cmd, sub) {
+        ("bench-grads", _) => &["--n", "--repeat", "--backends", "--out"],
+        ("fetch-ort", _) => &["--gpu"],
+        ("gen-resnet50", _) => &["--out", "--input"],
+        ("gen-nb201", _) => &["--out", "--count", "--seed", "--channels", "--cells"],
+        ("gen-nb101", _) => &["--out", "--hash", "--sample", "--seed", "--input"],
+        ("fuzz", _) => &[
+            "--execs",
+            "--seconds",
+            "--seed",
+            "--jobs",
+            "--corpus",
+            "--crashes",
+        ],
+        ("bench", Some("throughput")) => &["--count", "--seed", "--n", "--threads", "--out"],
+        ("bench", Some("linear-regions")) => &[
+            "--sample",
+            "--seed",
+            "--n",
+            "--repeats",
+            "--sigmas",
+            "--backend",
+            "--jobs",
+            "--out",
+            "--report-only",
+        ],
+        ("bench", Some("seeds")) => &[
+            "--sample",
+            "--seeds",
+            "--probes",
+            "--n",
+            "--scorers",
+            "--backend",
+            "--jobs",
+            "--out",
+            "--report-only",
+        ],
+        ("bench", Some("nb201" | "naslib-check")) => &[
+            "--sample",
+            "--seed",
+            "--all",
+            "--n",
+            "--scorers",
+            "--backend",
+            "--jobs",
+            "--out",
+        ],
+        _ => return None,
+    })
+}
+
+fn check_flags(args: &[String]) -> Result<()> {
+    let Some(cmd) = args.first() else {
+        return Ok(());
+    };
+    let Some(known) = known_flags(cmd, args.get(1).map(String::as_str)) else {
+        return Ok(());
+    };
+    for a in args.iter().filter(|a| a.starts_with("--")) {
+        if !known.contains(&a.as_str()) {
+            bail!(
+                "cargo xtask {}: unknown flag {a} (this command takes {})",
+                args.iter()
+                    .take_while(|x| !x.starts_with("--"))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                known.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    check_flags(&args)?;
     let get = |flag: &str| {
         args.iter()
             .position(|a| a == flag)

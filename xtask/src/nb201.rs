@@ -133,6 +133,46 @@ pub fn append_with_header(path: impl AsRef<Path>, header: &str) -> Result<std::f
     Ok(f)
 }
 
+/// The data rows of a resumable scores CSV: a torn last row (from a killed run) is cut off the
+/// file, and a header other than `header` is refused.
+pub fn resume_rows(path: &Path, header: &str) -> Result<Vec<String>> {
+    if !path.exists() {
+        return Ok(vec![]);
+    }
+    let text = std::fs::read_to_string(path)?;
+    let complete = text.rfind('\n').map_or(0, |i| i + 1);
+    if complete < text.len() {
+        let f = OpenOptions::new().write(true).open(path)?;
+        f.set_len(complete as u64)?;
+    }
+    let mut lines = text[..complete].lines();
+    if let Some(h) = lines.next() {
+        if h != header {
+            bail!(
+                "{} has other columns ({h}); use the same --scorers or another --out",
+                path.display()
+            );
+        }
+    }
+    Ok(lines.map(str::to_string).collect())
+}
+
+/// Each named scorer's value as a scores CSV holds it (`{:?}`, reads back exactly; empty when
+/// the scorer failed).
+pub fn score_fields(names: &[String], r: &gradalign::score::ScoreReport) -> Vec<String> {
+    names
+        .iter()
+        .map(|n| {
+            r.scores
+                .iter()
+                .find(|(k, _)| k == n)
+                .and_then(|(_, v)| *v)
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
 /// Weight seed of architecture `index` in a run seeded `seed`.
 pub fn weight_seed(seed: u64, index: usize) -> u64 {
     seed.wrapping_mul(1_000_003).wrapping_add(index as u64)
@@ -147,26 +187,10 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
     let scores_path = o.out.join("scores.csv");
     let times_path = o.out.join("timings.csv");
     let header = format!("index,arch_str,{}", names.join(","));
-    let mut done: HashSet<usize> = HashSet::new();
-    if scores_path.exists() {
-        let text = std::fs::read_to_string(&scores_path)?;
-        let complete = text.rfind('\n').map_or(0, |i| i + 1);
-        if complete < text.len() {
-            // A torn row from a killed run.
-            let f = OpenOptions::new().write(true).open(&scores_path)?;
-            f.set_len(complete as u64)?;
-        }
-        let mut lines = text[..complete].lines();
-        if let Some(h) = lines.next() {
-            if h != header {
-                bail!(
-                    "{} has other columns ({h}); use the same --scorers or another --out",
-                    scores_path.display()
-                );
-            }
-        }
-        done.extend(lines.filter_map(|l| l.split(',').next()?.parse::<usize>().ok()));
-    }
+    let done: HashSet<usize> = resume_rows(&scores_path, &header)?
+        .iter()
+        .filter_map(|l| l.split(',').next()?.parse::<usize>().ok())
+        .collect();
     let scores_file = append_with_header(&scores_path, &header)?;
     let errors_file = append_with_header(o.out.join("errors.csv"), "index,scorer,error")?;
     let times_file = append_with_header(
@@ -208,17 +232,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         })()
         .map_err(|e| anyhow::anyhow!("arch {}: {e:#}", a.index))?;
         let total = t.elapsed().as_secs_f64();
-        let vals: Vec<String> = names
-            .iter()
-            .map(|n| {
-                r.scores
-                    .iter()
-                    .find(|(k, _)| k == n)
-                    .and_then(|(_, v)| *v)
-                    .map(|v| format!("{v:?}"))
-                    .unwrap_or_default()
-            })
-            .collect();
+        let vals = score_fields(&names, &r);
         let errs: String = r
             .errors
             .iter()

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use gradalign::grad::GradOptions;
 use gradalign::onnx::Model;
 use gradalign::plugin::Registry;
@@ -18,7 +18,9 @@ use gradalign::probe::Probe;
 use gradalign::runtime::{Backend, Device};
 use gradalign::stats::kendall_tau_b;
 
-use crate::nb201::{append_with_header, load_archs, run_jobs, sample, weight_seed};
+use crate::nb201::{
+    append_with_header, load_archs, resume_rows, run_jobs, sample, score_fields, weight_seed,
+};
 
 pub struct Options {
     pub archs: usize,
@@ -42,26 +44,9 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         let names: Vec<String> = scorers.iter().map(|s| s.name.clone()).collect();
         let header = format!("index,arch_str,seed,probe,{}", names.join(","));
         let mut done: HashSet<(usize, usize, usize)> = HashSet::new();
-        if scores_path.exists() {
-            let text = std::fs::read_to_string(&scores_path)?;
-            let complete = text.rfind('\n').map_or(0, |i| i + 1);
-            if complete < text.len() {
-                let f = std::fs::OpenOptions::new().write(true).open(&scores_path)?;
-                f.set_len(complete as u64)?;
-            }
-            let mut lines = text[..complete].lines();
-            if let Some(h) = lines.next() {
-                if h != header {
-                    bail!(
-                        "{} has other columns ({h}); use the same --scorers",
-                        scores_path.display()
-                    );
-                }
-            }
-            for l in lines {
-                let f: Vec<&str> = l.split(',').collect();
-                done.insert((f[0].parse()?, f[2].parse()?, f[3].parse()?));
-            }
+        for l in resume_rows(&scores_path, &header)? {
+            let f: Vec<&str> = l.split(',').collect();
+            done.insert((f[0].parse()?, f[2].parse()?, f[3].parse()?));
         }
         let mut file = append_with_header(&scores_path, &header)?;
         let probes: Vec<Probe> = (0..o.probes)
@@ -102,17 +87,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
                 &scorers,
             )
             .with_context(|| format!("arch {} seed {s} probe {p}", a.index))?;
-            let vals: Vec<String> = names
-                .iter()
-                .map(|n| {
-                    r.scores
-                        .iter()
-                        .find(|(k, _)| k == n)
-                        .and_then(|(_, v)| *v)
-                        .map(|v| format!("{v:?}"))
-                        .unwrap_or_default()
-                })
-                .collect();
+            let vals = score_fields(&names, &r);
             Ok(format!(
                 "{},{},{s},{p},{}\n",
                 a.index,
