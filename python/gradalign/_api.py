@@ -188,10 +188,11 @@ def grads(
     )
     meta = json.loads(meta)
     _warn_all(meta["warnings"], str(model) if isinstance(model, (str, os.PathLike)) else "model")
-    g = np.frombuffer(gb, dtype=gt).reshape(gs).copy()
+    # Writable views of the bytearrays the extension filled: no further copy of N × P.
+    g = np.frombuffer(gb, dtype=gt).reshape(gs)
     if not return_logits:
         return g, meta["layout"]
-    logits = np.frombuffer(lb, dtype=lt).reshape(ls).copy()
+    logits = np.frombuffer(lb, dtype=lt).reshape(ls)
     return g, meta["layout"], logits
 
 

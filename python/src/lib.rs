@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use ndarray::{ArrayD, IxDyn};
 use pyo3::create_exception;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyByteArray, PyBytes};
 
 use gradalign::engine::{self, InputLayout};
 use gradalign::grad::GradOptions;
@@ -303,32 +303,51 @@ fn score_report(
     })
 }
 
-fn tensor_bytes(t: &HostTensor) -> (Vec<u8>, Vec<usize>, &'static str) {
+/// A tensor as a Python bytearray of little-endian floats, its shape and numpy dtype: one copy,
+/// which numpy then wraps without another (`np.frombuffer`), so the N × P matrix is held at
+/// most twice, and only until the Rust tensor is dropped.
+fn tensor_bytearray<'py>(
+    py: Python<'py>,
+    t: &HostTensor,
+) -> PyResult<(Bound<'py, PyByteArray>, Vec<usize>, &'static str)> {
+    fn fill<const W: usize>(buf: &mut [u8], vals: impl Iterator<Item = [u8; W]>) {
+        for (chunk, v) in buf.chunks_exact_mut(W).zip(vals) {
+            chunk.copy_from_slice(&v);
+        }
+    }
     let shape = t.shape();
-    match t {
+    let n = t.len();
+    let (bytes, dtype) = match t {
         HostTensor::F32(a) => (
-            a.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            shape,
+            PyByteArray::new_with(py, n * 4, |buf| {
+                fill(buf, a.iter().map(|v| v.to_le_bytes()));
+                Ok(())
+            })?,
             "<f4",
         ),
         HostTensor::F64(a) => (
-            a.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            shape,
+            PyByteArray::new_with(py, n * 8, |buf| {
+                fill(buf, a.iter().map(|v| v.to_le_bytes()));
+                Ok(())
+            })?,
             "<f8",
         ),
         other => {
             let a = other.to_f64();
             (
-                a.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                shape,
+                PyByteArray::new_with(py, n * 8, |buf| {
+                    fill(buf, a.iter().map(|v| v.to_le_bytes()));
+                    Ok(())
+                })?,
                 "<f8",
             )
         }
-    }
+    };
+    Ok((bytes, shape, dtype))
 }
 
-/// Per-sample gradients: (grads bytes, shape, dtype), (logits bytes, shape, dtype), and a JSON
-/// object with the layout, labels, notes, warnings and runtime.
+/// Per-sample gradients: (grads bytearray, shape, dtype), (logits bytearray, shape, dtype), and
+/// a JSON object with the layout, labels, notes, warnings and runtime.
 #[pyfunction]
 #[pyo3(signature = (model, bn, params, precision, backend, device, max_memory, data_path,
                     labels_path, data, labels, n, input_layout))]
@@ -349,8 +368,8 @@ fn grads<'py>(
     n: Option<usize>,
     input_layout: &str,
 ) -> PyResult<(
-    (Bound<'py, PyBytes>, Vec<usize>, &'static str),
-    (Bound<'py, PyBytes>, Vec<usize>, &'static str),
+    (Bound<'py, PyByteArray>, Vec<usize>, &'static str),
+    (Bound<'py, PyByteArray>, Vec<usize>, &'static str),
     String,
 )> {
     let source = ModelSource::extract(model)?;
@@ -392,18 +411,13 @@ fn grads<'py>(
             "runtime": g.runtime,
             "seconds": {"build": g.build_seconds, "run": g.run_seconds},
         });
-        Ok((
-            tensor_bytes(&g.grads),
-            tensor_bytes(&g.logits),
-            meta.to_string(),
-        ))
+        Ok((g.grads, g.logits, meta.to_string()))
     });
-    let ((gb, gs, gt), (lb, ls, lt), meta) = res.map_err(py_err)?;
-    Ok((
-        (PyBytes::new(py, &gb), gs, gt),
-        (PyBytes::new(py, &lb), ls, lt),
-        meta,
-    ))
+    let (grads, logits, meta) = res.map_err(py_err)?;
+    let logits = tensor_bytearray(py, &logits)?;
+    let grads_py = tensor_bytearray(py, &grads)?;
+    drop(grads);
+    Ok((grads_py, logits, meta))
 }
 
 /// `.onnx` files named directly or found (recursively, sorted) under folders, as `rank` sees them.
