@@ -1,6 +1,8 @@
 //! The `gradalign grads` contract end to end, and clear errors (non-zero exit, named culprit)
 //! for bad input.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -320,7 +322,9 @@ fn exported_training_graph_passes_onnx_checker_and_python_onnxruntime() {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !has {
-        println!("SKIPPED: python3 with onnx + onnxruntime not available (pip install onnx onnxruntime numpy)");
+        common::skip(
+            "python3 with onnx + onnxruntime not available (pip install onnx onnxruntime numpy)",
+        );
         return;
     }
     let d = tmpdir("export");

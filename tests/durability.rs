@@ -2,6 +2,8 @@
 //! no torn rows, the same values as an uninterrupted run — and results are bit-identical across
 //! runs and across `--jobs`.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -174,7 +176,7 @@ fn scores_are_bit_identical_across_runs_and_jobs() {
     // An NB201 fixture through `score` with every kind of input, twice per backend.
     for backend in ["tract", "ort"] {
         if backend == "ort" && !gradalign::runtime::ort::available() {
-            println!("SKIPPED (ORT part): ONNX Runtime library not found (cargo xtask fetch-ort)");
+            common::skip("ORT part: ONNX Runtime library not found (cargo xtask fetch-ort)");
             continue;
         }
         let run = || {

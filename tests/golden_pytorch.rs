@@ -6,6 +6,8 @@
 //! per sample, relative L2 error ≤ max(1e-4, 3 × PyTorch-f32's own error on that sample); per
 //! layer, max|Δ| ≤ max(1e-4, 3 × PyTorch-f32's own error on that layer) · max|g|.
 
+mod common;
+
 use std::path::PathBuf;
 
 use gradalign::engine::per_sample_grads_with;
@@ -234,7 +236,9 @@ fn logits_match_pytorch() {
 #[test]
 fn ort_cpu_matches_pytorch_and_tract() {
     if !gradalign::runtime::ort::available() {
-        println!("SKIPPED: ONNX Runtime library not found (run `cargo xtask fetch-ort` or set ORT_DYLIB_PATH)");
+        common::skip(
+            "ONNX Runtime library not found (run `cargo xtask fetch-ort` or set ORT_DYLIB_PATH)",
+        );
         return;
     }
     for name in NB201.iter().chain(&["toy_mlp"]) {

@@ -2,6 +2,8 @@
 //! tests/golden/make_hostile.py) and every broken probe gets a clear error naming what is wrong,
 //! exit status 1, and no panic; memory-bounded runs chunk the probe and give the same gradients.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -170,7 +172,7 @@ fn memory_bounded_runs_chunk_the_probe() {
     let probe = Probe::shipped(16).unwrap();
     for backend in [Backend::Tract, Backend::Ort] {
         if backend == Backend::Ort && !gradalign::runtime::ort::available() {
-            println!("SKIPPED (ORT part): ONNX Runtime library not found (cargo xtask fetch-ort)");
+            common::skip("ORT part: ONNX Runtime library not found (cargo xtask fetch-ort)");
             continue;
         }
         let full =
@@ -228,7 +230,7 @@ fn memory_bounded_scoring_streams_signs_with_identical_scores() {
     use gradalign::score::score_model;
 
     if !gradalign::runtime::ort::available() {
-        println!("SKIPPED: ONNX Runtime library not found (cargo xtask fetch-ort)");
+        common::skip("ONNX Runtime library not found (cargo xtask fetch-ort)");
         return;
     }
     let m = Model::load(&root().join("models/nb201_random_a.onnx")).unwrap();

@@ -2,6 +2,8 @@
 //! gradients per layer and the default scores. Skipped, saying so, when the ONNX Runtime
 //! library is not available (`cargo xtask fetch-ort`).
 
+mod common;
+
 use gradalign::engine::per_sample_grads_with;
 use gradalign::grad::GradOptions;
 use gradalign::onnx::{HostTensor, Model};
@@ -40,7 +42,7 @@ fn f32s(t: &HostTensor) -> Vec<f32> {
 #[test]
 fn ort_cpu_equals_tract_on_50_generated_architectures() {
     if let Some(why) = gradalign::runtime::ort::unavailable_reason() {
-        eprintln!("SKIPPED: {why}");
+        common::skip(&why);
         return;
     }
     let probe = Probe::shipped(N).unwrap();

@@ -256,3 +256,12 @@ pub fn score_avg_pool_heavy(
     )
     .unwrap()
 }
+
+/// A test that cannot run here (no ONNX Runtime library, no Python onnx) says so and passes —
+/// except under `CI=true` (set by `.ci/run`), where a skip would hide a test that never ran.
+pub fn skip(why: &str) {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{why} — CI=true, so this is a failure, not a skip");
+    }
+    println!("SKIPPED: {why}");
+}
