@@ -227,6 +227,7 @@ fn report(
             fmt(&between_probes)
         );
     }
+    out += "\nBeside it: the same 200 architectures under small perturbations of one weight draw (relative σ = 1e-4 … 1e-2), and the linear-region counts, in [linear-regions/](linear-regions/README.md). A fresh seed is a far larger change than σ = 1e-2, and the between-seeds τ above is correspondingly lower than the perturbation stability there.\n";
     let dest = root.join("docs/results/seeds.md");
     std::fs::write(&dest, &out)?;
     print!("{out}");
