@@ -385,7 +385,7 @@ fn chunk_size(model: &Model, probe: &Probe, opts: GradOptions) -> Result<(Analys
     Ok((an, chunk))
 }
 
-/// (trainable parameters, multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul per sample).
+/// (trainable parameters, multiply-accumulates per sample, from each op's `OpDef::macs`).
 pub fn model_info(model: &Model, sample_shape: &[usize]) -> Result<(usize, f64)> {
     let mut shape = vec![1];
     shape.extend(sample_shape);
@@ -397,22 +397,13 @@ pub fn model_info(model: &Model, sample_shape: &[usize]) -> Result<(usize, f64)>
     let params = an.params.iter().map(|p| p.numel()).sum();
     let mut macs = 0.0;
     for node in &an.nodes {
-        let info = |i: usize| node.input(i).map(|n| an.info(n));
-        let out = node.outputs.first().map(|o| an.info(o));
-        match (node.op.as_str(), info(0), info(1), out) {
-            ("Conv", Some(_), Some(w), Some(y)) => {
-                let per_out: usize = w.shape[1..].iter().product();
-                macs += (y.numel() * per_out) as f64;
-            }
-            ("ConvTranspose", Some(x), Some(w), Some(_)) => {
-                let per_in: usize = w.shape[1..].iter().product();
-                macs += (x.numel() * per_in) as f64;
-            }
-            ("MatMul" | "Gemm", Some(a), Some(_), Some(y)) => {
-                let k = a.shape.last().copied().unwrap_or(1);
-                macs += (y.numel() * k) as f64;
-            }
-            _ => {}
+        let ins: Vec<Option<&crate::grad::Info>> = node
+            .inputs
+            .iter()
+            .map(|n| (!n.is_empty()).then(|| an.info(n)))
+            .collect();
+        if let Some(out) = node.outputs.first() {
+            macs += crate::grad::ops::macs(node, &ins, an.info(out));
         }
     }
     Ok((params, macs))

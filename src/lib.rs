@@ -7,7 +7,6 @@ pub mod grad;
 pub mod memory;
 pub mod npy;
 pub mod onnx;
-pub mod ops;
 pub mod passes;
 pub mod plugin;
 pub mod probe;

@@ -196,7 +196,7 @@ fn batch_grads_and_codes(
 }
 
 /// H·g for GraSP: the Hessian of the summed per-sample loss with respect to the weights (Conv,
-/// ConvTranspose, Gemm, MatMul) times the batch gradient g, by a one-sided difference of exact
+/// Gemm, MatMul) times the batch gradient g, by a one-sided difference of exact
 /// f64 gradients along u = g/‖g‖: Hg ≈ ‖g‖ (∇L(θ + hu) − ∇L(θ)) / h, the base run giving g
 /// itself (two gradient runs per model, not three). ReLU is piecewise linear, so the difference
 /// equals autograd's Hessian-vector product only when no ReLU input changes sign between θ and

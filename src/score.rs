@@ -9,6 +9,7 @@ use gradalign_plugin_api::abi::{inputs as flag, role};
 use gradalign_plugin_api::PackedSigns;
 
 use crate::engine::{self, LayoutEntry, PerSampleGrads};
+use crate::grad::rules::Slot;
 use crate::grad::{GradOptions, ParamSelect};
 use crate::onnx::{HostTensor, Model};
 use crate::plugin::inputs::{InputData, ParamMeta};
@@ -49,20 +50,10 @@ fn role_of(model: &Model, name: &str) -> (u32, i64) {
     for node in &model.nodes {
         if let Some(slot) = node.inputs.iter().position(|i| i == name) {
             let ndim = model.initializer(name).map_or(0, |t| t.shape().len()) as i64;
-            return match (node.op.as_str(), slot) {
-                ("Conv", 1) => (role::WEIGHT, 0),
-                ("ConvTranspose", 1) => (role::WEIGHT, 1),
-                ("Gemm", 1) => (
-                    role::WEIGHT,
-                    if node.attr_i("transB").unwrap_or(0) != 0 {
-                        0
-                    } else {
-                        1
-                    },
-                ),
-                ("MatMul", 0 | 1) => (role::WEIGHT, ndim - 1),
-                ("Conv" | "ConvTranspose" | "Gemm", 2) => (role::BIAS, -1),
-                _ => (role::OTHER, -1),
+            return match crate::grad::ops::slot_role(node, slot, ndim as usize) {
+                Slot::Weight { channel_axis } => (role::WEIGHT, channel_axis),
+                Slot::Bias => (role::BIAS, -1),
+                Slot::Data | Slot::Fixed => (role::OTHER, -1),
             };
         }
     }

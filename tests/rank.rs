@@ -203,11 +203,19 @@ fn sharded_sweep_merges_to_the_unsharded_result() {
         want.sort();
         assert_eq!(drop_seconds(rows(&merged)), want, "{kind}");
 
-        // Without one shard, --models names what is missing and the exit status is 2.
+        // Without one shard, --models names what is missing and the exit status is 2. Hash
+        // shards of a temp folder's paths can be empty, so leave out the largest one.
+        let gone = (0..3).max_by_key(|&k| sizes[k]).unwrap();
         let res = Command::new(env!("CARGO_BIN_EXE_gradalign"))
             .arg("merge")
             .arg(d.join(format!("partial-{kind}.csv")))
-            .args(&shards[..2])
+            .args(
+                shards
+                    .iter()
+                    .enumerate()
+                    .filter(|&(k, _)| k != gone)
+                    .map(|(_, s)| s),
+            )
             .arg("--models")
             .arg(&models)
             .output()
@@ -215,7 +223,7 @@ fn sharded_sweep_merges_to_the_unsharded_result() {
         let stderr = String::from_utf8_lossy(&res.stderr);
         assert_eq!(res.status.code(), Some(2), "{stderr}");
         assert!(
-            stderr.contains(&format!("{} model(s) are in no shard", sizes[2])),
+            stderr.contains(&format!("{} model(s) are in no shard", sizes[gone])),
             "{stderr}"
         );
     }

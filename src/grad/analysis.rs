@@ -7,9 +7,11 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use super::lowering::Lowering;
+use super::ops;
+use super::rules::Slot;
 use super::{GradOptions, Info, Kind, ParamSelect};
 use crate::onnx::{DType, HostTensor, Model, Node};
-use crate::ops;
 
 /// A trainable parameter (a float initializer that can receive a gradient).
 #[derive(Clone, Debug, serde::Serialize)]
@@ -20,7 +22,7 @@ pub struct Param {
     /// Name of that node.
     pub node: String,
     pub shape: Vec<usize>,
-    /// Feeds the weight input of Conv/ConvTranspose/Gemm/MatMul.
+    /// Feeds a weight slot (`Slot::Weight`: Conv, Gemm, MatMul), possibly through views.
     #[serde(skip)]
     pub is_weight: bool,
 }
@@ -51,206 +53,6 @@ pub struct Analysis {
     pub notes: Vec<String>,
 }
 
-/// State while lowering: receives primitive nodes one at a time.
-pub struct Lowering<'a> {
-    pub infos: &'a mut HashMap<String, Info>,
-    pub out: Vec<Node>,
-    pub opts: GradOptions,
-    pub float: DType,
-    pub n: usize,
-    /// Batch size fixed in the exported model's input, if any (for `Reshape` constants that
-    /// baked it in).
-    pub export_batch: Option<usize>,
-    pub opset: i64,
-    counter: usize,
-}
-
-impl<'a> Lowering<'a> {
-    pub fn info(&self, name: &str) -> Result<&Info> {
-        self.infos
-            .get(name)
-            .ok_or_else(|| anyhow!("tensor '{name}' has no known shape"))
-    }
-    pub fn input_info(&self, node: &Node, i: usize) -> Result<&Info> {
-        let name = node
-            .input(i)
-            .ok_or_else(|| anyhow!("{}: input {i} is required but missing", node.describe()))?;
-        self.info(name)
-    }
-    /// The constant value of input `i`, or an error saying it must be constant.
-    pub fn const_input(&self, node: &Node, i: usize) -> Result<Option<HostTensor>> {
-        let Some(name) = node.input(i) else {
-            return Ok(None);
-        };
-        let info = self.info(name)?;
-        match &info.value {
-            Some(v) => Ok(Some(v.clone())),
-            None => bail!(
-                "{}: input {i} ('{name}') must be a constant (an initializer or a foldable shape \
-                 computation) for gradalign to know the shapes",
-                node.describe()
-            ),
-        }
-    }
-    pub fn fresh(&mut self, hint: &str) -> String {
-        self.counter += 1;
-        format!("ga.low.{hint}.{}", self.counter)
-    }
-    /// Add one primitive node named after `base` (the node being lowered), with a fresh output
-    /// unless `out` names it; returns the output.
-    pub fn emit(
-        &mut self,
-        base: &str,
-        op: &str,
-        ins: Vec<String>,
-        out: Option<String>,
-        attrs: Vec<crate::onnx::pb::AttributeProto>,
-    ) -> Result<String> {
-        let o = out.unwrap_or_else(|| self.fresh(&op.to_ascii_lowercase()));
-        self.counter += 1;
-        let mut n = Node::new(
-            format!("{base}/{op}.{}", self.counter),
-            op,
-            ins,
-            vec![o.clone()],
-        );
-        for a in attrs {
-            n = n.with_attr(a);
-        }
-        self.add(n)?;
-        Ok(o)
-    }
-
-    /// Register a constant tensor under a fresh name.
-    pub fn konst(&mut self, t: HostTensor) -> String {
-        let name = self.fresh("const");
-        self.infos.insert(
-            name.clone(),
-            Info {
-                shape: t.shape(),
-                dtype: t.dtype(),
-                kind: Kind::Const,
-                value: Some(t),
-            },
-        );
-        name
-    }
-    pub fn scalar(&mut self, v: f64) -> String {
-        let t =
-            HostTensor::F64(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), v)).cast(self.float);
-        self.konst(t)
-    }
-    pub fn set_const(&mut self, name: &str, t: HostTensor) {
-        self.infos.insert(
-            name.to_string(),
-            Info {
-                shape: t.shape(),
-                dtype: t.dtype(),
-                kind: Kind::Const,
-                value: Some(t),
-            },
-        );
-    }
-
-    /// Infer a primitive node's outputs, fold it if all its inputs are known constants, and
-    /// otherwise keep it.
-    pub fn add(&mut self, node: Node) -> Result<()> {
-        let ins: Vec<Option<&Info>> = node
-            .inputs
-            .iter()
-            .map(|s| {
-                if s.is_empty() {
-                    Ok(None)
-                } else {
-                    self.info(s).map(Some)
-                }
-            })
-            .collect::<Result<_>>()?;
-        let kind = if ins.iter().flatten().any(|i| i.kind == Kind::Batched) {
-            Kind::Batched
-        } else if ins.iter().flatten().any(|i| i.kind == Kind::Param) {
-            Kind::Param
-        } else {
-            Kind::Const
-        };
-        // Shape is known statically whatever its input depends on.
-        if node.op == "Shape" {
-            let shape = &ins[0]
-                .ok_or_else(|| anyhow!("{}: missing input", node.describe()))?
-                .shape;
-            let start = node.attr_i("start").unwrap_or(0);
-            let end = node.attr_i("end").unwrap_or(shape.len() as i64);
-            let r = shape.len() as i64;
-            let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
-            let dims: Vec<i64> = shape[clamp(start)..clamp(end).max(clamp(start))]
-                .iter()
-                .map(|&d| d as i64)
-                .collect();
-            self.set_const(&node.outputs[0], HostTensor::i64_vec(&dims));
-            return Ok(());
-        }
-        let all_known = ins.iter().flatten().all(|i| i.value.is_some());
-        if kind == Kind::Const && all_known {
-            let vals: Vec<Option<&HostTensor>> = ins
-                .iter()
-                .map(|i| i.and_then(|i| i.value.as_ref()))
-                .collect();
-            if let Some(res) = ops::eval(&node, &vals) {
-                let outs = res.with_context(|| format!("while folding {}", node.describe()))?;
-                for (name, t) in node.outputs.iter().zip(outs) {
-                    if !name.is_empty() {
-                        self.set_const(name, t);
-                    }
-                }
-                return Ok(());
-            }
-        }
-        let shapes = ops::infer(&node, &ins, self.n)?;
-        for (name, (shape, dtype)) in node.outputs.iter().zip(shapes) {
-            if !name.is_empty() {
-                self.infos.insert(
-                    name.clone(),
-                    Info {
-                        shape,
-                        dtype,
-                        kind,
-                        value: None,
-                    },
-                );
-            }
-        }
-        self.out.push(node);
-        Ok(())
-    }
-}
-
-/// Ops whose initializer input at the given slot is a "weight" (`--params weights`).
-fn weight_slot(op: &str, slot: usize) -> bool {
-    matches!(
-        (op, slot),
-        ("Conv", 1)
-            | ("ConvTranspose", 1)
-            | ("Gemm", 0)
-            | ("Gemm", 1)
-            | ("MatMul", 0)
-            | ("MatMul", 1)
-    )
-}
-
-/// Initializer slots that hold statistics or hyper-parameters rather than trainable values.
-fn non_trainable_slot(op: &str, slot: usize) -> bool {
-    match op {
-        "BatchNormalization" => slot >= 3,
-        "Reshape" | "Expand" | "Tile" | "ConstantOfShape" | "Range" => slot >= 1,
-        "Slice" | "Pad" | "Squeeze" | "Unsqueeze" | "Split" | "Resize" | "TopK" => slot >= 1,
-        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" => slot >= 1,
-        "Clip" => slot >= 1,
-        "Gather" => slot >= 1,
-        "Shape" | "Size" => true,
-        _ => false,
-    }
-}
-
 fn trainable_params(model: &Model) -> Vec<Param> {
     let mut first_use: HashMap<&str, (usize, usize)> = HashMap::new();
     let mut weight: HashSet<&str> = HashSet::new();
@@ -258,10 +60,11 @@ fn trainable_params(model: &Model) -> Vec<Param> {
     for (ni, node) in model.nodes.iter().enumerate() {
         for (slot, inp) in node.inputs.iter().enumerate() {
             first_use.entry(inp.as_str()).or_insert((ni, slot));
-            if weight_slot(&node.op, slot) {
+            let role = ops::slot_role(node, slot, 0);
+            if matches!(role, Slot::Weight { .. }) {
                 weight.insert(inp.as_str());
             }
-            if !non_trainable_slot(&node.op, slot) {
+            if role != Slot::Fixed {
                 trainable_use.insert(inp.as_str());
             }
         }
@@ -271,17 +74,7 @@ fn trainable_params(model: &Model) -> Vec<Param> {
     // such a weight is not silently left out of the default columns. Nodes are in topological
     // order, so one reverse pass covers chains of any length.
     for node in model.nodes.iter().rev() {
-        let view = matches!(
-            node.op.as_str(),
-            "Transpose"
-                | "Reshape"
-                | "Cast"
-                | "CastLike"
-                | "Identity"
-                | "Unsqueeze"
-                | "Squeeze"
-                | "Flatten"
-        );
+        let view = ops::registry().source(node).is_some_and(|d| d.view);
         if view
             && node
                 .outputs
@@ -302,10 +95,9 @@ fn trainable_params(model: &Model) -> Vec<Param> {
         // A float scalar in arithmetic is a constant of the architecture (`x * 0`), not a
         // parameter; a one-element affine of a one-channel normalisation still is one.
         let (ni, _) = first_use[name.as_str()];
-        let arithmetic = matches!(
-            model.nodes[ni].op.as_str(),
-            "Mul" | "Add" | "Sub" | "Div" | "Pow" | "Max" | "Min" | "Clip" | "Where"
-        );
+        let arithmetic = ops::registry()
+            .source(&model.nodes[ni])
+            .is_some_and(|d| d.scalar_is_constant);
         if t.len() <= 1 && !is_weight && arithmetic {
             continue;
         }
@@ -337,8 +129,7 @@ fn ancestors(model: &Model, output: &str) -> HashSet<usize> {
 /// classifier's probability output rather than its ArgMax label or ML-domain head), else the
 /// first (whose unsupported op the lowering then names). Returns it with its ancestor nodes.
 fn choose_output(model: &Model) -> (String, HashSet<usize>) {
-    let supported =
-        |n: &crate::onnx::Node| n.domain.is_empty() && ops::SUPPORTED.contains(&n.op.as_str());
+    let supported = |n: &crate::onnx::Node| ops::is_supported(n);
     for out in &model.outputs {
         let live = ancestors(model, out);
         if live.iter().all(|&i| supported(&model.nodes[i])) {
@@ -414,13 +205,13 @@ impl Analysis {
         // Integer weights would only surface as a runtime type error deep in the training graph.
         for node in &model.nodes {
             for (slot, inp) in node.inputs.iter().enumerate() {
-                if !weight_slot(&node.op, slot) {
+                if !matches!(ops::slot_role(node, slot, 0), Slot::Weight { .. }) {
                     continue;
                 }
                 if let Some((_, t)) = model.initializers.iter().find(|(k, _)| k == inp) {
                     if !t.dtype().is_float() {
                         bail!(
-                            "{}: weight '{inp}' is {:?}; Conv/ConvTranspose/Gemm/MatMul weights must be float (re-export the model without quantisation)",
+                            "{}: weight '{inp}' is {:?}; Conv/Gemm/MatMul weights must be float (re-export the model without quantisation)",
                             node.describe(),
                             t.dtype()
                         );
@@ -497,16 +288,15 @@ impl Analysis {
             },
         );
 
-        let mut lw = Lowering {
-            infos: &mut infos,
-            out: vec![],
+        let mut lw = Lowering::new(
+            &mut infos,
             opts,
             float,
             n,
             export_batch,
-            opset: model.opset,
-            counter: 0,
-        };
+            model.opset,
+            ops::registry(),
+        );
         // Only what the chosen output needs is lowered, so an unused head (a label ArgMax, an
         // ai.onnx.ml ZipMap) neither fails the model nor costs anything.
         let (chosen, live) = choose_output(model);
@@ -516,7 +306,8 @@ impl Analysis {
             .enumerate()
             .filter(|(i, _)| live.contains(i))
         {
-            ops::lower(&mut lw, node.clone()).with_context(|| format!("at {}", node.describe()))?;
+            lw.lower(node.clone())
+                .with_context(|| format!("at {}", node.describe()))?;
         }
         let mut nodes = lw.out;
 

@@ -10,9 +10,9 @@ use ndarray::{ArrayD, IxDyn};
 use super::analysis::Analysis;
 use super::backward::Backward;
 use super::emit::{Emitter, OPSET};
+use super::ops;
 use super::Kind;
 use crate::onnx::{attr, pb, DType, HostTensor};
-use crate::ops;
 
 pub const INPUT_LABELS: &str = "labels";
 

@@ -6,6 +6,9 @@ pub mod analysis;
 pub mod backward;
 pub mod builder;
 pub mod emit;
+pub mod lowering;
+pub mod ops;
+pub mod rules;
 
 use crate::onnx::{DType, HostTensor};
 
@@ -74,7 +77,7 @@ pub enum BnMode {
 )]
 #[serde(rename_all = "lowercase")]
 pub enum ParamSelect {
-    /// Weights of Conv, ConvTranspose, Gemm and MatMul.
+    /// Weights of Conv, Gemm and MatMul (the ops whose `OpDef` marks a weight slot).
     #[default]
     Weights,
     /// Every float initializer that receives a gradient (adds biases and normalisation affines).

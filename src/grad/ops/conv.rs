@@ -10,8 +10,9 @@
 use anyhow::{bail, Result};
 
 use super::{input_info, Shapes};
-use crate::grad::analysis::Lowering;
 use crate::grad::backward::Backward;
+use crate::grad::lowering::Lowering;
+use crate::grad::rules::{arity, OpDef, Slot, OP};
 use crate::grad::{Info, Kind};
 use crate::onnx::{attr, Node};
 
@@ -48,6 +49,34 @@ impl ConvGeom {
         let s = self.strides[i];
         Some(if ceil { q.div_ceil(s) } else { q / s } + 1)
     }
+}
+
+pub const OPS: &[OpDef] = &[OpDef {
+    name: "Conv",
+    arity: arity(2, 3, 1, 1),
+    lower: Some(lower),
+    infer: Some(infer),
+    backward: Some(backward),
+    slots: conv_slots,
+    macs: Some(conv_macs),
+    ..OP
+}];
+
+fn conv_slots(_: &Node, slot: usize, _: usize) -> Slot {
+    match slot {
+        1 => Slot::Weight { channel_axis: 0 },
+        2 => Slot::Bias,
+        _ => Slot::Data,
+    }
+}
+
+fn conv_macs(ins: &[Option<&Info>], y: &Info) -> f64 {
+    let per_out: usize = ins
+        .get(1)
+        .copied()
+        .flatten()
+        .map_or(0, |w| w.shape[1..].iter().product());
+    (y.numel() * per_out) as f64
 }
 
 /// Read (and normalise) the geometry of a Conv or pooling node with `kernel` spatial sizes.

@@ -11,25 +11,151 @@ use anyhow::{anyhow, bail, Context, Result};
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
 
 use super::{input_info, norm_axis, Shapes};
-use crate::grad::analysis::Lowering;
 use crate::grad::backward::Backward;
+use crate::grad::lowering::Lowering;
+use crate::grad::rules::{all_fixed, arity, fixed_after_first, OpDef, MANY, OP};
 use crate::grad::{Info, Kind};
 use crate::onnx::{attr, DType, HostTensor, Node};
 
-pub const OPS: &[&str] = &[
-    "Identity",
-    "Reshape",
-    "Transpose",
-    "Concat",
-    "Slice",
-    "Pad",
-    "Gather",
-    "Cast",
-    "Expand",
-    "ConstantOfShape",
-    "Range",
-    "Shape",
+/// Shape primitives: they move values without computing on them.
+const SH: OpDef = OpDef {
+    infer: Some(infer),
+    eval: Some(eval_def),
+    backward: Some(backward),
+    ..OP
+};
+/// Shape computations: fold to constants, carry no gradient.
+const SHAPE_ONLY: OpDef = OpDef {
+    differentiable: false,
+    slots: all_fixed,
+    ..SH
+};
+
+pub const OPS: &[OpDef] = &[
+    OpDef {
+        name: "Constant",
+        arity: arity(0, 0, 1, 1),
+        lower: Some(lower_constant),
+        ..OP
+    },
+    OpDef {
+        name: "Identity",
+        lower: Some(lower_identity),
+        view: true,
+        ..SH
+    },
+    OpDef {
+        name: "Dropout",
+        arity: arity(1, 3, 1, 2),
+        lower: Some(lower_identity),
+        ..OP
+    },
+    OpDef {
+        name: "Reshape",
+        arity: arity(2, 2, 1, 1),
+        lower: Some(lower_reshape),
+        slots: fixed_after_first,
+        view: true,
+        ..SH
+    },
+    OpDef {
+        name: "Squeeze",
+        arity: arity(1, 2, 1, 1),
+        lower: Some(lower_reshape),
+        slots: fixed_after_first,
+        view: true,
+        ..OP
+    },
+    OpDef {
+        name: "Unsqueeze",
+        arity: arity(1, 2, 1, 1),
+        lower: Some(lower_reshape),
+        slots: fixed_after_first,
+        view: true,
+        ..OP
+    },
+    OpDef {
+        name: "Flatten",
+        lower: Some(lower_reshape),
+        view: true,
+        ..OP
+    },
+    OpDef {
+        name: "Split",
+        arity: arity(1, 2, 1, MANY),
+        lower: Some(lower_split),
+        slots: fixed_after_first,
+        ..OP
+    },
+    OpDef {
+        name: "Cast",
+        lower: Some(lower_cast),
+        view: true,
+        ..SH
+    },
+    OpDef {
+        name: "CastLike",
+        arity: arity(2, 2, 1, 1),
+        lower: Some(lower_cast),
+        slots: fixed_after_first,
+        view: true,
+        ..OP
+    },
+    // Opset < 10 passes starts/ends as attributes, opset < 11 the pads.
+    OpDef {
+        name: "Slice",
+        arity: arity(1, 5, 1, 1),
+        lower: Some(lower_slice),
+        slots: fixed_after_first,
+        ..SH
+    },
+    OpDef {
+        name: "Pad",
+        arity: arity(1, 4, 1, 1),
+        lower: Some(lower_pad),
+        slots: fixed_after_first,
+        ..SH
+    },
+    OpDef {
+        name: "Transpose",
+        view: true,
+        ..SH
+    },
+    OpDef {
+        name: "Concat",
+        arity: arity(1, MANY, 1, 1),
+        ..SH
+    },
+    OpDef {
+        name: "Gather",
+        arity: arity(2, 2, 1, 1),
+        slots: fixed_after_first,
+        ..SH
+    },
+    OpDef {
+        name: "Expand",
+        arity: arity(2, 2, 1, 1),
+        slots: fixed_after_first,
+        ..SH
+    },
+    OpDef {
+        name: "ConstantOfShape",
+        ..SHAPE_ONLY
+    },
+    OpDef {
+        name: "Range",
+        arity: arity(3, 3, 1, 1),
+        ..SHAPE_ONLY
+    },
+    OpDef {
+        name: "Shape",
+        ..SHAPE_ONLY
+    },
 ];
+
+fn eval_def(node: &Node, vals: &[Option<&HostTensor>]) -> Option<Result<Vec<HostTensor>>> {
+    Some(eval(node, vals))
+}
 
 pub fn lower_constant(lw: &mut Lowering, node: Node) -> Result<()> {
     let t = if let Some(t) = node.attr_t("value") {

@@ -6,10 +6,45 @@
 use anyhow::{bail, Result};
 
 use super::{input_info, norm_axis, Shapes};
-use crate::grad::analysis::Lowering;
 use crate::grad::backward::Backward;
+use crate::grad::lowering::Lowering;
+use crate::grad::rules::{arity, fixed_after_first, OpDef, OP};
 use crate::grad::{Info, Kind};
 use crate::onnx::{attr, HostTensor, Node};
+
+const REDUCE: OpDef = OpDef {
+    arity: arity(1, 2, 1, 1),
+    lower: Some(lower),
+    infer: Some(infer),
+    backward: Some(backward),
+    slots: fixed_after_first,
+    ..OP
+};
+const SOFTMAX: OpDef = OpDef {
+    lower: Some(lower_softmax),
+    infer: Some(infer),
+    backward: Some(backward),
+    ..OP
+};
+
+pub const OPS: &[OpDef] = &[
+    OpDef {
+        name: "ReduceMean",
+        ..REDUCE
+    },
+    OpDef {
+        name: "ReduceSum",
+        ..REDUCE
+    },
+    OpDef {
+        name: "Softmax",
+        ..SOFTMAX
+    },
+    OpDef {
+        name: "LogSoftmax",
+        ..SOFTMAX
+    },
+];
 
 pub fn lower(lw: &mut Lowering, node: Node) -> Result<()> {
     let x = lw.input_info(&node, 0)?.clone();

@@ -8,9 +8,10 @@
 use anyhow::{bail, Result};
 
 use super::norm_axis;
-use crate::grad::analysis::Lowering;
 use crate::grad::backward::Backward;
 use crate::grad::emit::Emitter;
+use crate::grad::lowering::Lowering;
+use crate::grad::rules::{arity, OpDef, Slot, MANY, OP};
 use crate::grad::{BnMode, Kind};
 use crate::onnx::{attr, DType, HostTensor, Node};
 
@@ -72,6 +73,53 @@ impl Seq<'_, '_> {
 /// Internal op: standardisation over `axes` with per-(sample, channel) statistics. Outputs
 /// `x̂` and `1/σ` (kept dims). Never read from a user model.
 pub const STANDARDIZE: &str = "GaStandardize";
+
+pub const OPS: &[OpDef] = &[
+    OpDef {
+        name: "BatchNormalization",
+        arity: arity(5, 5, 1, 3),
+        lower: Some(lower_batch_norm),
+        slots: bn_slots,
+        ..OP
+    },
+    OpDef {
+        name: "LayerNormalization",
+        arity: arity(2, 3, 1, 3),
+        lower: Some(lower_layer_norm),
+        ..OP
+    },
+    OpDef {
+        name: "InstanceNormalization",
+        arity: arity(3, 3, 1, 1),
+        lower: Some(lower_instance_group_norm),
+        ..OP
+    },
+    OpDef {
+        name: "GroupNormalization",
+        arity: arity(3, 3, 1, 1),
+        lower: Some(lower_instance_group_norm),
+        ..OP
+    },
+    // Internal: every normalisation lowers to this, written out as standard ops on emission.
+    OpDef {
+        name: STANDARDIZE,
+        source: false,
+        arity: arity(1, MANY, 1, 1),
+        infer: Some(infer),
+        backward: Some(backward),
+        emit: Some(emit_forward),
+        ..OP
+    },
+];
+
+/// Scale and bias train; the running mean and variance are statistics.
+fn bn_slots(_: &Node, slot: usize, _: usize) -> Slot {
+    if slot >= 3 {
+        Slot::Fixed
+    } else {
+        Slot::Data
+    }
+}
 
 fn std_axes(node: &Node) -> Vec<usize> {
     node.attr_ints("axes")

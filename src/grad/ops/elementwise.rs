@@ -10,33 +10,121 @@ use anyhow::{anyhow, bail, Result};
 use ndarray::{ArrayD, IxDyn, Zip};
 
 use super::{broadcast, check_batched_broadcast, input_info, Shapes};
-use crate::grad::analysis::Lowering;
 use crate::grad::backward::Backward;
+use crate::grad::lowering::Lowering;
+use crate::grad::rules::{arity, fixed_after_first, OpDef, MANY, OP};
 use crate::grad::Info;
 use crate::onnx::{attr, DType, HostTensor, Node};
 
-pub const OPS: &[&str] = &[
-    "Add",
-    "Sub",
-    "Mul",
-    "Div",
-    "Pow",
-    "Relu",
-    "LeakyRelu",
-    "Sigmoid",
-    "Tanh",
-    "Erf",
-    "Sqrt",
-    "Exp",
-    "Neg",
-    "Abs",
-    "Reciprocal",
-    "Clip",
-    "Where",
-    "Equal",
-    "Greater",
-    "Less",
-    "Max",
+/// Element-wise primitives: shapes broadcast, constants fold, one backward rule each.
+const EW: OpDef = OpDef {
+    infer: Some(infer),
+    eval: Some(eval),
+    backward: Some(backward),
+    ..OP
+};
+const BIN: OpDef = OpDef {
+    arity: arity(2, 2, 1, 1),
+    scalar_is_constant: true,
+    ..EW
+};
+const CMP: OpDef = OpDef {
+    arity: arity(2, 2, 1, 1),
+    differentiable: false,
+    ..EW
+};
+/// Source ops rewritten into the primitives above.
+const PIECEWISE: OpDef = OpDef {
+    lower: Some(lower_piecewise),
+    ..OP
+};
+
+pub const OPS: &[OpDef] = &[
+    OpDef { name: "Add", ..BIN },
+    OpDef { name: "Sub", ..BIN },
+    OpDef { name: "Mul", ..BIN },
+    OpDef { name: "Div", ..BIN },
+    OpDef { name: "Pow", ..BIN },
+    OpDef {
+        name: "Max",
+        arity: arity(1, MANY, 1, 1),
+        ..BIN
+    },
+    OpDef {
+        name: "Where",
+        arity: arity(3, 3, 1, 1),
+        ..BIN
+    },
+    OpDef {
+        name: "Equal",
+        ..CMP
+    },
+    OpDef {
+        name: "Greater",
+        ..CMP
+    },
+    OpDef {
+        name: "Less",
+        ..CMP
+    },
+    OpDef { name: "Relu", ..EW },
+    OpDef {
+        name: "LeakyRelu",
+        ..EW
+    },
+    OpDef { name: "Tanh", ..EW },
+    OpDef { name: "Sqrt", ..EW },
+    OpDef { name: "Exp", ..EW },
+    OpDef { name: "Neg", ..EW },
+    OpDef { name: "Abs", ..EW },
+    OpDef {
+        name: "Reciprocal",
+        ..EW
+    },
+    OpDef {
+        name: "Sigmoid",
+        lower: Some(lower_f64_fallbacks),
+        ..EW
+    },
+    OpDef {
+        name: "Erf",
+        lower: Some(lower_f64_fallbacks),
+        ..EW
+    },
+    OpDef {
+        name: "Clip",
+        arity: arity(1, 3, 1, 1),
+        lower: Some(lower_clip),
+        slots: fixed_after_first,
+        scalar_is_constant: true,
+        ..EW
+    },
+    OpDef {
+        name: "Gelu",
+        lower: Some(lower_gelu),
+        ..OP
+    },
+    OpDef {
+        name: "HardSigmoid",
+        ..PIECEWISE
+    },
+    OpDef {
+        name: "HardSwish",
+        ..PIECEWISE
+    },
+    OpDef {
+        name: "Elu",
+        ..PIECEWISE
+    },
+    OpDef {
+        name: "Selu",
+        ..PIECEWISE
+    },
+    OpDef {
+        name: "PRelu",
+        arity: arity(2, 2, 1, 1),
+        ..PIECEWISE
+    },
 ];
 
 const BINARY: &[&str] = &[

@@ -7,10 +7,61 @@
 use anyhow::{bail, Result};
 
 use super::{input_info, Shapes};
-use crate::grad::analysis::Lowering;
 use crate::grad::backward::Backward;
+use crate::grad::lowering::Lowering;
+use crate::grad::rules::{arity, OpDef, Slot, OP};
 use crate::grad::{Info, Kind};
 use crate::onnx::{attr, Node};
+
+pub const OPS: &[OpDef] = &[
+    OpDef {
+        name: "Gemm",
+        arity: arity(2, 3, 1, 1),
+        lower: Some(lower_gemm),
+        slots: gemm_slots,
+        ..OP
+    },
+    OpDef {
+        name: "MatMul",
+        arity: arity(2, 2, 1, 1),
+        infer: Some(infer),
+        backward: Some(backward),
+        slots: matmul_slots,
+        macs: Some(matmul_macs),
+        ..OP
+    },
+];
+
+/// `Y = A·B + C` (transposed by transA/transB): output channels are B's output-feature axis.
+fn gemm_slots(node: &Node, slot: usize, _: usize) -> Slot {
+    let flag = |a: &str| node.attr_i(a).unwrap_or(0) != 0;
+    match slot {
+        0 => Slot::Weight {
+            channel_axis: if flag("transA") { 1 } else { 0 },
+        },
+        1 => Slot::Weight {
+            channel_axis: if flag("transB") { 0 } else { 1 },
+        },
+        2 => Slot::Bias,
+        _ => Slot::Data,
+    }
+}
+
+fn matmul_slots(_: &Node, _: usize, ndim: usize) -> Slot {
+    Slot::Weight {
+        channel_axis: ndim as i64 - 1,
+    }
+}
+
+fn matmul_macs(ins: &[Option<&Info>], y: &Info) -> f64 {
+    let k = ins
+        .first()
+        .copied()
+        .flatten()
+        .and_then(|a| a.shape.last().copied())
+        .unwrap_or(1);
+    (y.numel() * k) as f64
+}
 
 /// `Y = alpha·op(A)·op(B) + beta·C` as primitives; a transposed weight becomes a
 /// parameter-only `Transpose`, whose gradient rule restores the stored layout.

@@ -11,10 +11,35 @@ use ndarray::{ArrayD, IxDyn};
 
 use super::conv::{geom_attrs, geometry, kernel_offsets, ConvGeom};
 use super::{input_info, Shapes};
-use crate::grad::analysis::Lowering;
 use crate::grad::backward::Backward;
+use crate::grad::lowering::Lowering;
+use crate::grad::rules::{arity, OpDef, OP};
 use crate::grad::Info;
 use crate::onnx::{attr, Node};
+
+const POOL: OpDef = OpDef {
+    infer: Some(infer),
+    backward: Some(backward),
+    ..OP
+};
+
+pub const OPS: &[OpDef] = &[
+    OpDef {
+        name: "AveragePool",
+        lower: Some(lower),
+        ..POOL
+    },
+    OpDef {
+        name: "MaxPool",
+        arity: arity(1, 1, 1, 2),
+        lower: Some(lower),
+        ..POOL
+    },
+    OpDef {
+        name: "GlobalAveragePool",
+        ..POOL
+    },
+];
 
 fn pool_geom(node: &Node, x: &Info) -> Result<ConvGeom> {
     let kernel: Vec<usize> = match node.attr_ints("kernel_shape") {

@@ -1,0 +1,277 @@
+//! The lowering context: source nodes go in one at a time, primitives with static shapes come
+//! out, and shape computations are folded to constants on the way. The rules per op come from
+//! the [`Registry`] the driver hands in; this module imports no op.
+
+use std::collections::HashMap;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::rules::{OpDef, Registry};
+use super::{GradOptions, Info, Kind};
+use crate::onnx::{DType, HostTensor, Node};
+
+/// State while lowering: receives primitive nodes one at a time.
+pub struct Lowering<'a> {
+    pub infos: &'a mut HashMap<String, Info>,
+    pub out: Vec<Node>,
+    pub opts: GradOptions,
+    pub float: DType,
+    pub n: usize,
+    /// Batch size fixed in the exported model's input, if any (for `Reshape` constants that
+    /// baked it in).
+    pub export_batch: Option<usize>,
+    pub opset: i64,
+    rules: &'static Registry,
+    counter: usize,
+}
+
+impl<'a> Lowering<'a> {
+    pub fn new(
+        infos: &'a mut HashMap<String, Info>,
+        opts: GradOptions,
+        float: DType,
+        n: usize,
+        export_batch: Option<usize>,
+        opset: i64,
+        rules: &'static Registry,
+    ) -> Lowering<'a> {
+        Lowering {
+            infos,
+            out: vec![],
+            opts,
+            float,
+            n,
+            export_batch,
+            opset,
+            rules,
+            counter: 0,
+        }
+    }
+
+    /// Lower one source node: check it is a supported op with the right arity, then rewrite it
+    /// into primitives (or keep it as one).
+    pub fn lower(&mut self, node: Node) -> Result<()> {
+        let Some(def) = self.rules.source(&node) else {
+            return Err(unsupported(self.rules, &node));
+        };
+        check_arity(def, &node)?;
+        match def.lower {
+            Some(lower) => lower(self, node),
+            None => self.add(node),
+        }
+    }
+
+    pub fn info(&self, name: &str) -> Result<&Info> {
+        self.infos
+            .get(name)
+            .ok_or_else(|| anyhow!("tensor '{name}' has no known shape"))
+    }
+    pub fn input_info(&self, node: &Node, i: usize) -> Result<&Info> {
+        let name = node
+            .input(i)
+            .ok_or_else(|| anyhow!("{}: input {i} is required but missing", node.describe()))?;
+        self.info(name)
+    }
+    /// The constant value of input `i`, or an error saying it must be constant.
+    pub fn const_input(&self, node: &Node, i: usize) -> Result<Option<HostTensor>> {
+        let Some(name) = node.input(i) else {
+            return Ok(None);
+        };
+        let info = self.info(name)?;
+        match &info.value {
+            Some(v) => Ok(Some(v.clone())),
+            None => bail!(
+                "{}: input {i} ('{name}') must be a constant (an initializer or a foldable shape \
+                 computation) for gradalign to know the shapes",
+                node.describe()
+            ),
+        }
+    }
+    pub fn fresh(&mut self, hint: &str) -> String {
+        self.counter += 1;
+        format!("ga.low.{hint}.{}", self.counter)
+    }
+    /// Add one primitive node named after `base` (the node being lowered), with a fresh output
+    /// unless `out` names it; returns the output.
+    pub fn emit(
+        &mut self,
+        base: &str,
+        op: &str,
+        ins: Vec<String>,
+        out: Option<String>,
+        attrs: Vec<crate::onnx::pb::AttributeProto>,
+    ) -> Result<String> {
+        let o = out.unwrap_or_else(|| self.fresh(&op.to_ascii_lowercase()));
+        self.counter += 1;
+        let mut n = Node::new(
+            format!("{base}/{op}.{}", self.counter),
+            op,
+            ins,
+            vec![o.clone()],
+        );
+        for a in attrs {
+            n = n.with_attr(a);
+        }
+        self.add(n)?;
+        Ok(o)
+    }
+
+    /// Register a constant tensor under a fresh name.
+    pub fn konst(&mut self, t: HostTensor) -> String {
+        let name = self.fresh("const");
+        self.infos.insert(
+            name.clone(),
+            Info {
+                shape: t.shape(),
+                dtype: t.dtype(),
+                kind: Kind::Const,
+                value: Some(t),
+            },
+        );
+        name
+    }
+    pub fn scalar(&mut self, v: f64) -> String {
+        let t =
+            HostTensor::F64(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), v)).cast(self.float);
+        self.konst(t)
+    }
+    pub fn set_const(&mut self, name: &str, t: HostTensor) {
+        self.infos.insert(
+            name.to_string(),
+            Info {
+                shape: t.shape(),
+                dtype: t.dtype(),
+                kind: Kind::Const,
+                value: Some(t),
+            },
+        );
+    }
+
+    /// Infer a primitive node's outputs, fold it if all its inputs are known constants, and
+    /// otherwise keep it.
+    pub fn add(&mut self, node: Node) -> Result<()> {
+        let ins: Vec<Option<&Info>> = node
+            .inputs
+            .iter()
+            .map(|s| {
+                if s.is_empty() {
+                    Ok(None)
+                } else {
+                    self.info(s).map(Some)
+                }
+            })
+            .collect::<Result<_>>()?;
+        let kind = if ins.iter().flatten().any(|i| i.kind == Kind::Batched) {
+            Kind::Batched
+        } else if ins.iter().flatten().any(|i| i.kind == Kind::Param) {
+            Kind::Param
+        } else {
+            Kind::Const
+        };
+        // Shape is known statically whatever its input depends on.
+        if node.op == "Shape" {
+            let shape = &ins[0]
+                .ok_or_else(|| anyhow!("{}: missing input", node.describe()))?
+                .shape;
+            let start = node.attr_i("start").unwrap_or(0);
+            let end = node.attr_i("end").unwrap_or(shape.len() as i64);
+            let r = shape.len() as i64;
+            let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+            let dims: Vec<i64> = shape[clamp(start)..clamp(end).max(clamp(start))]
+                .iter()
+                .map(|&d| d as i64)
+                .collect();
+            self.set_const(&node.outputs[0], HostTensor::i64_vec(&dims));
+            return Ok(());
+        }
+        let all_known = ins.iter().flatten().all(|i| i.value.is_some());
+        if kind == Kind::Const && all_known {
+            let vals: Vec<Option<&HostTensor>> = ins
+                .iter()
+                .map(|i| i.and_then(|i| i.value.as_ref()))
+                .collect();
+            let fold = self.rules.get(&node.op).and_then(|d| d.eval);
+            if let Some(res) = fold.and_then(|eval| eval(&node, &vals)) {
+                let outs = res.with_context(|| format!("while folding {}", node.describe()))?;
+                for (name, t) in node.outputs.iter().zip(outs) {
+                    if !name.is_empty() {
+                        self.set_const(name, t);
+                    }
+                }
+                return Ok(());
+            }
+        }
+        let infer = self.rules.get(&node.op).and_then(|d| d.infer);
+        let Some(infer) = infer else {
+            return Err(unsupported(self.rules, &node));
+        };
+        let shapes = infer(&node, &ins)?;
+        for (name, (shape, dtype)) in node.outputs.iter().zip(shapes) {
+            if !name.is_empty() {
+                self.infos.insert(
+                    name.clone(),
+                    Info {
+                        shape,
+                        dtype,
+                        kind,
+                        value: None,
+                    },
+                );
+            }
+        }
+        self.out.push(node);
+        Ok(())
+    }
+}
+
+/// The error for an op gradalign cannot lower or differentiate, naming the node.
+pub fn unsupported(rules: &Registry, node: &Node) -> anyhow::Error {
+    if !node.domain.is_empty() {
+        return anyhow!(
+            "{}: operator '{}' is in domain '{}', and the logits depend on it; gradalign \
+             differentiates default-domain ONNX ops only",
+            node.describe(),
+            node.op,
+            node.domain
+        );
+    }
+    anyhow!(
+        "{}: operator '{}' is not supported by gradalign's gradient builder. Supported operators: {}",
+        node.describe(),
+        node.op,
+        rules.supported().join(", ")
+    )
+}
+
+/// Error unless the node has as many inputs and outputs as its op takes.
+pub fn check_arity(def: &OpDef, node: &Node) -> Result<()> {
+    let a = def.arity;
+    let (i, o) = (node.inputs.len(), node.outputs.len());
+    if i < a.min_in || i > a.max_in {
+        bail!(
+            "{}: has {i} inputs; {} takes {}",
+            node.describe(),
+            node.op,
+            if a.min_in == a.max_in {
+                a.min_in.to_string()
+            } else if a.max_in == usize::MAX {
+                format!("at least {}", a.min_in)
+            } else {
+                format!("{} to {}", a.min_in, a.max_in)
+            }
+        );
+    }
+    if o < a.min_out || o > a.max_out {
+        bail!(
+            "{}: has {o} outputs; {} makes {} to {}",
+            node.describe(),
+            node.op,
+            a.min_out,
+            a.max_out
+        );
+    }
+    if node.inputs.iter().take(a.min_in).any(|n| n.is_empty()) {
+        bail!("{}: a required input is empty", node.describe());
+    }
+    Ok(())
+}
