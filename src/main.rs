@@ -195,6 +195,9 @@ enum Cmd {
     /// Count linear regions (distinct ReLU activation patterns) at the stored weights and under
     /// seeded weight perturbations; with several models, how stable their ranking is.
     LinearRegions(cli::regions::RegionArgs),
+    /// List the ONNX ops gradalign differentiates: inputs taken, how gradients pass, and which
+    /// initializer slots are weights, biases or fixed.
+    Ops,
     /// List every scorer found: built-in and external, with its inputs and origin.
     Plugins {
         #[arg(long)]
@@ -372,6 +375,7 @@ fn main() -> ExitCode {
         )),
         Cmd::LinearRegions(a) => cli::regions::linear_regions(a),
         Cmd::Plugins { plugin } => cli::score::plugins(plugin),
+        Cmd::Ops => cli::ops::list(),
     };
     match res {
         Ok(code) => ExitCode::from(code as u8),

@@ -443,3 +443,36 @@ fn channels_last_model_gets_the_probe_in_its_layout() {
     let (ok, err) = grads(&nhwc, "forced.npy", &["--input-layout", "nchw"]);
     assert!(!ok && err.contains("32"), "{err}");
 }
+
+/// `gradalign ops` is read from the op definitions: the roles it prints are the ones the
+/// parameter selection uses.
+#[test]
+fn ops_lists_supported_ops_with_slot_roles() {
+    let out = bin().arg("ops").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |op: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(op))
+            .unwrap_or_else(|| panic!("{op} missing from:\n{text}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(line("Conv"), "Conv 2-3 rule data weight bias");
+    assert_eq!(line("Gemm"), "Gemm 2-3 via its lowering weight weight bias");
+    assert_eq!(
+        line("BatchNormalization"),
+        "BatchNormalization 5 via its lowering data data data fixed fixed"
+    );
+    assert_eq!(line("Shape"), "Shape 1 none (shape/compare) fixed");
+    assert_eq!(
+        line("Dropout"),
+        "Dropout 1-3 via its lowering data fixed fixed"
+    );
+    assert!(!text.contains("MISSING"), "{text}");
+    assert!(
+        !text.contains("GaStandardize"),
+        "internal ops are not listed"
+    );
+}

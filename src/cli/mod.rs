@@ -1,2 +1,3 @@
+pub mod ops;
 pub mod regions;
 pub mod score;

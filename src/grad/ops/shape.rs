@@ -44,10 +44,12 @@ pub const OPS: &[OpDef] = &[
         view: true,
         ..SH
     },
+    // The ratio and training-mode inputs are hyper-parameters.
     OpDef {
         name: "Dropout",
         arity: arity(1, 3, 1, 2),
         lower: Some(lower_identity),
+        slots: fixed_after_first,
         ..OP
     },
     OpDef {
