@@ -620,3 +620,21 @@ fn elu_and_selu_gradients_stay_finite_for_large_inputs() {
         );
     }
 }
+
+/// ONNX Max and Min are variadic: every operand of a three-way Min gets its gradient (a binary
+/// rule alone would drop the third), and a one-operand Max is a copy.
+#[test]
+fn variadic_min_and_max() {
+    let mut g = GraphSpec::new(&[2, 4, 4], 13);
+    let w1 = g.param("c1.w", &[3, 2, 3, 3], 0.5);
+    let c1 = g.node("Conv", &["x", &w1], vec![a_ints("pads", &[1, 1, 1, 1])]);
+    let w2 = g.param("c2.w", &[3, 2, 1, 1], 0.5);
+    let c2 = g.node("Conv", &["x", &w2], vec![]);
+    let t = g.node("Tanh", &[&c1], vec![]);
+    let m3 = g.node("Min", &[&c1, &c2, &t], vec![]);
+    let m1 = g.node("Max", &[&m3], vec![]);
+    let cap = g.param("cap", &[3, 1, 1], 0.5);
+    let mx = g.node("Max", &[&m1, &cap, &c2], vec![]);
+    let z = head(&mut g, &mx, 3 * 4 * 4, 3);
+    check(&g, &z, 3, BnMode::Sample, ParamSelect::All);
+}

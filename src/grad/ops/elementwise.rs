@@ -45,9 +45,17 @@ pub const OPS: &[OpDef] = &[
     OpDef { name: "Mul", ..BIN },
     OpDef { name: "Div", ..BIN },
     OpDef { name: "Pow", ..BIN },
+    // Variadic in ONNX: lowered to a chain of binary ones, each with its own rule.
     OpDef {
         name: "Max",
         arity: arity(1, MANY, 1, 1),
+        lower: Some(lower_variadic),
+        ..BIN
+    },
+    OpDef {
+        name: "Min",
+        arity: arity(1, MANY, 1, 1),
+        lower: Some(lower_variadic),
         ..BIN
     },
     OpDef {
@@ -128,7 +136,7 @@ pub const OPS: &[OpDef] = &[
 ];
 
 const BINARY: &[&str] = &[
-    "Add", "Sub", "Mul", "Div", "Pow", "Equal", "Greater", "Less", "Max",
+    "Add", "Sub", "Mul", "Div", "Pow", "Equal", "Greater", "Less", "Max", "Min",
 ];
 
 /// tract has no f64 Sigmoid or Erf kernels: in f64 graphs Sigmoid becomes the exact
@@ -266,6 +274,23 @@ pub fn lower_piecewise(lw: &mut Lowering, node: Node) -> Result<()> {
     Ok(())
 }
 
+/// Max/Min of any number of operands as a chain of binary ones (one operand: a copy), so the
+/// backward rule sees two operands and none is left without a gradient.
+fn lower_variadic(lw: &mut Lowering, node: Node) -> Result<()> {
+    let y = node.outputs[0].clone();
+    if node.inputs.len() == 1 {
+        let copy = Node::new(node.name.clone(), "Identity", node.inputs.clone(), vec![y]);
+        return lw.add(copy);
+    }
+    let last = node.inputs.len() - 1;
+    let mut acc = node.inputs[0].clone();
+    for (i, x) in node.inputs.iter().enumerate().skip(1) {
+        let out = (i == last).then(|| y.clone());
+        acc = lw.emit(&node.name, &node.op, vec![acc, x.clone()], out, vec![])?;
+    }
+    Ok(())
+}
+
 pub fn lower_clip(lw: &mut Lowering, node: Node) -> Result<()> {
     let x = lw.input_info(&node, 0)?.clone();
     let (lo, hi) = if node.has_attr("min") || node.has_attr("max") {
@@ -323,6 +348,7 @@ fn binary_f64(op: &str, a: f64, b: f64) -> f64 {
         "Greater" => (a > b) as u8 as f64,
         "Less" => (a < b) as u8 as f64,
         "Max" => a.max(b),
+        "Min" => a.min(b),
         _ => unreachable!(),
     }
 }
@@ -337,6 +363,7 @@ fn binary_i64(op: &str, a: i64, b: i64) -> Option<i64> {
         "Greater" => (a > b) as i64,
         "Less" => (a < b) as i64,
         "Max" => a.max(b),
+        "Min" => a.min(b),
         _ => return None,
     })
 }
@@ -498,12 +525,13 @@ pub fn backward(
                 dx[2] = Some(b.unbroadcast(&g, &out_shape, &node.inputs[2])?);
             }
         }
-        "Max" => {
-            // The gradient goes to the larger operand (the first on ties, as PyTorch's maximum
-            // splits it; our only use has no ties).
+        "Max" | "Min" => {
+            // The gradient goes to the larger (Max) or smaller (Min) operand, to the first on
+            // ties.
             let (a, c) = (x.clone(), node.inputs[1].clone());
             let z = b.em.scalar(0.0);
-            let lt = b.em.op("Less", &[&a, &c], vec![]);
+            let second = if op == "Max" { "Less" } else { "Greater" };
+            let lt = b.em.op(second, &[&a, &c], vec![]);
             if n0 {
                 let g = b.em.where_(&lt, &z, &dy);
                 dx[0] = Some(b.unbroadcast(&g, &out_shape, &a)?);
