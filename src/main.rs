@@ -69,9 +69,21 @@ pub struct GradArgs {
     /// probe runs in chunks when that fits. Default: three quarters of physical memory.
     #[arg(long, value_parser = gradalign::memory::parse_size)]
     pub max_memory: Option<u64>,
+    /// The model output (or any value it computes) taken as the logits. Default: the first
+    /// output computed only by supported ops. Only what it depends on is computed.
+    #[arg(long, value_name = "NAME")]
+    pub output: Option<String>,
 }
 
 impl GradArgs {
+    /// Load a model and apply `--output`.
+    pub fn load_model(&self, path: &Path) -> Result<Model> {
+        let mut m = Model::load(path)?;
+        if let Some(name) = &self.output {
+            m.select_output(name)?;
+        }
+        Ok(m)
+    }
     pub fn options(&self) -> GradOptions {
         GradOptions {
             bn: self.bn,
@@ -235,7 +247,7 @@ fn grads(
     logits: Option<&Path>,
 ) -> Result<()> {
     let t0 = std::time::Instant::now();
-    let m = Model::load(model)?;
+    let m = grad.load_model(model)?;
     let (probe, shipped) = load_probe(&m, probe)?;
     gradalign::runtime::check_backend(grad.backend)?;
     let t1 = std::time::Instant::now();
@@ -286,7 +298,7 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 fn export(model: &Path, out: &Path, n: usize, grad: &GradArgs) -> Result<()> {
-    let m = Model::load(model)?;
+    let m = grad.load_model(model)?;
     let sample: Vec<usize> = match m.inputs.first().and_then(|i| i.dims.clone()) {
         Some(d) if d[1..].iter().all(|x| x.is_some()) => {
             d[1..].iter().map(|x| x.unwrap() as usize).collect()

@@ -476,3 +476,19 @@ fn ops_lists_supported_ops_with_slot_roles() {
         "internal ops are not listed"
     );
 }
+
+#[test]
+fn unknown_output_name_is_refused_naming_it() {
+    let m = root().join("models/toy_mlp.onnx");
+    for cmd in ["grads", "score"] {
+        let mut args = vec![cmd, m.to_str().unwrap(), "--output", "no_such_value"];
+        if cmd == "grads" {
+            args.extend(["--out", "/tmp/gradalign-unused.npy"]);
+        }
+        let err = run_err(&args);
+        assert!(
+            err.contains("--output no_such_value") && err.contains("toy_mlp.onnx"),
+            "{err}"
+        );
+    }
+}

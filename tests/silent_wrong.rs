@@ -304,3 +304,46 @@ fn a_classifier_with_a_label_head_is_scored_on_its_probability_output() {
         "{msg}"
     );
 }
+
+#[test]
+fn output_names_the_logits() {
+    // Two supported outputs, an auxiliary head first: by default the first is taken (and a note
+    // names it); `--output` picks the classifier's logits, or any value the graph computes.
+    let (mut g, z, _) = mlp_with_tail(&[]);
+    let two = g.tensor("two", HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), 2.0)));
+    let aux = g.node("Mul", &[&z, &two], vec![]);
+    let probe = random_probe(&g.input_shape, 5, 3, 2);
+    let o = opts(BnMode::Sample, ParamSelect::All);
+    let (g0, z0, _) = mlp_with_tail(&[]);
+    let want = per_sample_grads(&g0.model(&z0), &probe, o, false).unwrap();
+
+    let both = g.model_outputs(&[&aux, &z]);
+    let default = per_sample_grads(&both, &probe, o, false).unwrap();
+    assert!(
+        default
+            .notes
+            .iter()
+            .any(|n| n.contains(&format!("using '{aux}' as logits"))),
+        "{:?}",
+        default.notes
+    );
+    assert_ne!(default.grads.to_f64(), want.grads.to_f64());
+
+    let mut chosen = g.model_outputs(&[&aux, &z]);
+    chosen.select_output(&z).unwrap();
+    let got = per_sample_grads(&chosen, &probe, o, false).unwrap();
+    assert_eq!(got.grads.to_f64(), want.grads.to_f64());
+
+    // A value that is not a declared output: the logits before the auxiliary scaling.
+    let mut inner = g.model(&aux);
+    inner.select_output(&z).unwrap();
+    let got = per_sample_grads(&inner, &probe, o, false).unwrap();
+    assert_eq!(got.grads.to_f64(), want.grads.to_f64());
+
+    let mut bad = g.model_outputs(&[&aux, &z]);
+    let err = bad.select_output("logitz").unwrap_err().to_string();
+    assert!(
+        err.contains("--output logitz") && err.contains(&aux),
+        "{err}"
+    );
+}

@@ -7,7 +7,6 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use gradalign::onnx::Model;
 use gradalign::plugin::{input_names, Registry, ScorerInfo};
 use gradalign::rank::{self, ResultsFile};
 use gradalign::score::{score_model, ScoreReport};
@@ -46,7 +45,7 @@ fn score_one(
     grad: &GradArgs,
     scorers: &[ScorerInfo],
 ) -> Result<ScoreReport> {
-    let m = Model::load(path)?;
+    let m = grad.load_model(path)?;
     let (p, shipped) = load_probe(&m, probe)?;
     let mut r = score_model(
         &m,

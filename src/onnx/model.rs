@@ -149,6 +149,25 @@ pub struct Model {
 }
 
 impl Model {
+    /// Take `name` as the model's only output (the logits): a declared output or any value a
+    /// node computes. Everything the new output does not depend on is then never lowered.
+    pub fn select_output(&mut self, name: &str) -> Result<()> {
+        let computed = self
+            .nodes
+            .iter()
+            .any(|n| n.outputs.iter().any(|o| o == name));
+        if !computed && !self.outputs.iter().any(|o| o == name) {
+            bail!(
+                "{}: --output {name}: the model has no output or node output named '{name}' \
+                 (its outputs: {})",
+                self.source,
+                self.outputs.join(", ")
+            );
+        }
+        self.outputs = vec![name.to_string()];
+        Ok(())
+    }
+
     pub fn load(path: &Path) -> Result<Model> {
         let bytes = std::fs::read(path)
             .with_context(|| format!("cannot read model file {}", path.display()))?;
