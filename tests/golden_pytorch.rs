@@ -1,5 +1,7 @@
 //! Per-sample gradients against PyTorch's own batch-of-one `train()` loop (and `eval()` for BN
-//! running statistics), from tests/golden/make_fixtures.py.
+//! running statistics), from tests/golden/make_fixtures.py; and models written by other
+//! exporters (torch dynamo, tf2onnx, jax2onnx) against their own framework's autodiff, from
+//! tests/golden/exporters.py.
 //!
 //! f64 runs must match the f64 goldens to max|Δ| ≤ 1e-6 · max|g| per layer (the goldens are
 //! stored in f32, which limits agreement to ~1e-7). f32 runs are judged as docs/results.md (Accuracy) says:
@@ -293,4 +295,93 @@ fn ort_cpu_matches_pytorch_and_tract() {
         // Measured ≤ 1.3e-5 (nb201_avg_pool_heavy): the two runtimes round f32 differently.
         assert!(worst_pair <= 2e-5, "{name}: ort vs tract {worst_pair:e}");
     }
+}
+
+fn exporter_fixture(name: &str) -> (PathBuf, Model, Probe, serde_json::Value) {
+    let dir = root().join("tests/fixtures/exporters").join(name);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("ref.json")).unwrap()).unwrap();
+    let model = Model::load(&dir.join("model.onnx")).unwrap();
+    let probe = Probe::from_npy(&dir.join("x.npy"), &dir.join("y.npy"), None).unwrap();
+    (dir, model, probe, meta)
+}
+
+/// Models from each framework's own exporter: PyTorch's dynamo exporter with BatchNorm kept
+/// (`optimize=False`), a channels-last Keras CNN through tf2onnx, a channels-last Flax CNN
+/// through jax2onnx. Every parameter the framework trains is a column (none dropped, none
+/// extra, whatever the exporter renamed or re-laid-out), and its f64 per-sample gradients match
+/// the framework's own f64 autodiff (batch-of-one train() loop, GradientTape loop, jax.vmap of
+/// jax.grad) to 1e-9 of the layer's largest entry.
+#[test]
+fn exporters_match_their_frameworks_autodiff() {
+    for name in ["torch_dynamo_bn", "keras_tf2onnx", "flax_jax2onnx"] {
+        let (dir, model, probe, meta) = exporter_fixture(name);
+        let refs = meta["params"].as_object().unwrap();
+        let mut o = common::opts(BnMode::Sample, ParamSelect::All);
+        o.precision = Precision::F64;
+        let g = per_sample_grads_with(&model, &probe, o, false, Backend::Tract).unwrap();
+        let mut cols: Vec<&str> = g.layout.iter().map(|e| e.name.as_str()).collect();
+        let mut want: Vec<&str> = refs.keys().map(String::as_str).collect();
+        cols.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(
+            cols, want,
+            "{name}: gradient columns vs the framework's parameters"
+        );
+        let ours = g.grads.to_f64();
+        let n = probe.len();
+        let p = ours.len() / n;
+        for e in &g.layout {
+            let file = dir.join(refs[&e.name].as_str().unwrap());
+            let r = npy::read(&file).unwrap().to_f64();
+            assert_eq!(r.len(), n * e.numel, "{name}: {}", e.name);
+            let rv: Vec<f64> = r.iter().copied().collect();
+            let scale = rv.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let mut worst = 0.0f64;
+            for i in 0..n {
+                for k in 0..e.numel {
+                    let a = ours.as_slice().unwrap()[i * p + e.offset + k];
+                    worst = worst.max((a - rv[i * e.numel + k]).abs());
+                }
+            }
+            assert!(
+                scale > 0.0 && worst <= 1e-9 * scale,
+                "{name}: {}: max|Δ| {worst:e}, max|g| {scale:e}",
+                e.name
+            );
+        }
+    }
+}
+
+/// torch's dynamo exporter folds the BatchNorm of a train() model into the convolutions (with
+/// the running statistics: eval semantics) unless optimize=False: reported, not silently
+/// differentiated. (With BN at its default affine it drops BN outright and leaves bias-free
+/// convolutions; tests/silent_wrong.rs covers that shape.)
+#[test]
+fn an_exporter_that_folded_batch_norm_is_reported() {
+    let (_, model, probe, _) = exporter_fixture("torch_dynamo_bn_folded");
+    let o = common::opts(BnMode::Sample, ParamSelect::Weights);
+    let g = per_sample_grads_with(&model, &probe, o, false, Backend::Tract).unwrap();
+    let warned: Vec<&String> = g
+        .notes
+        .iter()
+        .filter(|n| n.starts_with(gradalign::engine::WARNING))
+        .collect();
+    assert!(
+        warned
+            .iter()
+            .any(|n| n.contains("no normalisation layer") && n.contains("optimize=False")),
+        "{:?}",
+        g.notes
+    );
+    // The same network exported with BatchNorm kept carries no such warning.
+    let (_, model, probe, _) = exporter_fixture("torch_dynamo_bn");
+    let g = per_sample_grads_with(&model, &probe, o, false, Backend::Tract).unwrap();
+    assert!(
+        !g.notes
+            .iter()
+            .any(|n| n.starts_with(gradalign::engine::WARNING)),
+        "{:?}",
+        g.notes
+    );
 }

@@ -141,10 +141,12 @@ fn choose_output(model: &Model) -> (String, HashSet<usize>) {
     (first, live)
 }
 
-/// A warning when the model looks like a network whose BatchNorm the exporter folded into the
-/// convolutions (torch's dynamo exporter and tf2onnx do this even for training-mode exports):
-/// no normalisation node at all, and at least two convolutions that all carry a bias. Folding
-/// changes the function, so its per-sample gradients are not those of the trained network.
+/// A warning when the model looks like a network whose BatchNorm the exporter removed: no
+/// normalisation node at all, and either at least two convolutions that all carry a bias (folded
+/// into them: tf2onnx, torch's dynamo exporter for eval models) or a convolution without a bias
+/// (bias-free convolutions are written to precede a norm layer; torch's dynamo exporter drops
+/// BatchNorm of a `train()` model unless `optimize=False`). Either way these are gradients of
+/// another function than the network's.
 fn folded_norm_warning(model: &Model) -> Option<String> {
     let norm = model.nodes.iter().any(|n| {
         matches!(
@@ -156,18 +158,34 @@ fn folded_norm_warning(model: &Model) -> Option<String> {
         )
     });
     let convs: Vec<&crate::onnx::Node> = model.nodes.iter().filter(|n| n.op == "Conv").collect();
-    let all_biased = convs.iter().all(|n| n.input(2).is_some());
-    (!norm && convs.len() >= 2 && all_biased).then(|| {
+    let unbiased = convs.iter().filter(|n| n.input(2).is_none()).count();
+    let what = if norm || convs.is_empty() {
+        return None;
+    } else if unbiased > 0 {
         format!(
-            "{}the model has {} convolutions, all with a bias, and no normalisation layer: if the \
-             network was built with BatchNorm, the exporter folded it into the convolutions and \
-             these are gradients of a different function. Re-export keeping BatchNorm as a node \
-             (PyTorch: torch.onnx.export(..., training=torch.onnx.TrainingMode.TRAINING, \
-             do_constant_folding=False, dynamo=False)); see docs/cli.md, Exporting from PyTorch",
-            crate::engine::WARNING,
+            "{unbiased} of its {} convolutions have no bias and nothing normalises their \
+             output: bias-free convolutions are written to precede BatchNorm, so the exporter \
+             probably removed it (torch.onnx.export(..., dynamo=True) does this for a train() \
+             model unless optimize=False)",
             convs.len()
         )
-    })
+    } else if convs.len() >= 2 {
+        format!(
+            "the model has {} convolutions, all with a bias, and no normalisation layer: if \
+             the network was built with BatchNorm, the exporter folded it into the convolutions \
+             (tf2onnx does; so does torch.onnx.export(..., dynamo=True) unless optimize=False)",
+            convs.len()
+        )
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{}{what}, and these are gradients of a different function. Re-export keeping \
+         BatchNorm as a node (PyTorch: torch.onnx.export(..., training=torch.onnx.TrainingMode.\
+         TRAINING, do_constant_folding=False, dynamo=False), or dynamo=True with optimize=False); \
+         see docs/exporters.md",
+        crate::engine::WARNING
+    ))
 }
 
 impl Analysis {
