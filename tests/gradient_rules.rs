@@ -638,3 +638,54 @@ fn variadic_min_and_max() {
     let z = head(&mut g, &mx, 3 * 4 * 4, 3);
     check(&g, &z, 3, BnMode::Sample, ParamSelect::All);
 }
+
+/// Attention's q/k/v split as exporters write it: Transpose(2, 0, 3, 1, 4) moves the sample
+/// axis, then Slice (torch dynamo) or Split (legacy) plus Squeeze, or Gather (unbind), selects
+/// along axis 0 and so moves it back. Rewritten into selections on the Transpose's input.
+#[test]
+fn qkv_split_through_a_sample_axis_transpose() {
+    for how in ["slice", "split", "gather"] {
+        let (t, h, d) = (3, 2, 2);
+        let mut g = GraphSpec::new(&[t, 4], 17);
+        let w = g.param("qkv.w", &[4, 3 * h * d], 0.5);
+        let qkv = g.node("MatMul", &["x", &w], vec![]);
+        let shape = g.ints(&[-1, t as i64, 3, h as i64, d as i64]);
+        let r = g.node("Reshape", &[&qkv, &shape], vec![]);
+        let p = g.node("Transpose", &[&r], vec![a_ints("perm", &[2, 0, 3, 1, 4])]);
+        let zero = g.ints(&[0]);
+        let parts: Vec<String> = match how {
+            "slice" => (0..3)
+                .map(|k| {
+                    let (s, e) = (g.ints(&[k]), g.ints(&[k + 1]));
+                    let sl = g.node("Slice", &[&p, &s, &e, &zero], vec![]);
+                    g.node("Squeeze", &[&sl, &zero], vec![])
+                })
+                .collect(),
+            "split" => {
+                let outs = g.node_n("Split", &[&p], vec![a_i("axis", 0)], 3);
+                outs.iter()
+                    .map(|o| g.node("Squeeze", &[o, &zero], vec![]))
+                    .collect()
+            }
+            _ => (0..3)
+                .map(|k| {
+                    let i = g.tensor(
+                        &format!("idx{k}"),
+                        HostTensor::I64(ArrayD::from_elem(IxDyn(&[]), k)),
+                    );
+                    g.node("Gather", &[&p, &i], vec![a_i("axis", 0)])
+                })
+                .collect(),
+        };
+        let kt = g.node(
+            "Transpose",
+            &[&parts[1]],
+            vec![a_ints("perm", &[0, 1, 3, 2])],
+        );
+        let att = g.node("MatMul", &[&parts[0], &kt], vec![]);
+        let sm = g.node("Softmax", &[&att], vec![a_i("axis", -1)]);
+        let o = g.node("MatMul", &[&sm, &parts[2]], vec![]);
+        let z = head(&mut g, &o, h * t * d, 3);
+        check(&g, &z, 3, BnMode::Sample, ParamSelect::All);
+    }
+}

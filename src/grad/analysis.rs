@@ -196,6 +196,8 @@ impl Analysis {
     }
 
     fn new_inner(model: &Model, input_shape: &[usize], opts: GradOptions) -> Result<Analysis> {
+        let rewritten = super::sample_axis::sink_leading_transposes(model);
+        let model = rewritten.as_ref().unwrap_or(model);
         let float = opts.precision.dtype();
         let n = input_shape[0];
         if n == 0 {

@@ -9,6 +9,7 @@ pub mod emit;
 pub mod lowering;
 pub mod ops;
 pub mod rules;
+pub mod sample_axis;
 
 use crate::onnx::{DType, HostTensor};
 

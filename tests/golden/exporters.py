@@ -128,6 +128,42 @@ def torch_fixtures():
           "torch.onnx.export(train() model, dynamo=True): the exporter folds BatchNorm into the convolutions")
 
 
+def vit_fixture():
+    """A small timm ViT through the legacy exporter: the class token is expanded over the batch,
+    attention transposes q/k/v away from the sample axis and back, `x[:, 0]` picks the token."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    m = timm.models.vision_transformer.VisionTransformer(
+        img_size=8, patch_size=4, in_chans=C, num_classes=K, embed_dim=16, depth=2,
+        num_heads=2, mlp_ratio=2.0).train()
+    with torch.no_grad():  # timm starts the class token at ~1e-6: make its gradient visible
+        m.cls_token.normal_(0, 0.5)
+        m.pos_embed.normal_(0, 0.5)
+    x = torch.from_numpy(X_NCHW)
+    path = os.path.join(OUT, "timm_vit_legacy.onnx.tmp")
+    os.makedirs(OUT, exist_ok=True)
+    torch.onnx.export(m, x[:2], path, dynamo=False, training=torch.onnx.TrainingMode.TRAINING,
+                      do_constant_folding=False, opset_version=17, input_names=["x"],
+                      dynamic_axes={"x": {0: "N"}})
+    import onnx
+    proto = onnx.load(path)
+    os.remove(path)
+    m64 = m.double()
+    refs = {k: [] for k, _ in m64.named_parameters()}
+    for i in range(N):
+        m64.zero_grad()
+        loss = torch.nn.functional.cross_entropy(m64(x[i:i + 1].double()),
+                                                 torch.from_numpy(Y[i:i + 1]))
+        loss.backward()
+        for k, p in m64.named_parameters():
+            refs[k].append(p.grad.detach().numpy().copy())
+    refs = {k: np.stack(v) for k, v in refs.items()}
+    write("timm_vit_legacy", proto, X_NCHW, refs, f"torch {torch.__version__}, timm {timm.__version__}",
+          "timm VisionTransformer (8x8 input, patch 4, depth 2, 2 heads), legacy exporter, training mode")
+
+
 def keras_fixture():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
@@ -217,6 +253,7 @@ def flax_fixture():
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["torch", "keras", "flax"]
+    which = sys.argv[1:] or ["torch", "vit", "keras", "flax"]
     for w in which:
-        {"torch": torch_fixtures, "keras": keras_fixture, "flax": flax_fixture}[w]()
+        {"torch": torch_fixtures, "vit": vit_fixture, "keras": keras_fixture,
+         "flax": flax_fixture}[w]()

@@ -368,6 +368,51 @@ fn binary_i64(op: &str, a: i64, b: i64) -> Option<i64> {
     })
 }
 
+/// `Where(c, x, y)` on constants: exporters resolve `expand(B, -1, -1)`'s -1 entries with it.
+fn where_eval(
+    node: &Node,
+    c: &HostTensor,
+    vals: &[Option<&HostTensor>],
+) -> Option<Result<Vec<HostTensor>>> {
+    let (x, y) = (
+        vals.get(1).copied().flatten()?,
+        vals.get(2).copied().flatten()?,
+    );
+    let shape = match broadcast(node, &c.shape(), &x.shape())
+        .and_then(|s| broadcast(node, &s, &y.shape()))
+    {
+        Ok(s) => s,
+        Err(e) => return Some(Err(e)),
+    };
+    let cond = c.to_f64();
+    let cond = cond.broadcast(IxDyn(&shape))?;
+    let out = match (x, y) {
+        (HostTensor::I64(a), HostTensor::I64(b)) => {
+            let (a, b) = (a.broadcast(IxDyn(&shape))?, b.broadcast(IxDyn(&shape))?);
+            HostTensor::I64(Zip::from(&cond).and(&a).and(&b).map_collect(|&c, &p, &q| {
+                if c != 0.0 {
+                    p
+                } else {
+                    q
+                }
+            }))
+        }
+        _ => {
+            let (a, b) = (x.to_f64(), y.to_f64());
+            let (a, b) = (a.broadcast(IxDyn(&shape))?, b.broadcast(IxDyn(&shape))?);
+            HostTensor::F64(Zip::from(&cond).and(&a).and(&b).map_collect(|&c, &p, &q| {
+                if c != 0.0 {
+                    p
+                } else {
+                    q
+                }
+            }))
+            .cast(x.dtype())
+        }
+    };
+    Some(Ok(vec![out]))
+}
+
 pub fn eval(node: &Node, vals: &[Option<&HostTensor>]) -> Option<Result<Vec<HostTensor>>> {
     let op = node.op.as_str();
     let a = vals.first().copied().flatten()?;
@@ -416,6 +461,9 @@ pub fn eval(node: &Node, vals: &[Option<&HostTensor>]) -> Option<Result<Vec<Host
             }
         };
         return Some(Ok(vec![res]));
+    }
+    if op == "Where" {
+        return where_eval(node, a, vals);
     }
     let f: fn(f64) -> f64 = match op {
         "Neg" => |v| -v,

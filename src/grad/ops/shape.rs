@@ -131,12 +131,14 @@ pub const OPS: &[OpDef] = &[
     OpDef {
         name: "Gather",
         arity: arity(2, 2, 1, 1),
+        lower: Some(lower_gather),
         slots: fixed_after_first,
         ..SH
     },
     OpDef {
         name: "Expand",
         arity: arity(2, 2, 1, 1),
+        lower: Some(lower_expand),
         slots: fixed_after_first,
         ..SH
     },
@@ -154,6 +156,86 @@ pub const OPS: &[OpDef] = &[
         ..SHAPE_ONLY
     },
 ];
+
+/// Gather with constant indices from a computed tensor along an axis other than the sample
+/// axis (`x[:, 0]`, a ViT's class token): one Slice per index, concatenated and reshaped to
+/// Gather's output shape, so the existing rules differentiate it. Constant data folds as before.
+fn lower_gather(lw: &mut Lowering, node: Node) -> Result<()> {
+    let x = lw.input_info(&node, 0)?.clone();
+    let idx = lw.input_info(&node, 1)?.clone();
+    let Some(ids) = idx.value.as_ref().filter(|_| x.value.is_none()) else {
+        return lw.add(node);
+    };
+    let r = x.shape.len();
+    let axis = norm_axis(&node, node.attr_i("axis").unwrap_or(0), r)?;
+    if axis == 0 {
+        return lw.add(node); // folds, or is refused with the reason
+    }
+    let dim = x.shape[axis] as i64;
+    let ids = ids.as_i64_vec()?;
+    let mut parts = vec![];
+    for &k in &ids {
+        let k = if k < 0 { k + dim } else { k };
+        if !(0..dim).contains(&k) {
+            bail!(
+                "{}: index {k} is out of range for axis {axis} of size {dim}",
+                node.describe()
+            );
+        }
+        let out = lw.fresh("gather");
+        let slice = Node::new(
+            format!("{}/slice{k}", node.name),
+            "Slice",
+            vec![
+                node.inputs[0].clone(),
+                lw.konst(HostTensor::i64_vec(&[k])),
+                lw.konst(HostTensor::i64_vec(&[k + 1])),
+                lw.konst(HostTensor::i64_vec(&[axis as i64])),
+            ],
+            vec![out.clone()],
+        );
+        lower_slice(lw, slice)?;
+        parts.push(out);
+    }
+    let joined = if parts.len() == 1 {
+        parts.pop().unwrap()
+    } else {
+        lw.emit(
+            &node.name,
+            "Concat",
+            parts,
+            None,
+            vec![attr::i("axis", axis as i64)],
+        )?
+    };
+    let mut shape: Vec<i64> = x.shape[..axis].iter().map(|&d| d as i64).collect();
+    shape.extend(idx.shape.iter().map(|&d| d as i64));
+    shape.extend(x.shape[axis + 1..].iter().map(|&d| d as i64));
+    let reshape = Node::new(
+        format!("{}/reshape", node.name),
+        "Reshape",
+        vec![joined, lw.konst(HostTensor::i64_vec(&shape))],
+        node.outputs.clone(),
+    );
+    lower_reshape(lw, reshape)
+}
+
+/// A parameter expanded along a new leading axis of the batch size (`cls_token.expand(B, -1,
+/// -1)`) gives every sample its own copy: the result is per-sample, so each sample's gradient
+/// flows back to the parameter on its own instead of being taken as one per-model tensor.
+fn lower_expand(lw: &mut Lowering, node: Node) -> Result<()> {
+    let x = lw.input_info(&node, 0)?.clone();
+    let out = node.outputs[0].clone();
+    lw.add(node)?;
+    let n = lw.n;
+    if let Some(info) = lw.infos.get_mut(&out) {
+        let new_axis = x.shape.len() < info.shape.len() || x.shape.first() == Some(&1);
+        if x.kind == Kind::Param && new_axis && info.shape.first() == Some(&n) {
+            info.kind = Kind::Batched;
+        }
+    }
+    Ok(())
+}
 
 fn eval_def(node: &Node, vals: &[Option<&HostTensor>]) -> Option<Result<Vec<HostTensor>>> {
     Some(eval(node, vals))
@@ -310,10 +392,17 @@ pub fn lower_reshape(lw: &mut Lowering, node: Node) -> Result<()> {
     }
     if x.kind == Kind::Batched && target.first() != Some(&lw.n) {
         bail!(
-            "{}: reshaping {:?} to {:?} moves the sample axis; per-sample gradients need axis 0 to stay the batch",
+            "{}: reshaping {:?} to {:?} moves the sample axis; per-sample gradients need axis 0 \
+             to stay the batch{}",
             node.describe(),
             x.shape,
-            target
+            target,
+            if target.first().is_some_and(|&d| d % lw.n == 0) {
+                " (torch's dynamo exporter writes attention this way, merging batch and heads: \
+                 export with dynamo=False, see docs/exporters.md)"
+            } else {
+                ""
+            }
         );
     }
     let shape_t: Vec<i64> = target.iter().map(|&d| d as i64).collect();
