@@ -379,7 +379,7 @@ fn hard_sigmoid_hard_swish_elu_selu_prelu() {
 /// wrong forward): logits of a graph that is just the activation, against the formulas.
 #[test]
 fn piecewise_activations_match_their_onnx_definitions() {
-    let xs = [-4.0, -3.0, -1.5, -0.25, 0.0, 0.25, 1.5, 3.0, 4.0, 2.9];
+    let xs = [-4.0, -3.0, -1.5, -0.25, 0.0, 0.25, 1.5, 3.0, 4.0, 90.0];
     let slope = [0.1, -0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
     type Def = (
         &'static str,
@@ -410,6 +410,8 @@ fn piecewise_activations_match_their_onnx_definitions() {
                     1.673_263_192_176_818_8 * (x.exp() - 1.0)
                 }
         }),
+        ("Softplus", vec![], |x, _| (1.0 + x.exp()).ln()),
+        ("Mish", vec![], |x, _| x * (1.0 + x.exp()).ln().tanh()),
         ("PRelu", vec![], |x, k| {
             if x > 0.0 {
                 x
@@ -688,4 +690,31 @@ fn qkv_split_through_a_sample_axis_transpose() {
         let z = head(&mut g, &o, h * t * d, 3);
         check(&g, &z, 3, BnMode::Sample, ParamSelect::All);
     }
+}
+
+/// Softplus and Mish (stable form through Log, Min, Exp), ReduceL2 and ReduceSumSquare, fed by
+/// convolutions whose outputs reach |x| ≈ 5, so both branches of the stable form are used.
+#[test]
+fn softplus_mish_and_l2_reductions() {
+    let mut g = GraphSpec::new(&[2, 4, 4], 19);
+    let w1 = g.param("c1.w", &[3, 2, 3, 3], 1.5);
+    let c1 = g.node("Conv", &["x", &w1], vec![a_ints("pads", &[1, 1, 1, 1])]);
+    let sp = g.node("Softplus", &[&c1], vec![]);
+    let mi = g.node("Mish", &[&c1], vec![]);
+    let s = g.node("Add", &[&sp, &mi], vec![]);
+    let l2 = g.node(
+        "ReduceL2",
+        &[&s],
+        vec![a_ints("axes", &[2]), a_i("keepdims", 1)],
+    );
+    let ss = g.node(
+        "ReduceSumSquare",
+        &[&mi],
+        vec![a_ints("axes", &[3]), a_i("keepdims", 0)],
+    );
+    let f1 = g.node("Flatten", &[&l2], vec![a_i("axis", 1)]);
+    let f2 = g.node("Flatten", &[&ss], vec![a_i("axis", 1)]);
+    let cat = g.node("Concat", &[&f1, &f2], vec![a_i("axis", 1)]);
+    let z = head(&mut g, &cat, 3 * 4 + 3 * 4, 3);
+    check(&g, &z, 3, BnMode::Sample, ParamSelect::All);
 }

@@ -133,6 +133,17 @@ pub const OPS: &[OpDef] = &[
         arity: arity(2, 2, 1, 1),
         ..PIECEWISE
     },
+    OpDef { name: "Log", ..EW },
+    OpDef {
+        name: "Softplus",
+        lower: Some(lower_softplus),
+        ..OP
+    },
+    OpDef {
+        name: "Mish",
+        lower: Some(lower_softplus),
+        ..OP
+    },
 ];
 
 const BINARY: &[&str] = &[
@@ -287,6 +298,29 @@ fn lower_variadic(lw: &mut Lowering, node: Node) -> Result<()> {
     for (i, x) in node.inputs.iter().enumerate().skip(1) {
         let out = (i == last).then(|| y.clone());
         acc = lw.emit(&node.name, &node.op, vec![acc, x.clone()], out, vec![])?;
+    }
+    Ok(())
+}
+
+/// Softplus `ln(1 + eˣ)` and Mish `x·tanh(softplus(x))` as primitives, in the stable form
+/// `max(x, 0) + ln(1 + e^(−|x|))` with `−|x| = min(x, −x)`: no overflow for large |x|, and at
+/// x = 0 Min passes the gradient to x, so the derivative there is σ(0) = ½ exactly.
+fn lower_softplus(lw: &mut Lowering, node: Node) -> Result<()> {
+    let base = node.name.clone();
+    let x = node.inputs[0].clone();
+    let y = node.outputs[0].clone();
+    let mish = node.op == "Mish";
+    let nx = lw.emit(&base, "Neg", vec![x.clone()], None, vec![])?;
+    let m = lw.emit(&base, "Min", vec![x.clone(), nx], None, vec![])?;
+    let e = lw.emit(&base, "Exp", vec![m], None, vec![])?;
+    let one = lw.scalar(1.0);
+    let a = lw.emit(&base, "Add", vec![e, one], None, vec![])?;
+    let l = lw.emit(&base, "Log", vec![a], None, vec![])?;
+    let r = lw.emit(&base, "Relu", vec![x.clone()], None, vec![])?;
+    let sp = lw.emit(&base, "Add", vec![r, l], (!mish).then(|| y.clone()), vec![])?;
+    if mish {
+        let t = lw.emit(&base, "Tanh", vec![sp], None, vec![])?;
+        lw.emit(&base, "Mul", vec![x, t], Some(y), vec![])?;
     }
     Ok(())
 }
@@ -471,6 +505,7 @@ pub fn eval(node: &Node, vals: &[Option<&HostTensor>]) -> Option<Result<Vec<Host
         "Exp" => f64::exp,
         "Abs" => f64::abs,
         "Reciprocal" => |v| 1.0 / v,
+        "Log" => f64::ln,
         "Relu" => |v| v.max(0.0),
         _ => return None,
     };
@@ -647,6 +682,7 @@ pub fn backward(
                     b.em.mul_scalar(&t, 0.5)
                 }
                 "Exp" => b.em.mul(&dy, &y),
+                "Log" => b.em.div(&dy, &x),
                 "Neg" => b.em.neg(&dy),
                 "Abs" => {
                     let s = b.em.op("Sign", &[&x], vec![]);

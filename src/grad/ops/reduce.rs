@@ -44,6 +44,20 @@ pub const OPS: &[OpDef] = &[
         name: "LogSoftmax",
         ..SOFTMAX
     },
+    OpDef {
+        name: "ReduceL2",
+        lower: Some(lower_squares),
+        infer: None,
+        backward: None,
+        ..REDUCE
+    },
+    OpDef {
+        name: "ReduceSumSquare",
+        lower: Some(lower_squares),
+        infer: None,
+        backward: None,
+        ..REDUCE
+    },
 ];
 
 pub fn lower(lw: &mut Lowering, node: Node) -> Result<()> {
@@ -103,6 +117,38 @@ pub fn lower(lw: &mut Lowering, node: Node) -> Result<()> {
         .with_attr(attr::ints("axes", &a64))
     };
     lw.add(out.with_attr(attr::i("keepdims", keep)))
+}
+
+/// ReduceSumSquare `Σx²` and ReduceL2 `√(Σx²)` on the ReduceSum rule (same axes and keepdims).
+fn lower_squares(lw: &mut Lowering, node: Node) -> Result<()> {
+    let x = node.inputs[0].clone();
+    let sq = lw.emit(&node.name, "Mul", vec![x.clone(), x], None, vec![])?;
+    let l2 = node.op == "ReduceL2";
+    let sum_out = if l2 {
+        lw.fresh("sumsq")
+    } else {
+        node.outputs[0].clone()
+    };
+    let mut inputs = node.inputs.clone();
+    inputs[0] = sq;
+    let mut sum = Node::new(
+        format!("{}/sum", node.name),
+        "ReduceSum",
+        inputs,
+        vec![sum_out.clone()],
+    );
+    sum.attrs = node.attrs.clone();
+    lower(lw, sum)?;
+    if l2 {
+        lw.emit(
+            &node.name,
+            "Sqrt",
+            vec![sum_out],
+            Some(node.outputs[0].clone()),
+            vec![],
+        )?;
+    }
+    Ok(())
 }
 
 /// Make the softmax axis explicit: before opset 13 the default was 1 over a 2-D coercion.
