@@ -244,7 +244,11 @@ fn a_bn_folded_looking_network_gets_a_warning_and_a_bn_network_does_not() {
     for (with_bn, biased, warned) in [
         (false, true, Some("folded")),
         (true, true, None),
-        (false, false, Some("2 of its 2 convolutions have no bias")),
+        (
+            false,
+            false,
+            Some("2 convolutions, 2 of them without a bias"),
+        ),
         (true, false, None),
     ] {
         let (g, z) = conv_net(with_bn, biased);

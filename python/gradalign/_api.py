@@ -84,7 +84,7 @@ def _probe_args(data: Any, labels: Any) -> dict:
 
 
 def _common(
-    data, labels, n, bn, params, precision, backend, device, max_memory, input_layout
+    data, labels, n, bn, params, precision, backend, device, max_memory, input_layout, output
 ) -> dict:
     if n is not None and (not isinstance(n, (int, np.integer)) or n <= 0):
         raise GradalignError(f"n={n!r}: expected a positive number of probe samples")
@@ -97,6 +97,7 @@ def _common(
         max_memory=None if max_memory is None else str(max_memory),
         n=None if n is None else int(n),
         input_layout=input_layout,
+        output=None if output is None else str(output),
         **_probe_args(data, labels),
     )
 
@@ -125,13 +126,15 @@ def score(
     plugins: Iterable[Any] = (),
     isolate: bool = False,
     input_layout: str = "auto",
+    output: str | None = None,
 ) -> dict:
     """Score one model with the selected scorers (default: gradalign-i, gradalign-ii, gradsign).
 
     `model` is a path, ONNX bytes or an `onnx.ModelProto`. The probe is the shipped CIFAR-10
     one (class-balanced, `n` = 64) unless `data` is given: a CIFAR-10 .bin, a float32 .npy
     (with `labels` an int64 .npy), or arrays/tensors (N×C×H×W images, already normalised, and
-    N integer labels). Options are the CLI's (`gradalign score --help`).
+    N integer labels). Options are the CLI's (`gradalign score --help`); `output` names the
+    value taken as logits (`--output`).
 
     Returns a dict like the CLI's `score --format json` object: {"model", "scores": {name:
     float or None}, "errors": {name: message}, "warnings" (including plugin libraries that
@@ -148,7 +151,8 @@ def score(
         scorers,
         _plugin_paths(plugins),
         bool(isolate),
-        **_common(data, labels, n, bn, params, precision, backend, device, max_memory, input_layout),
+        **_common(data, labels, n, bn, params, precision, backend, device, max_memory, input_layout,
+                  output),
     )
     result = json.loads(report.to_json())
     if not report.ok:
@@ -172,6 +176,7 @@ def grads(
     max_memory: Union[str, int, None] = None,
     input_layout: str = "auto",
     return_logits: bool = False,
+    output: str | None = None,
 ):
     """Per-sample gradients of the softmax cross-entropy: `(grads, layout)`, or
     `(grads, layout, logits)` with `return_logits=True`.
@@ -184,7 +189,8 @@ def grads(
     """
     (gb, gs, gt), (lb, ls, lt), meta = _native.grads(
         _model_arg(model),
-        **_common(data, labels, n, bn, params, precision, backend, device, max_memory, input_layout),
+        **_common(data, labels, n, bn, params, precision, backend, device, max_memory, input_layout,
+                  output),
     )
     meta = json.loads(meta)
     _warn_all(meta["warnings"], str(model) if isinstance(model, (str, os.PathLike)) else "model")
@@ -288,6 +294,7 @@ def rank(
     plugins: Iterable[Any] = (),
     isolate: bool = False,
     input_layout: str = "auto",
+    output: str | None = None,
 ) -> list:
     """Score many models (files, or folders searched for .onnx) and rank them by the first
     scorer, best first. A model that cannot be scored is kept with its error and ranked last.
@@ -306,7 +313,7 @@ def rank(
     plugin_paths = _plugin_paths(plugins)
     names = _native.resolve_scorers(spec, plugin_paths)
     opts = _common(data, labels, n, bn, params, precision, backend, device, max_memory,
-                   input_layout)
+                   input_layout, output)
     results = _native.ResultsCsv(os.fspath(out), names) if out is not None else None
     done = set(results.done()) if results is not None else set()
     todo = [p for p in paths if p not in done]

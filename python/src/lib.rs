@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use ndarray::{ArrayD, IxDyn};
 use pyo3::create_exception;
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes};
+use pyo3::types::{PyByteArray, PyBytes, PyDict};
 
 use gradalign::engine::{self, InputLayout};
 use gradalign::grad::GradOptions;
@@ -89,46 +89,90 @@ struct Options {
     labels: Option<Vec<i64>>,
     n: Option<usize>,
     layout: InputLayout,
+    /// `--output`: the value taken as logits.
+    output: Option<String>,
 }
 
+/// The option keywords `gradalign._api` passes (every one, always).
+const OPTION_KEYS: &[&str] = &[
+    "bn",
+    "params",
+    "precision",
+    "backend",
+    "device",
+    "max_memory",
+    "data_path",
+    "labels_path",
+    "data",
+    "labels",
+    "n",
+    "input_layout",
+    "output",
+];
+
 impl Options {
-    #[allow(clippy::too_many_arguments)]
-    fn parse(
-        bn: &str,
-        params: &str,
-        precision: &str,
-        backend: &str,
-        device: &str,
-        max_memory: Option<&str>,
-        data_path: Option<PathBuf>,
-        labels_path: Option<PathBuf>,
-        data: Option<(Vec<u8>, Vec<usize>)>,
-        labels: Option<Vec<i64>>,
-        n: Option<usize>,
-        input_layout: &str,
-    ) -> Result<Options> {
-        let backend: Backend = parse_enum("backend", backend)?;
-        gradalign::runtime::check_backend(backend)?;
+    /// From the keyword arguments of `score_report`/`grads`; a key outside [`OPTION_KEYS`] is
+    /// an error, so the Python layer and this one cannot drift apart silently.
+    fn from_kwargs(kw: Option<&Bound<'_, PyDict>>) -> PyResult<Options> {
+        if let Some(d) = kw {
+            for k in d.keys() {
+                let k: String = k.extract()?;
+                if !OPTION_KEYS.contains(&k.as_str()) {
+                    return Err(py_err(anyhow!("unknown option '{k}'")));
+                }
+            }
+        }
+        let get = |k: &str| -> PyResult<Option<Bound<'_, PyAny>>> {
+            Ok(match kw {
+                Some(d) => d.get_item(k)?.filter(|v| !v.is_none()),
+                None => None,
+            })
+        };
+        let string = |k: &str, default: &str| -> PyResult<String> {
+            Ok(match get(k)? {
+                Some(v) => v.extract()?,
+                None => default.to_string(),
+            })
+        };
+        let backend: Backend =
+            parse_enum("backend", &string("backend", "auto")?).map_err(py_err)?;
+        gradalign::runtime::check_backend(backend).map_err(py_err)?;
+        let max_memory = match get("max_memory")? {
+            Some(v) => Some(
+                gradalign::memory::parse_size(&v.extract::<String>()?)
+                    .map_err(|e| py_err(anyhow!("max_memory: {e}")))?,
+            ),
+            None => None,
+        };
+        let grad = GradOptions {
+            bn: parse_enum("bn", &string("bn", "sample")?).map_err(py_err)?,
+            params: parse_enum("params", &string("params", "weights")?).map_err(py_err)?,
+            precision: parse_enum("precision", &string("precision", "f32")?).map_err(py_err)?,
+            max_memory,
+        };
         Ok(Options {
-            grad: GradOptions {
-                bn: parse_enum("bn", bn)?,
-                params: parse_enum("params", params)?,
-                precision: parse_enum("precision", precision)?,
-                max_memory: max_memory
-                    .map(|m| {
-                        gradalign::memory::parse_size(m).map_err(|e| anyhow!("max_memory: {e}"))
-                    })
-                    .transpose()?,
-            },
+            grad,
             backend,
-            device: device.parse().map_err(|e: String| anyhow!("device: {e}"))?,
-            data_path,
-            labels_path,
-            data,
-            labels,
-            n,
-            layout: parse_enum("input_layout", input_layout)?,
+            device: string("device", "cpu")?
+                .parse()
+                .map_err(|e: String| py_err(anyhow!("device: {e}")))?,
+            data_path: get("data_path")?.map(|v| v.extract()).transpose()?,
+            labels_path: get("labels_path")?.map(|v| v.extract()).transpose()?,
+            data: get("data")?.map(|v| v.extract()).transpose()?,
+            labels: get("labels")?.map(|v| v.extract()).transpose()?,
+            n: get("n")?.map(|v| v.extract()).transpose()?,
+            layout: parse_enum("input_layout", &string("input_layout", "auto")?).map_err(py_err)?,
+            output: get("output")?.map(|v| v.extract()).transpose()?,
         })
+    }
+
+    /// Load the model and apply `output`.
+    fn model(&self, source: &ModelSource) -> Result<Model> {
+        let mut m = source.load()?;
+        if let Some(o) = &self.output {
+            m.select_output(o)?;
+        }
+        Ok(m)
     }
 
     /// The probe for `model`, and whether it is the shipped CIFAR-10 one.
@@ -227,44 +271,17 @@ impl Report {
 }
 
 #[pyfunction]
-#[pyo3(signature = (model, scorers, plugins, isolate, bn, params, precision, backend, device,
-                    max_memory, data_path, labels_path, data, labels, n, input_layout))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (model, scorers, plugins, isolate, **options))]
 fn score_report(
     py: Python<'_>,
     model: &Bound<'_, PyAny>,
     scorers: &str,
     plugins: Vec<PathBuf>,
     isolate: bool,
-    bn: &str,
-    params: &str,
-    precision: &str,
-    backend: &str,
-    device: &str,
-    max_memory: Option<&str>,
-    data_path: Option<PathBuf>,
-    labels_path: Option<PathBuf>,
-    data: Option<(Vec<u8>, Vec<usize>)>,
-    labels: Option<Vec<i64>>,
-    n: Option<usize>,
-    input_layout: &str,
+    options: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<Report> {
     let source = ModelSource::extract(model)?;
-    let opts = Options::parse(
-        bn,
-        params,
-        precision,
-        backend,
-        device,
-        max_memory,
-        data_path,
-        labels_path,
-        data,
-        labels,
-        n,
-        input_layout,
-    )
-    .map_err(py_err)?;
+    let opts = Options::from_kwargs(options)?;
     let reg = registry(&plugins);
     let mut selected: Vec<ScorerInfo> = reg.select(scorers).map_err(py_err)?;
     for s in &mut selected {
@@ -276,7 +293,7 @@ fn score_report(
     let (inner, seconds) = py.detach(move || {
         let t = Instant::now();
         let res = (|| -> Result<ScoreReport> {
-            let m = source.load()?;
+            let m = opts.model(&source)?;
             let mut notes = vec![];
             let (probe, shipped) = opts.probe(&m, &mut notes)?;
             let mut r = score_model(
@@ -349,47 +366,21 @@ fn tensor_bytearray<'py>(
 /// Per-sample gradients: (grads bytearray, shape, dtype), (logits bytearray, shape, dtype), and
 /// a JSON object with the layout, labels, notes, warnings and runtime.
 #[pyfunction]
-#[pyo3(signature = (model, bn, params, precision, backend, device, max_memory, data_path,
-                    labels_path, data, labels, n, input_layout))]
-#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+#[pyo3(signature = (model, **options))]
+#[allow(clippy::type_complexity)]
 fn grads<'py>(
     py: Python<'py>,
     model: &Bound<'py, PyAny>,
-    bn: &str,
-    params: &str,
-    precision: &str,
-    backend: &str,
-    device: &str,
-    max_memory: Option<&str>,
-    data_path: Option<PathBuf>,
-    labels_path: Option<PathBuf>,
-    data: Option<(Vec<u8>, Vec<usize>)>,
-    labels: Option<Vec<i64>>,
-    n: Option<usize>,
-    input_layout: &str,
+    options: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<(
     (Bound<'py, PyByteArray>, Vec<usize>, &'static str),
     (Bound<'py, PyByteArray>, Vec<usize>, &'static str),
     String,
 )> {
     let source = ModelSource::extract(model)?;
-    let opts = Options::parse(
-        bn,
-        params,
-        precision,
-        backend,
-        device,
-        max_memory,
-        data_path,
-        labels_path,
-        data,
-        labels,
-        n,
-        input_layout,
-    )
-    .map_err(py_err)?;
+    let opts = Options::from_kwargs(options)?;
     let res = py.detach(move || -> Result<_> {
-        let m = source.load()?;
+        let m = opts.model(&source)?;
         let mut notes = vec![];
         let (probe, shipped) = opts.probe(&m, &mut notes)?;
         let g =

@@ -142,8 +142,8 @@ fn choose_output(model: &Model) -> (String, HashSet<usize>) {
 }
 
 /// A warning when the model looks like a network whose BatchNorm the exporter removed: no
-/// normalisation node at all, and either at least two convolutions that all carry a bias (folded
-/// into them: tf2onnx, torch's dynamo exporter for eval models) or a convolution without a bias
+/// normalisation node at all, at least two convolutions, and either all of them carry a bias
+/// (folded into them: tf2onnx, torch's dynamo exporter) or some have none
 /// (bias-free convolutions are written to precede a norm layer; torch's dynamo exporter drops
 /// BatchNorm of a `train()` model unless `optimize=False`). Either way these are gradients of
 /// another function than the network's.
@@ -159,25 +159,23 @@ fn folded_norm_warning(model: &Model) -> Option<String> {
     });
     let convs: Vec<&crate::onnx::Node> = model.nodes.iter().filter(|n| n.op == "Conv").collect();
     let unbiased = convs.iter().filter(|n| n.input(2).is_none()).count();
-    let what = if norm || convs.is_empty() {
+    let what = if norm || convs.len() < 2 {
         return None;
     } else if unbiased > 0 {
         format!(
-            "{unbiased} of its {} convolutions have no bias and nothing normalises their \
-             output: bias-free convolutions are written to precede BatchNorm, so the exporter \
-             probably removed it (torch.onnx.export(..., dynamo=True) does this for a train() \
-             model unless optimize=False)",
+            "the model has {} convolutions, {unbiased} of them without a bias, and nothing \
+             normalises their output: bias-free convolutions are written to precede BatchNorm, \
+             so the exporter probably removed it (torch.onnx.export(..., dynamo=True) does this \
+             for a train() model unless optimize=False)",
             convs.len()
         )
-    } else if convs.len() >= 2 {
+    } else {
         format!(
             "the model has {} convolutions, all with a bias, and no normalisation layer: if \
              the network was built with BatchNorm, the exporter folded it into the convolutions \
              (tf2onnx does; so does torch.onnx.export(..., dynamo=True) unless optimize=False)",
             convs.len()
         )
-    } else {
-        return None;
     };
     Some(format!(
         "{}{what}, and these are gradients of a different function. Re-export keeping \

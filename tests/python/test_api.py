@@ -156,6 +156,36 @@ def test_errors_are_exceptions_with_the_cli_messages(root, tmp_path):
     assert "odd_activation" in str(e.value)
 
 
+def test_output_names_the_logits(root):
+    # Two outputs, an auxiliary head first: `output` picks the logits, like the CLI's --output.
+    w = np.linspace(-1, 1, 32, dtype=np.float32).reshape(8, 4)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"], name="fc"),
+         helper.make_node("Mul", ["logits", "two"], ["aux"], name="aux_head")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("aux", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [8, 4], w.ravel()),
+         helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    y = [0, 1, 2, 3]
+    g_aux, _ = gradalign.grads(model, data=x, labels=y, precision="f64")
+    g_logits, _ = gradalign.grads(model, data=x, labels=y, precision="f64", output="logits")
+    # Cross-entropy gradient of the logits by hand: (softmax(xw) - onehot(y)) outer x.
+    z = x.astype(np.float64) @ w.astype(np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(4), y] -= 1
+    want = np.einsum("ni,nk->nik", x.astype(np.float64), p).reshape(4, -1)
+    np.testing.assert_allclose(g_logits, want, rtol=1e-9, atol=1e-12)
+    assert not np.allclose(g_aux, want)
+    with pytest.raises(gradalign.GradalignError, match="--output nope"):
+        gradalign.score(model, data=x, labels=y, output="nope")
+
+
 def test_all_zero_gradients_warn(root):
     with pytest.warns(gradalign.GradalignWarning, match="exactly zero"):
         r = gradalign.score(root / "models/nb201_all_none.onnx", scorers="gradsign", n=8,
