@@ -59,6 +59,12 @@ def rel(a, b):
 NETWORKS = [
     ("torchvision resnet18", lambda: torchvision.models.resnet18(num_classes=10), 96),
     ("timm resnet10t", lambda: timm.create_model("resnet10t", num_classes=10), 96),
+    # Dropout off: PyTorch's reference loop runs in train() mode, gradalign's Dropout is the
+    # identity (the deterministic eval path).
+    ("torchvision mobilenet_v3_small",
+     lambda: torchvision.models.mobilenet_v3_small(num_classes=10, dropout=0.0), 96),
+    ("torchvision squeezenet1_1",
+     lambda: torchvision.models.squeezenet1_1(num_classes=10, dropout=0.0), 96),
     ("timm mobilenetv3_small_050", lambda: timm.create_model("mobilenetv3_small_050",
                                                              num_classes=10), 96),
 ]
