@@ -7,7 +7,8 @@
 #
 #   bash tests/slurm/run.sh            (as root; run by .ci/run after `cargo test --release`)
 #
-# Needs target/release/gradalign (built by `cargo test --release`) and `cargo xtask`.
+# Needs target/release/gradalign (built by `cargo test --release`) and `cargo xtask` (or the
+# prebuilt binary in GRADALIGN_XTASK).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
@@ -106,7 +107,7 @@ done
 say "one-node cluster up ($host, $cpus CPUs)"
 
 # --- the models, and the uninterrupted reference run ----------------------------------------------
-cargo xtask gen-nb201 --count "$count" --seed 0 --out "$work/models" 2>&1 | tail -1
+${GRADALIGN_XTASK:-cargo xtask} gen-nb201 --count "$count" --seed 0 --out "$work/models" 2>&1 | tail -1
 flags=(--n 32 --scorer gradalign-i,gradalign-ii,gradsign,synflow)
 "$bin" rank "$work/models" --out "$work/single.csv" --jobs 1 "${flags[@]}" > /dev/null 2> "$work/single.log" \
     || { cat "$work/single.log"; fail "the single-machine rank failed"; }
