@@ -718,3 +718,28 @@ fn softplus_mish_and_l2_reductions() {
     let z = head(&mut g, &cat, 3 * 4 + 3 * 4, 3);
     check(&g, &z, 3, BnMode::Sample, ParamSelect::All);
 }
+
+/// ReduceMax and ReduceMin (squeeze-and-excitation and CBAM-style pooling): the gradient goes
+/// to the extreme entry of each reduced group.
+#[test]
+fn reduce_max_and_min() {
+    let mut g = GraphSpec::new(&[2, 4, 4], 23);
+    let w1 = g.param("c1.w", &[3, 2, 3, 3], 0.5);
+    let c1 = g.node("Conv", &["x", &w1], vec![a_ints("pads", &[1, 1, 1, 1])]);
+    let mx = g.node(
+        "ReduceMax",
+        &[&c1],
+        vec![a_ints("axes", &[2, 3]), a_i("keepdims", 1)],
+    );
+    let mn = g.node(
+        "ReduceMin",
+        &[&c1],
+        vec![a_ints("axes", &[1]), a_i("keepdims", 0)],
+    );
+    let s = g.node("Mul", &[&c1, &mx], vec![]);
+    let f1 = g.node("Flatten", &[&s], vec![a_i("axis", 1)]);
+    let f2 = g.node("Flatten", &[&mn], vec![a_i("axis", 1)]);
+    let cat = g.node("Concat", &[&f1, &f2], vec![a_i("axis", 1)]);
+    let z = head(&mut g, &cat, 3 * 4 * 4 + 4 * 4, 3);
+    check(&g, &z, 3, BnMode::Sample, ParamSelect::All);
+}

@@ -58,6 +58,16 @@ pub const OPS: &[OpDef] = &[
         backward: None,
         ..REDUCE
     },
+    // The gradient goes to the extreme entries, shared equally among ties (as PyTorch's
+    // amax/amin).
+    OpDef {
+        name: "ReduceMax",
+        ..REDUCE
+    },
+    OpDef {
+        name: "ReduceMin",
+        ..REDUCE
+    },
 ];
 
 pub fn lower(lw: &mut Lowering, node: Node) -> Result<()> {
@@ -110,7 +120,7 @@ pub fn lower(lw: &mut Lowering, node: Node) -> Result<()> {
     } else {
         Node::new(
             node.name.clone(),
-            "ReduceMean",
+            &node.op,
             vec![node.inputs[0].clone()],
             node.outputs.clone(),
         )
@@ -266,6 +276,16 @@ pub fn backward(
                 full.insert(0, b.n);
             }
             let k = b.em.reshape(&dy, &kept);
+            if matches!(node.op.as_str(), "ReduceMax" | "ReduceMin") {
+                // dX = dY · [x = y] / #ties, with y broadcast back over the reduced axes.
+                let own: Vec<usize> = kept[lift..].to_vec();
+                let y = b.em.reshape(&node.outputs[0], &own);
+                let hit = b.em.op("Equal", &[&x, &y], vec![]);
+                let hit = b.em.cast_float(&hit);
+                let ties = b.em.reduce_sum(&hit, &axes, true);
+                let share = b.em.div(&hit, &ties);
+                return Ok(vec![Some(b.em.mul(&k, &share))]);
+            }
             let k = if node.op == "ReduceMean" {
                 b.em.mul_scalar(&k, 1.0 / count as f64)
             } else {
