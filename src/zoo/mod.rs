@@ -98,6 +98,18 @@ struct Gen {
 }
 
 impl Gen {
+    /// An empty graph whose weights are drawn from `seed`.
+    fn new(seed: u64, bn_momentum: f32) -> Gen {
+        Gen {
+            rng: Rng(seed),
+            nodes: vec![],
+            inits: vec![],
+            count: 0,
+            relus: Default::default(),
+            bn_momentum,
+        }
+    }
+
     fn tensor(&mut self, name: &str, shape: &[usize], f: impl FnMut(&mut Rng) -> f32) -> String {
         let mut f = f;
         let n: usize = shape.iter().product();
@@ -196,17 +208,20 @@ impl Gen {
         self.bn(&c, &format!("{prefix}.op.2"), cout)
     }
     fn avg_pool(&mut self, x: &str, k: i64, stride: i64, pad: i64) -> String {
-        self.node(
-            "AveragePool",
-            &[x],
-            vec![
-                attr::i("ceil_mode", 0),
-                attr::i("count_include_pad", 0),
-                attr::ints("kernel_shape", &[k, k]),
-                attr::ints("pads", &[pad, pad, pad, pad]),
-                attr::ints("strides", &[stride, stride]),
-            ],
-        )
+        self.pool("AveragePool", x, k, stride, pad)
+    }
+    /// A square AveragePool (padding excluded from the count, as PyTorch's) or MaxPool.
+    fn pool(&mut self, op: &str, x: &str, k: i64, stride: i64, pad: i64) -> String {
+        let mut attrs = vec![
+            attr::i("ceil_mode", 0),
+            attr::ints("kernel_shape", &[k, k]),
+            attr::ints("pads", &[pad, pad, pad, pad]),
+            attr::ints("strides", &[stride, stride]),
+        ];
+        if op == "AveragePool" {
+            attrs.insert(1, attr::i("count_include_pad", 0));
+        }
+        self.node(op, &[x], attrs)
     }
 }
 
@@ -255,14 +270,7 @@ struct Layout {
 fn build(arch: &str, seed: u64, layout: Layout) -> Result<pb::ModelProto> {
     let Layout { c, n, .. } = layout;
     let cell = parse_arch(arch)?;
-    let mut g = Gen {
-        rng: Rng(seed),
-        nodes: vec![],
-        inits: vec![],
-        count: 0,
-        relus: Default::default(),
-        bn_momentum: 0.9,
-    };
+    let mut g = Gen::new(seed, 0.9);
     let zero = "ga.zero".to_string();
     let mut x = if layout.stem {
         let stem = g.conv("input", "stem.0.weight", layout.input[0], c, 3, 1, 1);
@@ -404,14 +412,7 @@ impl Gen {
 /// CIFAR-style stem (3×3 conv, no max-pool), training-mode BN and PyTorch's default init:
 /// ≈23.5 M parameters. The memory-bounded demonstration model (`cargo xtask gen-resnet50`).
 pub fn resnet50_model(seed: u64, hw: usize, classes: usize) -> pb::ModelProto {
-    let mut g = Gen {
-        rng: Rng(seed),
-        nodes: vec![],
-        inits: vec![],
-        count: 0,
-        relus: Default::default(),
-        bn_momentum: 0.9,
-    };
+    let mut g = Gen::new(seed, 0.9);
     let stem = g.conv("input", "conv1.weight", 3, 64, 3, 1, 1);
     let b = g.bn(&stem, "bn1", 64);
     let mut x = g.node("Relu", &[&b], vec![]);

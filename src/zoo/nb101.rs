@@ -15,7 +15,7 @@
 
 use anyhow::{bail, ensure, Result};
 
-use super::{attr, pb, Gen, Rng};
+use super::{attr, pb, Gen};
 
 /// An NB101 cell: a DAG of 2–7 vertices (upper-triangular adjacency, vertex 0 the input, the
 /// last the output) and the op of each interior vertex.
@@ -159,16 +159,7 @@ impl Gen {
     }
 
     fn max_pool(&mut self, x: &str, k: i64, stride: i64, pad: i64) -> String {
-        self.node(
-            "MaxPool",
-            &[x],
-            vec![
-                attr::i("ceil_mode", 0),
-                attr::ints("kernel_shape", &[k, k]),
-                attr::ints("pads", &[pad, pad, pad, pad]),
-                attr::ints("strides", &[stride, stride]),
-            ],
-        )
+        self.pool("MaxPool", x, k, stride, pad)
     }
 
     /// The first `c` channels of `x` (nasbench's `truncate`).
@@ -255,14 +246,7 @@ pub fn nb101_model(cell: &Nb101Cell, seed: u64, hw: usize) -> Result<pb::ModelPr
     if hw % 4 != 0 || hw == 0 {
         bail!("NB101 input size {hw}: must be a positive multiple of 4 (two 2×2 pools)");
     }
-    let mut g = Gen {
-        rng: Rng(seed),
-        nodes: vec![],
-        inits: vec![],
-        count: 0,
-        relus: Default::default(),
-        bn_momentum: 0.997,
-    };
+    let mut g = Gen::new(seed, 0.997);
     let mut x = g.conv_bn_relu("input", "stem", 3, 128, 3);
     let mut c = 128;
     for stack in 0..3 {
