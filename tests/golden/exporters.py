@@ -79,6 +79,21 @@ def match(model_proto, weights, grads):
     return out
 
 
+def torch_per_sample_grads(m64, x):
+    """PyTorch's own train() step on a batch of one, per sample, in float64: {name: [N, *shape]}."""
+    import torch
+
+    refs = {k: [] for k, _ in m64.named_parameters()}
+    for i in range(N):
+        m64.zero_grad()
+        loss = torch.nn.functional.cross_entropy(m64(x[i:i + 1].double()),
+                                                 torch.from_numpy(Y[i:i + 1]))
+        loss.backward()
+        for k, p in m64.named_parameters():
+            refs[k].append(p.grad.detach().numpy().copy())
+    return {k: np.stack(v) for k, v in refs.items()}
+
+
 def torch_fixtures():
     import torch
 
@@ -109,19 +124,10 @@ def torch_fixtures():
                              dynamic_shapes=dyn).model_proto
     folded = torch.onnx.export(m, (x[:2],), dynamo=True, input_names=["x"],
                                 dynamic_shapes=dyn).model_proto
-    # Reference: PyTorch's own train() step on a batch of one, per sample, in float64.
     m64 = Net()
     m64.load_state_dict(m.state_dict())
     m64 = m64.double().train()
-    refs = {k: [] for k, _ in m64.named_parameters()}
-    for i in range(N):
-        m64.zero_grad()
-        loss = torch.nn.functional.cross_entropy(m64(x[i:i + 1].double()),
-                                                 torch.from_numpy(Y[i:i + 1]))
-        loss.backward()
-        for k, p in m64.named_parameters():
-            refs[k].append(p.grad.detach().numpy().copy())
-    refs = {k: np.stack(v) for k, v in refs.items()}
+    refs = torch_per_sample_grads(m64, x)
     write("torch_dynamo_bn", keep, X_NCHW, refs, f"torch {torch.__version__}",
           "torch.onnx.export(train() model, dynamo=True, optimize=False): BatchNorm kept")
     write("torch_dynamo_bn_folded", folded, X_NCHW, {}, f"torch {torch.__version__}",
@@ -151,15 +157,7 @@ def vit_fixture():
     proto = onnx.load(path)
     os.remove(path)
     m64 = m.double()
-    refs = {k: [] for k, _ in m64.named_parameters()}
-    for i in range(N):
-        m64.zero_grad()
-        loss = torch.nn.functional.cross_entropy(m64(x[i:i + 1].double()),
-                                                 torch.from_numpy(Y[i:i + 1]))
-        loss.backward()
-        for k, p in m64.named_parameters():
-            refs[k].append(p.grad.detach().numpy().copy())
-    refs = {k: np.stack(v) for k, v in refs.items()}
+    refs = torch_per_sample_grads(m64, x)
     write("timm_vit_legacy", proto, X_NCHW, refs, f"torch {torch.__version__}, timm {timm.__version__}",
           "timm VisionTransformer (8x8 input, patch 4, depth 2, 2 heads), legacy exporter, training mode")
 
