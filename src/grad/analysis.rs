@@ -129,10 +129,9 @@ fn ancestors(model: &Model, output: &str) -> HashSet<usize> {
 /// classifier's probability output rather than its ArgMax label or ML-domain head), else the
 /// first (whose unsupported op the lowering then names). Returns it with its ancestor nodes.
 fn choose_output(model: &Model) -> (String, HashSet<usize>) {
-    let supported = |n: &crate::onnx::Node| ops::is_supported(n);
     for out in &model.outputs {
         let live = ancestors(model, out);
-        if live.iter().all(|&i| supported(&model.nodes[i])) {
+        if live.iter().all(|&i| ops::is_supported(&model.nodes[i])) {
             return (out.clone(), live);
         }
     }

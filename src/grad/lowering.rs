@@ -184,14 +184,14 @@ impl<'a> Lowering<'a> {
             self.set_const(&node.outputs[0], HostTensor::i64_vec(&dims));
             return Ok(());
         }
+        let def = self.rules.get(&node.op);
         let all_known = ins.iter().flatten().all(|i| i.value.is_some());
         if kind == Kind::Const && all_known {
             let vals: Vec<Option<&HostTensor>> = ins
                 .iter()
                 .map(|i| i.and_then(|i| i.value.as_ref()))
                 .collect();
-            let fold = self.rules.get(&node.op).and_then(|d| d.eval);
-            if let Some(res) = fold.and_then(|eval| eval(&node, &vals)) {
+            if let Some(res) = def.and_then(|d| d.eval).and_then(|eval| eval(&node, &vals)) {
                 let outs = res.with_context(|| format!("while folding {}", node.describe()))?;
                 for (name, t) in node.outputs.iter().zip(outs) {
                     if !name.is_empty() {
@@ -201,8 +201,7 @@ impl<'a> Lowering<'a> {
                 return Ok(());
             }
         }
-        let infer = self.rules.get(&node.op).and_then(|d| d.infer);
-        let Some(infer) = infer else {
+        let Some(infer) = def.and_then(|d| d.infer) else {
             return Err(unsupported(self.rules, &node));
         };
         let shapes = infer(&node, &ins)?;

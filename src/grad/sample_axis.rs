@@ -11,32 +11,30 @@
 //! rewrite needs no knowledge of which tensors are per-sample; it applies only when every
 //! consumer of the Transpose is such a selection, and leaves everything else to the usual checks.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use crate::onnx::{attr, HostTensor, Model, Node};
 
-/// A constant integer tensor of the source model (initializer or Constant node).
-fn const_ints(model: &Model, consts: &HashMap<&str, &Node>, name: &str) -> Option<Vec<i64>> {
+/// A constant of the source model: an initializer, or the value of a Constant node.
+fn source_const<'m>(
+    model: &'m Model,
+    consts: &HashMap<&str, &Node>,
+    name: &str,
+) -> Option<Cow<'m, HostTensor>> {
     if let Some(t) = model.initializer(name) {
-        return t.as_i64_vec().ok();
+        return Some(Cow::Borrowed(t));
     }
-    let node = consts.get(name)?;
-    if let Some(t) = node.attr_t("value") {
-        return HostTensor::from_proto(t).ok()?.as_i64_vec().ok();
-    }
-    node.attr_ints("value_ints")
-        .or_else(|| node.attr_i("value_int").map(|v| vec![v]))
+    consts.get(name)?.constant_value().ok().map(Cow::Owned)
+}
+
+fn const_ints(model: &Model, consts: &HashMap<&str, &Node>, name: &str) -> Option<Vec<i64>> {
+    source_const(model, consts, name)?.as_i64_vec().ok()
 }
 
 /// Whether a constant of the source model is a scalar (rank 0).
 fn is_scalar(model: &Model, consts: &HashMap<&str, &Node>, name: &str) -> bool {
-    if let Some(t) = model.initializer(name) {
-        return t.shape().is_empty();
-    }
-    consts.get(name).is_some_and(|n| match n.attr_t("value") {
-        Some(t) => t.dims.is_empty(),
-        None => n.has_attr("value_int"),
-    })
+    source_const(model, consts, name).is_some_and(|t| t.shape().is_empty())
 }
 
 /// How a consumer of the Transpose selects along its axis 0.

@@ -70,6 +70,27 @@ impl Node {
     pub fn attr_t(&self, name: &str) -> Option<&pb::TensorProto> {
         self.attr(name).and_then(|a| a.t.as_ref())
     }
+    /// The tensor a `Constant` node holds, from whichever value attribute it carries.
+    pub fn constant_value(&self) -> Result<HostTensor> {
+        use ndarray::{ArrayD, IxDyn};
+        Ok(if let Some(t) = self.attr_t("value") {
+            HostTensor::from_proto(t)?
+        } else if let Some(v) = self.attr_ints("value_ints") {
+            HostTensor::i64_vec(&v)
+        } else if let Some(v) = self.attr_i("value_int") {
+            HostTensor::I64(ArrayD::from_elem(IxDyn(&[]), v))
+        } else if let Some(v) = self.attr_f("value_float") {
+            HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), v))
+        } else if let Some(a) = self.attr("value_floats") {
+            let v = a.floats.clone();
+            HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[v.len()]), v)?)
+        } else {
+            bail!(
+                "{}: unsupported Constant attribute (need value, value_int(s) or value_float(s))",
+                self.describe()
+            );
+        })
+    }
     /// The i-th input, `None` when absent or given as the empty name (ONNX optional input).
     pub fn input(&self, i: usize) -> Option<&str> {
         self.inputs

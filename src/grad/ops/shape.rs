@@ -242,35 +242,7 @@ fn eval_def(node: &Node, vals: &[Option<&HostTensor>]) -> Option<Result<Vec<Host
 }
 
 pub fn lower_constant(lw: &mut Lowering, node: Node) -> Result<()> {
-    let t = if let Some(t) = node.attr_t("value") {
-        HostTensor::from_proto(t)?
-    } else if let Some(v) = node.attr_ints("value_ints") {
-        HostTensor::i64_vec(&v)
-    } else if node.has_attr("value_int") {
-        HostTensor::I64(ArrayD::from_elem(
-            IxDyn(&[]),
-            node.attr_i("value_int").unwrap(),
-        ))
-    } else if node.has_attr("value_float") {
-        HostTensor::F32(ArrayD::from_elem(
-            IxDyn(&[]),
-            node.attr_f("value_float").unwrap(),
-        ))
-    } else if node.has_attr("value_floats") {
-        let v: Vec<f32> = node
-            .attrs
-            .iter()
-            .find(|a| a.name == "value_floats")
-            .unwrap()
-            .floats
-            .clone();
-        HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[v.len()]), v)?)
-    } else {
-        bail!(
-            "{}: unsupported Constant attribute (need value, value_int(s) or value_float(s))",
-            node.describe()
-        );
-    };
+    let t = node.constant_value()?;
     let t = if t.dtype().is_float() {
         t.cast(lw.float)
     } else {
