@@ -1,19 +1,27 @@
 //! gradalign: exact per-sample gradients of ONNX models at initialisation, for training-free
 //! neural architecture search.
+//!
+//! The modules follow the data flow, and each imports only the ones listed before it:
+//!
+//! 1. [`onnx`]: decoding, validating and writing ONNX models;
+//! 2. [`autodiff`]: the per-sample gradient graph, built from one definition per op;
+//! 3. [`runtime`]: ONNX Runtime and tract sessions that run a graph;
+//! 4. [`inputs`]: the probe batch, and what the scorers consume (per-sample gradients, signs,
+//!    extra passes), computed within a memory budget;
+//! 5. [`scorers`]: the scorer plugins (C ABI) and the planning of their inputs;
+//! 6. [`results`]: ranking many models, with resumable result files.
+//!
+//! [`tools`] holds what benchmarks and tests use beside the pipeline (generated NB201/NB101
+//! networks, statistics, the fuzzer, the linear-regions experiment); the pipeline never imports
+//! it. `tests/layering.rs` checks this order.
 
-pub mod engine;
-pub mod fuzz;
-pub mod grad;
-pub mod memory;
-pub mod npy;
 pub mod onnx;
-pub mod passes;
-pub mod plugin;
-pub mod probe;
-pub mod rank;
-pub mod regions;
+pub mod autodiff;
 pub mod runtime;
-pub mod score;
-pub mod stats;
-pub mod stream;
-pub mod zoo;
+pub mod inputs;
+pub mod scorers;
+pub mod results;
+pub mod tools;
+
+#[cfg(test)]
+mod layering;

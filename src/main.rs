@@ -8,11 +8,11 @@ mod cli;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use gradalign::engine;
-use gradalign::grad::{BnMode, GradOptions, ParamSelect, Precision};
-use gradalign::npy;
+use gradalign::inputs::engine;
+use gradalign::autodiff::{BnMode, GradOptions, ParamSelect, Precision};
+use gradalign::inputs::npy;
 use gradalign::onnx::Model;
-use gradalign::probe::Probe;
+use gradalign::inputs::probe::Probe;
 use gradalign::runtime::{Backend, Device};
 
 #[derive(Parser)]
@@ -67,7 +67,7 @@ pub struct GradArgs {
     pub device: Device,
     /// Memory budget (e.g. 4G, 512M): graphs whose estimate exceeds it are refused, and the
     /// probe runs in chunks when that fits. Default: three quarters of physical memory.
-    #[arg(long, value_parser = gradalign::memory::parse_size)]
+    #[arg(long, value_parser = gradalign::inputs::memory::parse_size)]
     pub max_memory: Option<u64>,
     /// The model output (or any value it computes) taken as the logits. Default: the first
     /// output computed only by supported ops. Only what it depends on is computed.
@@ -177,7 +177,7 @@ enum Cmd {
         /// instead (even sizes; every task must see the same list). Combine the shards' CSVs
         /// with `gradalign merge`.
         #[arg(long)]
-        shard: Option<gradalign::rank::Shard>,
+        shard: Option<gradalign::results::rank::Shard>,
     },
     /// Combine the results CSVs of a sharded `rank` sweep into one: every model exactly once,
     /// failures kept; refuses overlapping shards and files scored with different scorers. Exit
@@ -382,7 +382,7 @@ fn main() -> ExitCode {
             library,
             scorer,
             flags,
-        } => Ok(gradalign::plugin::isolate::worker_main(
+        } => Ok(gradalign::scorers::plugin::isolate::worker_main(
             library, scorer, *flags,
         )),
         Cmd::LinearRegions(a) => cli::regions::linear_regions(a),

@@ -8,8 +8,8 @@ use common::score_avg_pool_heavy as score;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use gradalign::plugin::Registry;
-use gradalign::score::ScoreReport;
+use gradalign::scorers::plugin::Registry;
+use gradalign::scorers::score::ScoreReport;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

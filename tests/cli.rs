@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use gradalign::npy;
+use gradalign::inputs::npy;
 use gradalign::onnx::HostTensor;
 
 fn bin() -> Command {

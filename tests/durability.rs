@@ -45,7 +45,7 @@ fn table(out: &Path) -> HashMap<String, Vec<String>> {
     );
     let mut t = HashMap::new();
     for l in lines {
-        let r = gradalign::rank::split_csv(l);
+        let r = gradalign::results::rank::split_csv(l);
         assert_eq!(r.len(), 7, "{l}");
         assert!(
             t.insert(r[0].clone(), r[1..6].to_vec()).is_none(),
@@ -81,7 +81,7 @@ fn setup(tag: &str, n: usize) -> (PathBuf, PathBuf) {
             op(4),
             op(5)
         );
-        let proto = gradalign::zoo::nb201_model(&arch, 1000 + k as u64, 4, 1).unwrap();
+        let proto = gradalign::tools::zoo::nb201_model(&arch, 1000 + k as u64, 4, 1).unwrap();
         std::fs::write(models.join(format!("m{k:02}.onnx")), proto.encode_to_vec()).unwrap();
     }
     (d, models)

@@ -21,7 +21,7 @@ fn corpus_and_past_crashes_do_not_panic() {
     assert!(regressions.len() >= 3);
     for p in files("fuzz/corpus").iter().chain(&regressions) {
         let bytes = std::fs::read(p).unwrap();
-        let r = std::panic::catch_unwind(|| gradalign::fuzz::target(&bytes));
+        let r = std::panic::catch_unwind(|| gradalign::tools::fuzz::target(&bytes));
         assert!(r.is_ok(), "{} panics", p.display());
     }
 }
@@ -32,13 +32,13 @@ fn short_seeded_fuzz_run_does_not_panic() {
         .iter()
         .map(|p| std::fs::read(p).unwrap())
         .collect();
-    let mut rng = gradalign::fuzz::rng(12345, 0);
+    let mut rng = gradalign::tools::fuzz::rng(12345, 0);
     let mut ok = 0;
     for i in 0..20_000 {
         let a = &seeds[i % seeds.len()];
         let b = &seeds[(i * 7 + 3) % seeds.len()];
-        let input = gradalign::fuzz::mutate(a, b, &mut rng);
-        match std::panic::catch_unwind(|| gradalign::fuzz::target(&input)) {
+        let input = gradalign::tools::fuzz::mutate(a, b, &mut rng);
+        match std::panic::catch_unwind(|| gradalign::tools::fuzz::target(&input)) {
             Ok(r) => ok += r.is_ok() as usize,
             Err(_) => {
                 let p = std::env::temp_dir().join(format!("gradalign-fuzz-crash-{i}.onnx"));

@@ -12,11 +12,11 @@ mod common;
 
 use std::path::PathBuf;
 
-use gradalign::engine::per_sample_grads_with;
-use gradalign::grad::{BnMode, GradOptions, ParamSelect, Precision};
-use gradalign::npy;
+use gradalign::inputs::engine::per_sample_grads_with;
+use gradalign::autodiff::{BnMode, GradOptions, ParamSelect, Precision};
+use gradalign::inputs::npy;
 use gradalign::onnx::{HostTensor, Model};
-use gradalign::probe::Probe;
+use gradalign::inputs::probe::Probe;
 use gradalign::runtime::Backend;
 use ndarray::Array2;
 
@@ -374,7 +374,7 @@ fn an_exporter_that_folded_batch_norm_is_reported() {
     let warned: Vec<&String> = g
         .notes
         .iter()
-        .filter(|n| n.starts_with(gradalign::engine::WARNING))
+        .filter(|n| n.starts_with(gradalign::inputs::engine::WARNING))
         .collect();
     assert!(
         warned
@@ -389,7 +389,7 @@ fn an_exporter_that_folded_batch_norm_is_reported() {
     assert!(
         !g.notes
             .iter()
-            .any(|n| n.starts_with(gradalign::engine::WARNING)),
+            .any(|n| n.starts_with(gradalign::inputs::engine::WARNING)),
         "{:?}",
         g.notes
     );

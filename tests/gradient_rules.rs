@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use gradalign::grad::{BnMode, ParamSelect};
+use gradalign::autodiff::{BnMode, ParamSelect};
 use gradalign::onnx::HostTensor;
 use ndarray::{ArrayD, IxDyn};
 
@@ -278,7 +278,7 @@ fn mul_by_constant_zero_gives_exact_zero_gradient() {
     let model = g.model(&z);
     let probe = random_probe(&g.input_shape, N, 2, 5);
     let o = opts(BnMode::Sample, ParamSelect::Weights);
-    let res = gradalign::engine::per_sample_grads(&model, &probe, o, false).unwrap();
+    let res = gradalign::inputs::engine::per_sample_grads(&model, &probe, o, false).unwrap();
     let e = &res.layout[0];
     assert_eq!(e.name, "c1.w");
     let gr = res.grads.to_f64();
@@ -367,7 +367,7 @@ fn hard_sigmoid_hard_swish_elu_selu_prelu() {
     let o = opts(BnMode::Sample, ParamSelect::All);
     let worst = fd_check(&model, &probe, o, 24);
     assert!(worst < 1e-5, "worst relative error {worst:e}");
-    let r = gradalign::engine::per_sample_grads(&model, &probe, o, false).unwrap();
+    let r = gradalign::inputs::engine::per_sample_grads(&model, &probe, o, false).unwrap();
     assert!(
         r.layout.iter().any(|e| e.name == "prelu.slope"),
         "PRelu's slope must be a parameter: {:?}",
@@ -438,7 +438,7 @@ fn piecewise_activations_match_their_onnx_definitions() {
         for (i, v) in probe.images.iter_mut().enumerate() {
             *v = xs[i % 10] as f32;
         }
-        let r = gradalign::engine::per_sample_grads(
+        let r = gradalign::inputs::engine::per_sample_grads(
             &model,
             &probe,
             opts(BnMode::Sample, ParamSelect::All),
@@ -472,7 +472,7 @@ fn cast_and_cast_like_on_the_data_path_in_f64() {
     let model = g.model(&z);
     let probe = random_probe(&g.input_shape, N, 3, 5);
     let o = opts(BnMode::Sample, ParamSelect::Weights);
-    let r = gradalign::engine::per_sample_grads(&model, &probe, o, false).unwrap();
+    let r = gradalign::inputs::engine::per_sample_grads(&model, &probe, o, false).unwrap();
     assert!(
         matches!(r.grads, HostTensor::F64(_)),
         "an f64 run stays f64 through the casts"
@@ -530,7 +530,7 @@ fn instance_and_group_normalization() {
     let o = opts(BnMode::Sample, ParamSelect::All);
     let logits = |norm: &str, groups: i64| {
         let (g, z) = norm_graph(norm, groups);
-        gradalign::engine::per_sample_grads(&g.model(&z), &probe, o, false)
+        gradalign::inputs::engine::per_sample_grads(&g.model(&z), &probe, o, false)
             .unwrap()
             .logits
             .to_f64()
@@ -562,7 +562,7 @@ fn group_normalization_forward_matches_its_definition() {
     );
     let z = g.node("Flatten", &[&y], vec![a_i("axis", 1)]);
     let probe = random_probe(&[4, 2, 3], 2, 24, 9);
-    let r = gradalign::engine::per_sample_grads(
+    let r = gradalign::inputs::engine::per_sample_grads(
         &g.model(&z),
         &probe,
         opts(BnMode::Sample, ParamSelect::All),
@@ -608,8 +608,8 @@ fn elu_and_selu_gradients_stay_finite_for_large_inputs() {
         let mut probe = random_probe(&g.input_shape, 3, 3, 1);
         probe.images.mapv_inplace(|v| 100.0 + v);
         let mut o = opts(BnMode::Sample, ParamSelect::Weights);
-        o.precision = gradalign::grad::Precision::F32;
-        let r = gradalign::engine::per_sample_grads(&g.model(&z), &probe, o, false).unwrap();
+        o.precision = gradalign::autodiff::Precision::F32;
+        let r = gradalign::inputs::engine::per_sample_grads(&g.model(&z), &probe, o, false).unwrap();
         assert!(
             r.grads.to_f64().iter().all(|v| v.is_finite()),
             "{op}: {:?}",

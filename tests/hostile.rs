@@ -162,10 +162,10 @@ fn broken_probes_get_clear_errors() {
 /// on the batch; tract's may round differently by batch size).
 #[test]
 fn memory_bounded_runs_chunk_the_probe() {
-    use gradalign::engine::per_sample_grads_with;
-    use gradalign::grad::GradOptions;
+    use gradalign::inputs::engine::per_sample_grads_with;
+    use gradalign::autodiff::GradOptions;
     use gradalign::onnx::{HostTensor, Model};
-    use gradalign::probe::Probe;
+    use gradalign::inputs::probe::Probe;
     use gradalign::runtime::Backend;
 
     let m = Model::load(&root().join("models/nb201_random_a.onnx")).unwrap();
@@ -222,12 +222,12 @@ fn memory_bounded_runs_chunk_the_probe() {
 /// exactly (ONNX Runtime, chunks of ≥ 2 samples), and a scorer that needs the raw matrix says so.
 #[test]
 fn memory_bounded_scoring_streams_signs_with_identical_scores() {
-    use gradalign::grad::GradOptions;
+    use gradalign::autodiff::GradOptions;
     use gradalign::onnx::Model;
-    use gradalign::plugin::Registry;
-    use gradalign::probe::Probe;
+    use gradalign::scorers::plugin::Registry;
+    use gradalign::inputs::probe::Probe;
     use gradalign::runtime::{Backend, Device};
-    use gradalign::score::score_model;
+    use gradalign::scorers::score::score_model;
 
     if !gradalign::runtime::ort::available() {
         common::skip("ONNX Runtime library not found (cargo xtask fetch-ort)");

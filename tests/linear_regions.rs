@@ -7,9 +7,9 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use gradalign::grad::BnMode;
+use gradalign::autodiff::BnMode;
 use gradalign::onnx::{attr, HostTensor, Model};
-use gradalign::regions::{
+use gradalign::tools::regions::{
     count_patterns, count_regions, perturb_weights, relu_codes, stack_rows, PatternInputs,
 };
 use gradalign::runtime::{Backend, Device};
@@ -28,7 +28,7 @@ fn golden() -> serde_json::Map<String, serde_json::Value> {
 }
 
 fn golden_inputs() -> ArrayD<f32> {
-    match gradalign::npy::read(&golden_dir().join("inputs.npy")).unwrap() {
+    match gradalign::inputs::npy::read(&golden_dir().join("inputs.npy")).unwrap() {
         HostTensor::F32(a) => a,
         other => panic!("inputs.npy: {:?}", other.dtype()),
     }
@@ -142,7 +142,7 @@ fn zoo_thin_network_is_te_nas_thin_network() {
     let x = golden_inputs();
     for (name, g) in golden() {
         let theirs = Model::load(&golden_dir().join(format!("{name}.onnx"))).unwrap();
-        let proto = gradalign::zoo::nb201_tenas_thin(g["arch"].as_str().unwrap(), 1).unwrap();
+        let proto = gradalign::tools::zoo::nb201_tenas_thin(g["arch"].as_str().unwrap(), 1).unwrap();
         let mut ours = Model::from_proto(&proto, "zoo thin").unwrap();
         let mut loaded = 0;
         for (n, t) in &mut ours.initializers {

@@ -4,13 +4,13 @@
 
 mod common;
 
-use gradalign::engine::per_sample_grads_with;
-use gradalign::grad::GradOptions;
+use gradalign::inputs::engine::per_sample_grads_with;
+use gradalign::autodiff::GradOptions;
 use gradalign::onnx::{HostTensor, Model};
-use gradalign::plugin::Registry;
-use gradalign::probe::Probe;
+use gradalign::scorers::plugin::Registry;
+use gradalign::inputs::probe::Probe;
 use gradalign::runtime::{Backend, Device};
-use gradalign::score::score_model;
+use gradalign::scorers::score::score_model;
 
 const ARCHS: usize = 50;
 const N: usize = 8;
@@ -55,7 +55,7 @@ fn ort_cpu_equals_tract_on_50_generated_architectures() {
     let mut score_rels = vec![];
     let mut layers = 0;
     for (idx, arch) in archs() {
-        let proto = gradalign::zoo::nb201_model(&arch, idx as u64, 16, 5).unwrap();
+        let proto = gradalign::tools::zoo::nb201_model(&arch, idx as u64, 16, 5).unwrap();
         let m = Model::from_proto(&proto, &format!("nb201 #{idx}")).unwrap();
         let a = per_sample_grads_with(&m, &probe, GradOptions::default(), true, Backend::Tract)
             .unwrap();

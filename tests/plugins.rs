@@ -9,7 +9,7 @@ use common::score_avg_pool_heavy as score;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use gradalign::plugin::Registry;
+use gradalign::scorers::plugin::Registry;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -196,7 +196,7 @@ fn out_of_tree_example_builds_lists_and_scores() {
         &[],
     );
     assert_eq!(code, 0, "{err}");
-    let gradalign::onnx::HostTensor::F32(gm) = gradalign::npy::read(&g).unwrap() else {
+    let gradalign::onnx::HostTensor::F32(gm) = gradalign::inputs::npy::read(&g).unwrap() else {
         panic!()
     };
     let want = gm.iter().map(|v| v.abs() as f64).sum::<f64>() / gm.len() as f64;

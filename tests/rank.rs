@@ -33,7 +33,7 @@ fn rows(out: &Path) -> Vec<Vec<String>> {
     assert!(text.ends_with('\n'), "torn last row: {text:?}");
     let mut lines = text.lines();
     assert_eq!(lines.next().unwrap(), "model,gradsign,params,error,seconds");
-    lines.map(gradalign::rank::split_csv).collect()
+    lines.map(gradalign::results::rank::split_csv).collect()
 }
 
 #[test]

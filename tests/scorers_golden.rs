@@ -5,12 +5,12 @@
 
 use std::path::PathBuf;
 
-use gradalign::grad::{GradOptions, Precision};
+use gradalign::autodiff::{GradOptions, Precision};
 use gradalign::onnx::Model;
-use gradalign::plugin::Registry;
-use gradalign::probe::Probe;
+use gradalign::scorers::plugin::Registry;
+use gradalign::inputs::probe::Probe;
 use gradalign::runtime::{Backend, Device};
-use gradalign::score::score_model;
+use gradalign::scorers::score::score_model;
 
 const FIXTURES: [&str; 5] = [
     "nb201_resnet_like",

@@ -4,8 +4,8 @@
 
 mod common;
 use common::*;
-use gradalign::engine::{per_sample_grads, WARNING};
-use gradalign::grad::{BnMode, ParamSelect};
+use gradalign::inputs::engine::{per_sample_grads, WARNING};
+use gradalign::autodiff::{BnMode, ParamSelect};
 use gradalign::onnx::HostTensor;
 use ndarray::{ArrayD, IxDyn};
 
@@ -154,12 +154,12 @@ fn non_finite_gradients_are_a_warning() {
     let mut probe = random_probe(&g.input_shape, 4, 3, 4);
     probe.images.fill(2.0);
     let mut o = opts(BnMode::Sample, ParamSelect::Weights);
-    o.precision = gradalign::grad::Precision::F32;
+    o.precision = gradalign::autodiff::Precision::F32;
     let model = g.model(&z);
     let r = per_sample_grads(&model, &probe, o, false).unwrap();
     assert!(r.grads.to_f64().iter().any(|v| !v.is_finite()));
     // The one-pass sign path (what the default scorers read) says the same.
-    let signs = gradalign::stream::per_sample_signs(
+    let signs = gradalign::inputs::stream::per_sample_signs(
         &model,
         &probe,
         false,

@@ -4,11 +4,11 @@
 
 use std::path::PathBuf;
 
-use gradalign::engine::per_sample_grads;
-use gradalign::grad::{GradOptions, ParamSelect};
+use gradalign::inputs::engine::per_sample_grads;
+use gradalign::autodiff::{GradOptions, ParamSelect};
 use gradalign::onnx::{HostTensor, Model};
-use gradalign::probe::Probe;
-use gradalign::zoo::nb201_model;
+use gradalign::inputs::probe::Probe;
+use gradalign::tools::zoo::nb201_model;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -63,7 +63,7 @@ fn generated_nb201_equals_the_pytorch_export_with_the_same_weights() {
         let ours = Model::from_proto(&proto, "generated").unwrap();
         let a = per_sample_grads(&theirs, &probe, opts, true).unwrap();
         let b = per_sample_grads(&ours, &probe, opts, true).unwrap();
-        let key = |l: &[gradalign::engine::LayoutEntry]| {
+        let key = |l: &[gradalign::inputs::engine::LayoutEntry]| {
             l.iter()
                 .map(|e| (e.name.clone(), e.op_type.clone(), e.shape.clone(), e.offset))
                 .collect::<Vec<_>>()
@@ -104,7 +104,7 @@ fn generated_nb201_equals_the_pytorch_export_with_the_same_weights() {
 /// NB101's.
 #[test]
 fn nb101_parameter_counts_equal_nb101s_own_on_all_30001_cells() {
-    use gradalign::zoo::nb101::Nb101Cell;
+    use gradalign::tools::zoo::nb101::Nb101Cell;
     let text = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/nb101_accuracies.csv"),
     )
@@ -137,7 +137,7 @@ fn nb101_parameter_counts_equal_nb101s_own_on_all_30001_cells() {
 /// statistics), and is accepted by the gradient builder.
 #[test]
 fn nb101_model_initializers_match_the_count() {
-    use gradalign::zoo::nb101::{nb101_model, Nb101Cell};
+    use gradalign::tools::zoo::nb101::{nb101_model, Nb101Cell};
     // NB101 cell 000834cf…: 7 vertices, an input→output edge and a truncated summand.
     let cell = Nb101Cell::parse(
         "0100001001000000010010000101000001000000010000000",

@@ -12,14 +12,14 @@ use pyo3::create_exception;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict};
 
-use gradalign::engine::{self, InputLayout};
-use gradalign::grad::GradOptions;
+use gradalign::inputs::engine::{self, InputLayout};
+use gradalign::autodiff::GradOptions;
 use gradalign::onnx::{HostTensor, Model};
-use gradalign::plugin::{input_names, Registry, ScorerInfo};
-use gradalign::probe::Probe;
-use gradalign::rank::{self, ResultsFile};
+use gradalign::scorers::plugin::{input_names, Registry, ScorerInfo};
+use gradalign::inputs::probe::Probe;
+use gradalign::results::rank::{self, ResultsFile};
 use gradalign::runtime::{Backend, Device};
-use gradalign::score::{score_model, ScoreReport};
+use gradalign::scorers::score::{score_model, ScoreReport};
 
 create_exception!(
     _native,
@@ -139,7 +139,7 @@ impl Options {
         gradalign::runtime::check_backend(backend).map_err(py_err)?;
         let max_memory = match get("max_memory")? {
             Some(v) => Some(
-                gradalign::memory::parse_size(&v.extract::<String>()?)
+                gradalign::inputs::memory::parse_size(&v.extract::<String>()?)
                     .map_err(|e| py_err(anyhow!("max_memory: {e}")))?,
             ),
             None => None,
@@ -515,13 +515,13 @@ fn shipped_probe(py: Python<'_>, n: usize) -> PyResult<(Bound<'_, PyBytes>, Vec<
 /// `isolate=True`; see gradalign/_worker.py). Returns the process exit status.
 #[pyfunction]
 fn scorer_worker(library: PathBuf, scorer: &str, flags: u64) -> i32 {
-    gradalign::plugin::isolate::worker_main(&library, scorer, flags)
+    gradalign::scorers::plugin::isolate::worker_main(&library, scorer, flags)
 }
 
 /// Where isolated scorers run: `python -m gradalign._worker` under this interpreter.
 #[pyfunction]
 fn set_worker_interpreter(python: PathBuf) {
-    gradalign::plugin::isolate::set_worker_program(
+    gradalign::scorers::plugin::isolate::set_worker_program(
         python,
         vec!["-m".into(), "gradalign._worker".into()],
     );

@@ -1,8 +1,8 @@
 //! `gradalign ops`: the ONNX ops gradalign accepts, read from the op registry, so the list
 //! users see is the list the code uses.
 
-use gradalign::grad::ops::registry;
-use gradalign::grad::rules::Slot;
+use gradalign::autodiff::ops::registry;
+use gradalign::autodiff::rules::Slot;
 use gradalign::onnx::Node;
 
 /// One line per op: inputs taken, how gradients pass, and the role of each initializer slot.

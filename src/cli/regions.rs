@@ -5,11 +5,11 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use gradalign::grad::BnMode;
+use gradalign::autodiff::BnMode;
 use gradalign::onnx::Model;
-use gradalign::probe::Probe;
-use gradalign::rank::collect_models;
-use gradalign::regions::{
+use gradalign::inputs::probe::Probe;
+use gradalign::results::rank::collect_models;
+use gradalign::tools::regions::{
     count_regions, fixed_sample_shape, perturb_weights, rank_stability, repeat_seed, PatternInputs,
     Protocol, RegionCounts, TENAS_BATCH, TENAS_BATCHES,
 };

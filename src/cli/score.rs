@@ -7,9 +7,9 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use gradalign::plugin::{input_names, Registry, ScorerInfo};
-use gradalign::rank::{self, ResultsFile};
-use gradalign::score::{score_model, ScoreReport};
+use gradalign::scorers::plugin::{input_names, Registry, ScorerInfo};
+use gradalign::results::rank::{self, ResultsFile};
+use gradalign::scorers::score::{score_model, ScoreReport};
 
 use crate::{load_probe, GradArgs, ProbeArgs};
 
@@ -133,7 +133,7 @@ pub fn score(
 /// Notes on stderr, warnings marked as such.
 pub fn print_notes(notes: &[String]) {
     for note in notes {
-        match note.strip_prefix(gradalign::engine::WARNING) {
+        match note.strip_prefix(gradalign::inputs::engine::WARNING) {
             Some(w) => eprintln!("warning: {w}"),
             None => eprintln!("note: {note}"),
         }
@@ -215,7 +215,7 @@ pub fn rank(
     gradalign::runtime::set_parallel_jobs(jobs);
     let mut grad = grad.clone();
     if grad.max_memory.is_none() && jobs > 1 {
-        grad.max_memory = Some(gradalign::memory::default_limit() / jobs as u64);
+        grad.max_memory = Some(gradalign::inputs::memory::default_limit() / jobs as u64);
     }
     let grad = &grad;
     let results = Mutex::new(results);

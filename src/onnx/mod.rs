@@ -8,4 +8,4 @@ pub mod tensor;
 pub use tract_onnx::pb;
 
 pub use model::{attr, GraphInput, Model, Node};
-pub use tensor::{DType, HostTensor};
+pub use tensor::{value_info, DType, HostTensor};

@@ -1,10 +1,10 @@
 //! Test helpers: build small ONNX graphs in code and check gradients by finite differences.
 #![allow(dead_code)]
 
-use gradalign::engine::{per_sample_grads, PerSampleGrads};
-use gradalign::grad::{BnMode, GradOptions, ParamSelect, Precision};
+use gradalign::inputs::engine::{per_sample_grads, PerSampleGrads};
+use gradalign::autodiff::{BnMode, GradOptions, ParamSelect, Precision};
 use gradalign::onnx::{attr, pb, HostTensor, Model};
-use gradalign::probe::Probe;
+use gradalign::inputs::probe::Probe;
 use ndarray::{Array1, ArrayD, IxDyn};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -238,14 +238,14 @@ pub fn fd_check(model: &Model, probe: &Probe, o: GradOptions, max_coords: usize)
 /// The NB201 `avg_pool_heavy` fixture scored with `spec` from `reg`: shipped probe, N = 10, tract
 /// (the plugin tests' common ground).
 pub fn score_avg_pool_heavy(
-    reg: &gradalign::plugin::Registry,
+    reg: &gradalign::scorers::plugin::Registry,
     spec: &str,
-) -> gradalign::score::ScoreReport {
+) -> gradalign::scorers::score::ScoreReport {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = Model::load(&root.join("models/nb201_avg_pool_heavy.onnx")).unwrap();
     let probe = Probe::shipped(10).unwrap();
     let scorers = reg.select(spec).unwrap();
-    gradalign::score::score_model(
+    gradalign::scorers::score::score_model(
         &model,
         &probe,
         true,

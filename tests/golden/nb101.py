@@ -1,5 +1,5 @@
 """An independent PyTorch build of NAS-Bench-101 networks, to check gradalign's Rust generator
-(src/zoo/nb101.rs) — written from google-research/nasbench `model_builder.py` and `base_ops.py`,
+(src/tools/zoo/nb101.rs) — written from google-research/nasbench `model_builder.py` and `base_ops.py`,
 not from the Rust code.
 
     cargo xtask gen-nb101 --hash 000834cf25da3d33a8c0b0fed475d0f3 --out /tmp/nb101

@@ -1,4 +1,4 @@
-"""gradalign's NB101 generator (Rust, src/zoo/nb101.rs) against the independent PyTorch build
+"""gradalign's NB101 generator (Rust, src/tools/zoo/nb101.rs) against the independent PyTorch build
 of tests/golden/nb101.py, with the same weights loaded by name: logits of a per-sample
 train()-mode forward (f64 to 1e-9, f32 within PyTorch-f32's own rounding), per-sample
 gradients in f64 to ≤ 1e-6 · max|g| on every layer, and in f32 per sample within

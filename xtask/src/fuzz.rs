@@ -1,5 +1,5 @@
 //! `cargo xtask fuzz`: mutation fuzzing of gradalign's ONNX front end and gradient-graph builder
-//! (`gradalign::fuzz::target`), in process, with crash and hang capture.
+//! (`gradalign::tools::fuzz::target`), in process, with crash and hang capture.
 //!
 //! No coverage instrumentation (that needs nightly `cargo fuzz`): instead a mutant joins the
 //! pool when it reaches an outcome not seen before (success, or a new error message shape),
@@ -119,7 +119,7 @@ pub fn run(o: &Options) -> Result<()> {
                 let (pool, classes, crashes, execs) = (&pool, &classes, &crashes, &execs);
                 let (st, cur) = (&started[k], &current[k]);
                 s.spawn(move || {
-                    let mut rng = gradalign::fuzz::rng(o.seed, k as u64);
+                    let mut rng = gradalign::tools::fuzz::rng(o.seed, k as u64);
                     loop {
                         let n = execs.fetch_add(1, Ordering::SeqCst);
                         if n >= o.execs || t0.elapsed().as_secs() >= o.seconds {
@@ -129,10 +129,10 @@ pub fn run(o: &Options) -> Result<()> {
                             let p = pool.lock().unwrap();
                             (p[rng.below(p.len())].clone(), p[rng.below(p.len())].clone())
                         };
-                        let input = gradalign::fuzz::mutate(&a, &b, &mut rng);
+                        let input = gradalign::tools::fuzz::mutate(&a, &b, &mut rng);
                         cur.lock().unwrap().clone_from(&input);
                         st.store(t0.elapsed().as_millis() as u64 + 1, Ordering::SeqCst);
-                        let r = std::panic::catch_unwind(|| gradalign::fuzz::target(&input));
+                        let r = std::panic::catch_unwind(|| gradalign::tools::fuzz::target(&input));
                         st.store(0, Ordering::SeqCst);
                         match r {
                             Ok(res) => {

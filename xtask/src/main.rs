@@ -435,7 +435,7 @@ fn main() -> Result<()> {
             use prost::Message;
             let out = get("--out").map(PathBuf::from).unwrap_or_else(|| root().join("target/resnet50.onnx"));
             let hw: usize = get("--input").map(|v| v.parse()).transpose()?.unwrap_or(32);
-            let proto = gradalign::zoo::resnet50_model(0, hw, 10);
+            let proto = gradalign::tools::zoo::resnet50_model(0, hw, 10);
             let m = gradalign::onnx::Model::from_proto(&proto, "resnet50")?;
             let params: usize = m.initializers.iter().filter(|(n, _)| !n.contains("running")).map(|(_, t)| t.len()).sum();
             std::fs::write(&out, proto.encode_to_vec())?;
@@ -455,7 +455,7 @@ fn main() -> Result<()> {
             let archs = nb201::load_archs(&root())?;
             for i in nb201::sample(archs.len(), count, seed) {
                 let a = &archs[i];
-                let proto = gradalign::zoo::nb201_model(&a.arch, nb201::weight_seed(seed, a.index), c, cells)?;
+                let proto = gradalign::tools::zoo::nb201_model(&a.arch, nb201::weight_seed(seed, a.index), c, cells)?;
                 let path = out.join(format!("nb201-{:05}.onnx", a.index));
                 std::fs::write(&path, proto.encode_to_vec()).with_context(|| format!("cannot write {}", path.display()))?;
             }
@@ -485,9 +485,9 @@ fn main() -> Result<()> {
             };
             std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
             for r in &picked {
-                let cell = gradalign::zoo::nb101::Nb101Cell::parse(r[2], r[3])?;
+                let cell = gradalign::tools::zoo::nb101::Nb101Cell::parse(r[2], r[3])?;
                 let wseed = nb201::weight_seed(seed, u64::from_str_radix(&r[0][..12], 16)? as usize);
-                let proto = gradalign::zoo::nb101::nb101_model(&cell, wseed, hw)?;
+                let proto = gradalign::tools::zoo::nb101::nb101_model(&cell, wseed, hw)?;
                 let path = out.join(format!("nb101-{}.onnx", r[0]));
                 std::fs::write(&path, proto.encode_to_vec()).with_context(|| format!("cannot write {}", path.display()))?;
             }

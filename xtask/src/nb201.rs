@@ -11,12 +11,12 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use gradalign::grad::GradOptions;
+use gradalign::autodiff::GradOptions;
 use gradalign::onnx::Model;
-use gradalign::plugin::Registry;
-use gradalign::probe::Probe;
+use gradalign::scorers::plugin::Registry;
+use gradalign::inputs::probe::Probe;
 use gradalign::runtime::{Backend, Device};
-use gradalign::stats::{kendall_tau_b, spearman};
+use gradalign::tools::stats::{kendall_tau_b, spearman};
 
 pub struct Arch {
     pub index: usize,
@@ -159,7 +159,7 @@ pub fn resume_rows(path: &Path, header: &str) -> Result<Vec<String>> {
 
 /// Each named scorer's value as a scores CSV holds it (`{:?}`, reads back exactly; empty when
 /// the scorer failed).
-pub fn score_fields(names: &[String], r: &gradalign::score::ScoreReport) -> Vec<String> {
+pub fn score_fields(names: &[String], r: &gradalign::scorers::score::ScoreReport) -> Vec<String> {
     names
         .iter()
         .map(|n| {
@@ -217,10 +217,10 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
     let work = |k: usize| -> Result<(String, String, String)> {
         let a = &archs[todo[k]];
         let t = Instant::now();
-        let r = (|| -> Result<gradalign::score::ScoreReport> {
-            let proto = gradalign::zoo::nb201_model(&a.arch, weight_seed(o.seed, a.index), 16, 5)?;
+        let r = (|| -> Result<gradalign::scorers::score::ScoreReport> {
+            let proto = gradalign::tools::zoo::nb201_model(&a.arch, weight_seed(o.seed, a.index), 16, 5)?;
             let model = Model::from_proto(&proto, &format!("nb201 #{}", a.index))?;
-            gradalign::score::score_model(
+            gradalign::scorers::score::score_model(
                 &model,
                 &probe,
                 true,
@@ -418,7 +418,7 @@ fn torch_comparison(root: &Path, o: &Options, t: &Table, archs: &[Arch], ours: f
 
 fn plot_scatter(path: &Path, name: &str, score: &[f64], acc: &[f64]) -> Result<()> {
     use plotters::prelude::*;
-    let ranks = gradalign::stats::average_ranks(score);
+    let ranks = gradalign::tools::stats::average_ranks(score);
     let n = score.len().max(1) as f64;
     let root = SVGBackend::new(path, (480, 360)).into_drawing_area();
     root.fill(&WHITE)?;

@@ -16,15 +16,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use gradalign::grad::GradOptions;
+use gradalign::autodiff::GradOptions;
 use gradalign::onnx::Model;
-use gradalign::plugin::Registry;
-use gradalign::probe::Probe;
-use gradalign::regions::{
+use gradalign::scorers::plugin::Registry;
+use gradalign::inputs::probe::Probe;
+use gradalign::tools::regions::{
     count_regions, perturb_weights, repeat_seed, PatternInputs, TENAS_BATCH, TENAS_BATCHES,
 };
 use gradalign::runtime::{Backend, Device};
-use gradalign::stats::kendall_tau_b;
+use gradalign::tools::stats::kendall_tau_b;
 
 use crate::nb201::{append_with_header, load_archs, run_jobs, weight_seed, Arch};
 
@@ -63,15 +63,15 @@ fn arch_rows(
     o: &Options,
     tenas: &PatternInputs,
     probe: &Probe,
-    scorers: &[gradalign::plugin::ScorerInfo],
+    scorers: &[gradalign::scorers::plugin::ScorerInfo],
 ) -> Result<String> {
     let ws = weight_seed(o.seed, a.index);
     let thin = Model::from_proto(
-        &gradalign::zoo::nb201_tenas_thin(&a.arch, ws)?,
+        &gradalign::tools::zoo::nb201_tenas_thin(&a.arch, ws)?,
         &format!("nb201 thin #{}", a.index),
     )?;
     let full = Model::from_proto(
-        &gradalign::zoo::nb201_model(&a.arch, ws, 16, 5)?,
+        &gradalign::tools::zoo::nb201_model(&a.arch, ws, 16, 5)?,
         &format!("nb201 #{}", a.index),
     )?;
     let mut rows = String::new();
@@ -80,7 +80,7 @@ fn arch_rows(
         let thin_p = perturb_weights(&thin, &[1, 3, 3], sigma, rs)?;
         let full_p = perturb_weights(&full, &[3, 32, 32], sigma, rs)?;
         let t = count_regions(&thin_p, tenas, o.backend, Device::Cpu)?;
-        let rep = gradalign::score::score_model(
+        let rep = gradalign::scorers::score::score_model(
             &full_p,
             probe,
             true,

@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use gradalign::grad::GradOptions;
+use gradalign::autodiff::GradOptions;
 use gradalign::onnx::Model;
-use gradalign::plugin::Registry;
-use gradalign::probe::Probe;
+use gradalign::scorers::plugin::Registry;
+use gradalign::inputs::probe::Probe;
 use gradalign::runtime::{Backend, Device};
-use gradalign::stats::kendall_tau_b;
+use gradalign::tools::stats::kendall_tau_b;
 
 use crate::nb201::{
     append_with_header, load_archs, resume_rows, run_jobs, sample, score_fields, weight_seed,
@@ -75,9 +75,9 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
             let (i, s, p) = todo[k];
             let a = &archs[i];
             let proto =
-                gradalign::zoo::nb201_model(&a.arch, weight_seed(s as u64, a.index), 16, 5)?;
+                gradalign::tools::zoo::nb201_model(&a.arch, weight_seed(s as u64, a.index), 16, 5)?;
             let model = Model::from_proto(&proto, &format!("nb201 #{}", a.index))?;
-            let r = gradalign::score::score_model(
+            let r = gradalign::scorers::score::score_model(
                 &model,
                 &probes[p],
                 true,

@@ -73,7 +73,7 @@ fn rank(
     }
     let text = std::fs::read_to_string(&csv)?;
     let mut lines = text.lines();
-    let header = gradalign::rank::split_csv(lines.next().unwrap_or_default());
+    let header = gradalign::results::rank::split_csv(lines.next().unwrap_or_default());
     let col = |name: &str| header.iter().position(|h| h == name);
     let cols: Vec<usize> = SCORERS
         .iter()
@@ -81,7 +81,7 @@ fn rank(
         .collect::<Result<_>>()?;
     let mut scores = BTreeMap::new();
     for line in lines {
-        let f = gradalign::rank::split_csv(line);
+        let f = gradalign::results::rank::split_csv(line);
         let name = Path::new(&f[0])
             .file_stem()
             .unwrap()

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::lowering::Lowering;
+use super::rules::Lowering;
 use super::ops;
 use super::rules::Slot;
 use super::{GradOptions, Info, Kind, ParamSelect};
@@ -181,7 +181,7 @@ fn folded_norm_warning(model: &Model) -> Option<String> {
          BatchNorm as a node (PyTorch: torch.onnx.export(..., training=torch.onnx.TrainingMode.\
          TRAINING, do_constant_folding=False, dynamo=False), or dynamo=True with optimize=False); \
          see docs/exporters.md",
-        crate::engine::WARNING
+        super::WARNING
     ))
 }
 

@@ -10,13 +10,13 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Result};
 use gradalign_plugin_api::PackedSigns;
 
-use crate::engine::LayoutEntry;
-use crate::grad::analysis::Analysis;
-use crate::grad::builder::{GradGraphBuilder, GraphSpec};
-use crate::grad::GradOptions;
-use crate::memory;
+use crate::inputs::engine::LayoutEntry;
+use crate::autodiff::analysis::Analysis;
+use crate::autodiff::builder::{GradGraphBuilder, GraphSpec};
+use crate::autodiff::GradOptions;
+use crate::inputs::memory;
 use crate::onnx::{DType, HostTensor, Model};
-use crate::probe::Probe;
+use crate::inputs::probe::Probe;
 use crate::runtime::{self, Backend, Device};
 
 /// What a streamed run keeps.
@@ -88,7 +88,7 @@ pub fn per_sample_signs(
     };
     let an = Analysis::new(model, &shape, opts)?;
     if shipped_probe {
-        crate::engine::check_classes(an.num_classes)?;
+        crate::inputs::engine::check_classes(an.num_classes)?;
     }
     probe.check_labels(an.num_classes)?;
     let elem: u64 = if an.float == DType::F64 { 8 } else { 4 };
@@ -269,8 +269,8 @@ pub fn per_sample_signs(
             signs.pos[row.clone()].iter().all(|&b| b == 0) && signs.neg[row].iter().all(|&b| b == 0)
         })
         .count();
-    notes.extend(crate::engine::zero_gradient_warning(zero, n));
-    notes.extend(crate::engine::non_finite_warning(non_finite, p));
+    notes.extend(crate::inputs::engine::zero_gradient_warning(zero, n));
+    notes.extend(crate::inputs::engine::non_finite_warning(non_finite, p));
     if groups.len() > 1 || chunk < n {
         notes.push(format!(
             "the {n} × {p} gradients exceed --max-memory {}: streamed in {} parameter group(s) × {} \

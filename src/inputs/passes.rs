@@ -8,11 +8,11 @@ use std::collections::HashMap;
 use anyhow::{anyhow, bail, Result};
 use ndarray::{ArrayD, IxDyn};
 
-use crate::engine::build_graph_with;
-use crate::grad::builder::{GradGraph, GraphSpec, Loss};
-use crate::grad::{GradOptions, ParamSelect, Precision};
+use crate::inputs::engine::build_graph_with;
+use crate::autodiff::builder::{GradGraph, GraphSpec, Loss};
+use crate::autodiff::{GradOptions, ParamSelect, Precision};
 use crate::onnx::{HostTensor, Model};
-use crate::probe::Probe;
+use crate::inputs::probe::Probe;
 use crate::runtime::{self, Backend, Device};
 
 /// ReLU codes (N × units, 0/1) and the per-sample input Jacobian of Σ logits (N × D, f64), as
@@ -112,7 +112,7 @@ pub fn synflow_grads(model: &Model, sample_shape: &[usize]) -> Result<HashMap<St
     };
     let mut shape1 = vec![1];
     shape1.extend(sample_shape);
-    let trainable: Vec<String> = crate::grad::analysis::Analysis::new(model, &shape1, all)?
+    let trainable: Vec<String> = crate::autodiff::analysis::Analysis::new(model, &shape1, all)?
         .params
         .iter()
         .map(|p| p.name.clone())
@@ -148,8 +148,8 @@ pub fn synflow_grads(model: &Model, sample_shape: &[usize]) -> Result<HashMap<St
 /// The gradient outputs of one run, summed over the samples, per parameter name (zeros where a
 /// parameter cannot reach the loss), and the index of the first output after them.
 fn summed_grads_by_name(
-    an: &crate::grad::analysis::Analysis,
-    gg: &crate::grad::builder::GradGraph,
+    an: &crate::autodiff::analysis::Analysis,
+    gg: &crate::autodiff::builder::GradGraph,
     outs: &[HostTensor],
     n: usize,
 ) -> (HashMap<String, Vec<f64>>, usize) {

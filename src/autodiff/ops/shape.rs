@@ -11,10 +11,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
 
 use super::{input_info, norm_axis, Shapes};
-use crate::grad::backward::Backward;
-use crate::grad::lowering::Lowering;
-use crate::grad::rules::{all_fixed, arity, fixed_after_first, OpDef, MANY, OP};
-use crate::grad::{Info, Kind};
+use crate::autodiff::backward::Backward;
+use crate::autodiff::rules::Lowering;
+use crate::autodiff::rules::{all_fixed, arity, fixed_after_first, OpDef, MANY, OP};
+use crate::autodiff::{Info, Kind};
 use crate::onnx::{attr, DType, HostTensor, Node};
 
 /// Shape primitives: they move values without computing on them.

@@ -8,8 +8,8 @@
 
 use anyhow::{bail, Result};
 
-use crate::grad::analysis::Analysis;
-use crate::grad::Kind;
+use crate::autodiff::analysis::Analysis;
+use crate::autodiff::Kind;
 
 /// Resident memory of the process before any model: code, ONNX Runtime or tract, buffers.
 pub const BASE_BYTES: u64 = 48 << 20;

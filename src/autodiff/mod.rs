@@ -6,12 +6,14 @@ pub mod analysis;
 pub mod backward;
 pub mod builder;
 pub mod emit;
-pub mod lowering;
 pub mod ops;
 pub mod rules;
 pub mod sample_axis;
 
 use crate::onnx::{DType, HostTensor};
+
+/// Prefix of notes that are warnings: a result the user must not take at face value.
+pub const WARNING: &str = "WARNING: ";
 
 /// How a tensor depends on the probe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +108,7 @@ pub struct GradOptions {
     pub bn: BnMode,
     pub params: ParamSelect,
     pub precision: Precision,
-    /// Memory budget in bytes (`--max-memory`); `None`: [`crate::memory::default_limit`].
+    /// Memory budget in bytes (`--max-memory`); `None`: the default budget of the
+    /// computation that runs the graph (a fraction of the machine's memory).
     pub max_memory: Option<u64>,
 }

@@ -6,10 +6,10 @@
 use anyhow::{bail, Result};
 
 use super::{input_info, norm_axis, Shapes};
-use crate::grad::backward::Backward;
-use crate::grad::lowering::Lowering;
-use crate::grad::rules::{arity, fixed_after_first, OpDef, OP};
-use crate::grad::{Info, Kind};
+use crate::autodiff::backward::Backward;
+use crate::autodiff::rules::Lowering;
+use crate::autodiff::rules::{arity, fixed_after_first, OpDef, OP};
+use crate::autodiff::{Info, Kind};
 use crate::onnx::{attr, HostTensor, Node};
 
 const REDUCE: OpDef = OpDef {

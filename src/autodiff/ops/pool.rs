@@ -9,12 +9,12 @@
 use anyhow::{bail, Result};
 use ndarray::{ArrayD, IxDyn};
 
-use super::conv::{geom_attrs, geometry, kernel_offsets, ConvGeom};
+use super::window::{fit_scatter, geom_attrs, geometry, kernel_offsets, ConvGeom};
 use super::{input_info, Shapes};
-use crate::grad::backward::Backward;
-use crate::grad::lowering::Lowering;
-use crate::grad::rules::{arity, OpDef, OP};
-use crate::grad::Info;
+use crate::autodiff::backward::Backward;
+use crate::autodiff::rules::Lowering;
+use crate::autodiff::rules::{arity, OpDef, OP};
+use crate::autodiff::Info;
 use crate::onnx::{attr, Node};
 
 const POOL: OpDef = OpDef {
@@ -196,43 +196,6 @@ fn scatter(
     b.em.reshape(&cur, x_shape)
 }
 
-/// A `ConvTranspose` built with no end padding covers input positions
-/// `0 .. s·(out−1) + (k−1)·d + 1 − pad_begin`; crop or zero-pad each spatial axis to the
-/// input length. (Cropping the end padding inside ConvTranspose would drop rows that a window
-/// reaches when the forward's end padding goes partly unused.)
-pub fn fit_scatter(
-    b: &mut Backward,
-    g: &ConvGeom,
-    t: &str,
-    input: &[usize],
-    out: &[usize],
-) -> String {
-    let d = g.spatial();
-    let produced: Vec<i64> = (0..d)
-        .map(|i| {
-            (g.strides[i] * (out[i] - 1) + (g.kernel[i] - 1) * g.dilations[i] + 1) as i64
-                - g.pads[i] as i64
-        })
-        .collect();
-    let mut cur = t.to_string();
-    let over: Vec<usize> = (0..d).filter(|&i| produced[i] > input[i] as i64).collect();
-    if !over.is_empty() {
-        let axes: Vec<i64> = over.iter().map(|&i| 2 + i as i64).collect();
-        let ends: Vec<i64> = over.iter().map(|&i| input[i] as i64).collect();
-        cur = b.em.slice(
-            &cur,
-            &vec![0; axes.len()],
-            &ends,
-            &axes,
-            &vec![1; axes.len()],
-        );
-    }
-    let mut pads = vec![0i64; 2 * (d + 2)];
-    for i in 0..d {
-        pads[d + 4 + i] = (input[i] as i64 - produced[i]).max(0);
-    }
-    b.em.pad(&cur, &pads, 0.0)
-}
 
 pub fn backward(
     b: &mut Backward,

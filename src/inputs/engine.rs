@@ -4,12 +4,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use crate::grad::analysis::Analysis;
-use crate::grad::builder::{GradGraph, GradGraphBuilder, GraphSpec};
-use crate::grad::GradOptions;
-use crate::memory;
+use crate::autodiff::analysis::Analysis;
+use crate::autodiff::builder::{GradGraph, GradGraphBuilder, GraphSpec};
+use crate::autodiff::GradOptions;
+use crate::inputs::memory;
 use crate::onnx::{HostTensor, Model};
-use crate::probe::Probe;
+use crate::inputs::probe::Probe;
 use crate::runtime::{self, Backend, Device};
 
 /// One block of gradient columns: a parameter, flattened row-major in its ONNX shape.
@@ -121,7 +121,7 @@ pub fn build_graph_with(
 /// The gradient graph of an analysed model, refused when its estimate exceeds `--max-memory`.
 fn build_from(an: &Analysis, spec: GraphSpec) -> Result<GradGraph> {
     let (n, opts) = (an.n, an.opts);
-    if opts.bn == crate::grad::BnMode::Batch && (spec.param_grads || spec.input_grad) {
+    if opts.bn == crate::autodiff::BnMode::Batch && (spec.param_grads || spec.input_grad) {
         bail!("batch-statistics BatchNormalization mixes samples: it serves forward passes only, not per-sample gradients");
     }
     let cols: usize = if spec.param_grads {
@@ -313,8 +313,7 @@ pub fn per_sample_grads_on(
     })
 }
 
-/// Prefix of notes that are warnings: a result the user must not take at face value.
-pub const WARNING: &str = "WARNING: ";
+pub use crate::autodiff::WARNING;
 
 /// A warning when some per-sample gradients are exactly zero in every selected column: no
 /// gradient reaches those parameters for those samples (e.g. a dead network, or a value the
@@ -390,20 +389,20 @@ pub fn model_info(model: &Model, sample_shape: &[usize]) -> Result<(usize, f64)>
     let mut shape = vec![1];
     shape.extend(sample_shape);
     let opts = GradOptions {
-        params: crate::grad::ParamSelect::All,
+        params: crate::autodiff::ParamSelect::All,
         ..Default::default()
     };
     let an = Analysis::new(model, &shape, opts)?;
     let params = an.params.iter().map(|p| p.numel()).sum();
     let mut macs = 0.0;
     for node in &an.nodes {
-        let ins: Vec<Option<&crate::grad::Info>> = node
+        let ins: Vec<Option<&crate::autodiff::Info>> = node
             .inputs
             .iter()
             .map(|n| (!n.is_empty()).then(|| an.info(n)))
             .collect();
         if let Some(out) = node.outputs.first() {
-            macs += crate::grad::ops::macs(node, &ins, an.info(out));
+            macs += crate::autodiff::ops::macs(node, &ins, an.info(out));
         }
     }
     Ok((params, macs))

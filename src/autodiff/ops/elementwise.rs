@@ -10,10 +10,10 @@ use anyhow::{anyhow, bail, Result};
 use ndarray::{ArrayD, IxDyn, Zip};
 
 use super::{broadcast, check_batched_broadcast, input_info, Shapes};
-use crate::grad::backward::Backward;
-use crate::grad::lowering::Lowering;
-use crate::grad::rules::{arity, fixed_after_first, OpDef, MANY, OP};
-use crate::grad::Info;
+use crate::autodiff::backward::Backward;
+use crate::autodiff::rules::Lowering;
+use crate::autodiff::rules::{arity, fixed_after_first, OpDef, MANY, OP};
+use crate::autodiff::Info;
 use crate::onnx::{attr, DType, HostTensor, Node};
 
 /// Element-wise primitives: shapes broadcast, constants fold, one backward rule each.

@@ -12,7 +12,7 @@
 //!   subset of the channels (`RandChannel`), BatchNormalization with the statistics of each
 //!   1000-sample batch (`train()`), and only ReLUs with 4-D inputs (its forward hook's test).
 //!   TE-NAS runs this on a thin network (C = 1, one cell, no stem, 1×3×3 inputs); the xtask
-//!   experiment builds that network with [`crate::zoo::nb201_tenas_thin`].
+//!   experiment builds that network with [`crate::tools::zoo::nb201_tenas_thin`].
 //!
 //! A pattern is the concatenation over the selected Relus of `input > 0` for one sample; the
 //! count is the number of distinct patterns (TE-NAS's Σ 1/multiplicity is the same number).
@@ -22,14 +22,14 @@ use std::collections::HashSet;
 use anyhow::{bail, Result};
 use ndarray::{ArrayD, IxDyn};
 
-use crate::engine::build_graph_with;
-use crate::grad::analysis::Analysis;
-use crate::grad::builder::{GraphSpec, Loss};
-use crate::grad::{BnMode, GradOptions, ParamSelect};
+use crate::inputs::engine::build_graph_with;
+use crate::autodiff::analysis::Analysis;
+use crate::autodiff::builder::{GraphSpec, Loss};
+use crate::autodiff::{BnMode, GradOptions, ParamSelect};
 use crate::onnx::{DType, HostTensor, Model};
-use crate::passes::codes_from_outputs;
+use crate::inputs::passes::codes_from_outputs;
 use crate::runtime::{self, Backend, Device};
-use crate::zoo::Rng;
+use crate::tools::zoo::Rng;
 
 /// How inputs are drawn and patterns defined.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
@@ -286,7 +286,7 @@ pub fn rank_stability(counts: &[RegionCounts]) -> Vec<Option<f64>> {
     (0..repeats)
         .map(|r| {
             let p: Vec<f64> = counts.iter().map(|c| c.perturbed[r] as f64).collect();
-            crate::stats::kendall_tau_b(&base, &p)
+            crate::tools::stats::kendall_tau_b(&base, &p)
         })
         .collect()
 }

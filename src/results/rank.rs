@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::score::ScoreReport;
+use crate::scorers::score::ScoreReport;
 
 pub fn header(scorers: &[String]) -> String {
     let mut h = vec!["model".to_string()];

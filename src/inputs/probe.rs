@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use ndarray::{Array1, Array4, ArrayD};
 
-use crate::npy;
+use crate::inputs::npy;
 use crate::onnx::HostTensor;
 
 /// 100 images per class of the CIFAR-10 test set (see data/README.md).
-pub static SHIPPED_CIFAR10: &[u8] = include_bytes!("../data/cifar10_probe.bin");
+pub static SHIPPED_CIFAR10: &[u8] = include_bytes!("../../data/cifar10_probe.bin");
 pub const CIFAR10_MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
 pub const CIFAR10_STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
 const RECORD: usize = 3073;

@@ -9,47 +9,13 @@
 
 use anyhow::{bail, Result};
 
+use super::window::{geom_attrs, geometry, kernel_offsets, ConvGeom};
 use super::{input_info, Shapes};
-use crate::grad::backward::Backward;
-use crate::grad::lowering::Lowering;
-use crate::grad::rules::{arity, OpDef, Slot, OP};
-use crate::grad::{Info, Kind};
+use crate::autodiff::backward::Backward;
+use crate::autodiff::rules::Lowering;
+use crate::autodiff::rules::{arity, OpDef, Slot, OP};
+use crate::autodiff::{Info, Kind};
 use crate::onnx::{attr, Node};
-
-#[derive(Clone, Debug)]
-pub struct ConvGeom {
-    pub kernel: Vec<usize>,
-    pub strides: Vec<usize>,
-    pub dilations: Vec<usize>,
-    /// Begin pads then end pads, one per spatial axis.
-    pub pads: Vec<usize>,
-    pub group: usize,
-}
-
-impl ConvGeom {
-    pub fn without_end_pads(&self) -> ConvGeom {
-        let d = self.spatial();
-        let mut g = self.clone();
-        for i in 0..d {
-            g.pads[i + d] = 0;
-        }
-        g
-    }
-    pub fn spatial(&self) -> usize {
-        self.kernel.len()
-    }
-    pub fn out_dim(&self, i: usize, input: usize, ceil: bool) -> Option<usize> {
-        let d = self.spatial();
-        let eff = (self.kernel[i] - 1) * self.dilations[i] + 1;
-        let padded = input + self.pads[i] + self.pads[i + d];
-        if padded < eff {
-            return None;
-        }
-        let q = padded - eff;
-        let s = self.strides[i];
-        Some(if ceil { q.div_ceil(s) } else { q / s } + 1)
-    }
-}
 
 pub const OPS: &[OpDef] = &[OpDef {
     name: "Conv",
@@ -79,85 +45,7 @@ fn conv_macs(ins: &[Option<&Info>], y: &Info) -> f64 {
     (y.numel() * per_out) as f64
 }
 
-/// Read (and normalise) the geometry of a Conv or pooling node with `kernel` spatial sizes.
-pub fn geometry(
-    node: &Node,
-    input_spatial: &[usize],
-    kernel: Vec<usize>,
-    group: usize,
-) -> Result<ConvGeom> {
-    let d = kernel.len();
-    if input_spatial.len() != d {
-        bail!(
-            "{}: kernel has {d} spatial dims but the input has {}",
-            node.describe(),
-            input_spatial.len()
-        );
-    }
-    let get = |name: &str, default: usize| -> Result<Vec<usize>> {
-        match node.attr_ints(name) {
-            Some(v) if v.len() == d && v.iter().all(|&x| x >= 1) => {
-                Ok(v.iter().map(|&x| x as usize).collect())
-            }
-            Some(v) => bail!(
-                "{}: attribute {name}={v:?} is invalid for {d} spatial dims",
-                node.describe()
-            ),
-            None => Ok(vec![default; d]),
-        }
-    };
-    let strides = get("strides", 1)?;
-    let dilations = get("dilations", 1)?;
-    let auto_pad = node.attr_s("auto_pad").unwrap_or_else(|| "NOTSET".into());
-    let pads: Vec<usize> = match auto_pad.as_str() {
-        "NOTSET" | "" => match node.attr_ints("pads") {
-            Some(p) if p.len() == 2 * d && p.iter().all(|&x| x >= 0) => {
-                p.iter().map(|&x| x as usize).collect()
-            }
-            Some(p) => bail!(
-                "{}: pads {p:?} invalid for {d} spatial dims",
-                node.describe()
-            ),
-            None => vec![0; 2 * d],
-        },
-        "VALID" => vec![0; 2 * d],
-        "SAME_UPPER" | "SAME_LOWER" => {
-            let mut p = vec![0; 2 * d];
-            for i in 0..d {
-                let out = input_spatial[i].div_ceil(strides[i]);
-                let eff = (kernel[i] - 1) * dilations[i] + 1;
-                let total = ((out - 1) * strides[i] + eff).saturating_sub(input_spatial[i]);
-                let (small, big) = (total / 2, total - total / 2);
-                if auto_pad == "SAME_UPPER" {
-                    p[i] = small;
-                    p[i + d] = big;
-                } else {
-                    p[i] = big;
-                    p[i + d] = small;
-                }
-            }
-            p
-        }
-        other => bail!("{}: unknown auto_pad '{other}'", node.describe()),
-    };
-    Ok(ConvGeom {
-        kernel,
-        strides,
-        dilations,
-        pads,
-        group,
-    })
-}
 
-pub fn geom_attrs(g: &ConvGeom) -> Vec<crate::onnx::pb::AttributeProto> {
-    let v = |x: &[usize]| x.iter().map(|&d| d as i64).collect::<Vec<_>>();
-    vec![
-        attr::ints("kernel_shape", &v(&g.kernel)),
-        attr::ints("strides", &v(&g.strides)),
-        attr::ints("dilations", &v(&g.dilations)),
-        attr::ints("pads", &v(&g.pads)),
-    ]
-}
 
 pub fn lower(lw: &mut Lowering, node: Node) -> Result<()> {
     let x = lw.input_info(&node, 0)?.clone();
@@ -245,17 +133,6 @@ pub fn infer(node: &Node, ins: &[Option<&Info>]) -> Result<Shapes> {
     Ok(vec![(out, x.dtype)])
 }
 
-/// All kernel offsets in row-major order.
-pub fn kernel_offsets(kernel: &[usize]) -> Vec<Vec<usize>> {
-    let mut out = vec![vec![]];
-    for &k in kernel {
-        out = out
-            .into_iter()
-            .flat_map(|p| (0..k).map(move |i| [p.clone(), vec![i]].concat()))
-            .collect();
-    }
-    out
-}
 
 /// `dX` of a convolution. Stride 1 with pads no larger than the dilated kernel: a plain `Conv`
 /// of `dY` with the kernel transposed per group and flipped (runtimes optimise Conv far better
@@ -277,7 +154,7 @@ fn input_grad(
         let mut attrs = geom_attrs(&g.without_end_pads());
         attrs.push(attr::i("group", g.group as i64));
         let t = b.em.op("ConvTranspose", &[dy, w], attrs);
-        return super::pool::fit_scatter(b, g, &t, &xshape[2..], &yshape[2..]);
+        return super::window::fit_scatter(b, g, &t, &xshape[2..], &yshape[2..]);
     }
     let (cout, cin_g) = (wshape[0], wshape[1]);
     let gr = g.group;

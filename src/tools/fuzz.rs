@@ -7,11 +7,11 @@
 use anyhow::{bail, Result};
 use prost::Message;
 
-use crate::engine::build_graph_with;
-use crate::grad::builder::GraphSpec;
-use crate::grad::{BnMode, GradOptions, ParamSelect, Precision};
+use crate::inputs::engine::build_graph_with;
+use crate::autodiff::builder::GraphSpec;
+use crate::autodiff::{BnMode, GradOptions, ParamSelect, Precision};
 use crate::onnx::{pb, Model};
-use crate::zoo::Rng;
+use crate::tools::zoo::Rng;
 
 /// Budget for one fuzz input's graph (the memory check refuses anything larger).
 const FUZZ_MEMORY: u64 = 256 << 20;

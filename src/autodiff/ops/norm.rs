@@ -8,11 +8,11 @@
 use anyhow::{bail, Result};
 
 use super::norm_axis;
-use crate::grad::backward::Backward;
-use crate::grad::emit::Emitter;
-use crate::grad::lowering::Lowering;
-use crate::grad::rules::{arity, OpDef, Slot, MANY, OP};
-use crate::grad::{BnMode, Kind};
+use crate::autodiff::backward::Backward;
+use crate::autodiff::emit::Emitter;
+use crate::autodiff::rules::Lowering;
+use crate::autodiff::rules::{arity, OpDef, Slot, MANY, OP};
+use crate::autodiff::{BnMode, Kind};
 use crate::onnx::{attr, DType, HostTensor, Node};
 
 struct Seq<'l, 'a> {
@@ -129,7 +129,7 @@ fn std_axes(node: &Node) -> Vec<usize> {
         .collect()
 }
 
-pub fn infer(node: &Node, ins: &[Option<&crate::grad::Info>]) -> Result<super::Shapes> {
+pub fn infer(node: &Node, ins: &[Option<&crate::autodiff::Info>]) -> Result<super::Shapes> {
     let x = super::input_info(node, ins, 0)?;
     let axes = std_axes(node);
     let kept: Vec<usize> = x

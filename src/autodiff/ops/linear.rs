@@ -7,10 +7,10 @@
 use anyhow::{bail, Result};
 
 use super::{input_info, Shapes};
-use crate::grad::backward::Backward;
-use crate::grad::lowering::Lowering;
-use crate::grad::rules::{arity, OpDef, Slot, OP};
-use crate::grad::{Info, Kind};
+use crate::autodiff::backward::Backward;
+use crate::autodiff::rules::Lowering;
+use crate::autodiff::rules::{arity, OpDef, Slot, OP};
+use crate::autodiff::{Info, Kind};
 use crate::onnx::{attr, Node};
 
 pub const OPS: &[OpDef] = &[

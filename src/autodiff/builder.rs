@@ -12,7 +12,7 @@ use super::backward::Backward;
 use super::emit::{Emitter, OPSET};
 use super::ops;
 use super::Kind;
-use crate::onnx::{attr, pb, DType, HostTensor};
+use crate::onnx::{attr, pb, value_info, DType, HostTensor};
 
 pub const INPUT_LABELS: &str = "labels";
 
@@ -80,28 +80,6 @@ pub struct GradGraphBuilder<'a> {
     outputs_only: Option<Vec<usize>>,
 }
 
-pub fn value_info(name: &str, dtype: DType, shape: &[usize]) -> pb::ValueInfoProto {
-    use pb::tensor_shape_proto::{dimension::Value, Dimension};
-    pb::ValueInfoProto {
-        name: name.to_string(),
-        r#type: Some(pb::TypeProto {
-            value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                elem_type: dtype.onnx_code(),
-                shape: Some(pb::TensorShapeProto {
-                    dim: shape
-                        .iter()
-                        .map(|&d| Dimension {
-                            value: Some(Value::DimValue(d as i64)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 impl<'a> GradGraphBuilder<'a> {
     pub fn new(an: &'a Analysis) -> Self {

@@ -8,13 +8,13 @@ use anyhow::Result;
 use gradalign_plugin_api::abi::{inputs as flag, role};
 use gradalign_plugin_api::PackedSigns;
 
-use crate::engine::{self, LayoutEntry, PerSampleGrads};
-use crate::grad::rules::Slot;
-use crate::grad::{GradOptions, ParamSelect};
+use crate::inputs::engine::{self, LayoutEntry, PerSampleGrads};
+use crate::autodiff::rules::Slot;
+use crate::autodiff::{GradOptions, ParamSelect};
 use crate::onnx::{HostTensor, Model};
-use crate::plugin::inputs::{InputData, ParamMeta};
-use crate::plugin::ScorerInfo;
-use crate::probe::Probe;
+use crate::scorers::plugin::inputs::{InputData, ParamMeta};
+use crate::scorers::plugin::ScorerInfo;
+use crate::inputs::probe::Probe;
 use crate::runtime::{Backend, Device};
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -32,7 +32,7 @@ pub struct ScoreReport {
     /// entries starting with [`engine::WARNING`] are warnings.
     pub notes: Vec<String>,
     /// Where the gradient run's time went (the streamed sign path only).
-    pub phases: Option<crate::stream::Phases>,
+    pub phases: Option<crate::inputs::stream::Phases>,
 }
 
 impl ScoreReport {
@@ -50,7 +50,7 @@ fn role_of(model: &Model, name: &str) -> (u32, i64) {
     for node in &model.nodes {
         if let Some(slot) = node.inputs.iter().position(|i| i == name) {
             let ndim = model.initializer(name).map_or(0, |t| t.shape().len()) as i64;
-            return match crate::grad::ops::slot_role(node, slot, ndim as usize) {
+            return match crate::autodiff::ops::slot_role(node, slot, ndim as usize) {
                 Slot::Weight { channel_axis } => (role::WEIGHT, channel_axis),
                 Slot::Bias => (role::BIAS, -1),
                 Slot::Data | Slot::Fixed => (role::OTHER, -1),
@@ -267,10 +267,10 @@ pub fn score_model(
         // The N × P matrix is kept only for scorers that read it; everything else (signs, class
         // signs, batch gradient, logits) is accumulated block by block as the run returns it.
         let matrix_needed = wants_all || union & flag::PER_SAMPLE_GRADS != 0;
-        if !matrix_needed || !crate::stream::matrix_fits(model, probe, run_opts)? {
+        if !matrix_needed || !crate::inputs::stream::matrix_fits(model, probe, run_opts)? {
             // Stream the columns the user selected, keeping signs (in parameter groups and
             // sample chunks when even one pass over them exceeds --max-memory).
-            let sg = crate::stream::per_sample_signs(
+            let sg = crate::inputs::stream::per_sample_signs(
                 model,
                 probe,
                 shipped,
@@ -356,7 +356,7 @@ pub fn score_model(
     };
     let (relu, jac) = (wants(flag::RELU_CODES), wants(flag::INPUT_JACOBIAN));
     if relu || jac {
-        match crate::passes::probe_pass(model, probe, opts, backend, device, relu, jac) {
+        match crate::inputs::passes::probe_pass(model, probe, opts, backend, device, relu, jac) {
             Ok(p) => {
                 for d in [selected.as_mut(), all_params.as_mut()]
                     .into_iter()
@@ -375,7 +375,7 @@ pub fn score_model(
         }
     }
     if wants(flag::SYNFLOW_GRADS) {
-        match crate::passes::synflow_grads(model, probe.sample_shape()) {
+        match crate::inputs::passes::synflow_grads(model, probe.sample_shape()) {
             Ok(by_name) => {
                 for d in [selected.as_mut(), all_params.as_mut()]
                     .into_iter()
@@ -388,7 +388,7 @@ pub fn score_model(
         }
     }
     if wants(flag::HESSIAN_GRAD_PRODUCT) {
-        match crate::passes::hessian_grad_product(model, probe, opts) {
+        match crate::inputs::passes::hessian_grad_product(model, probe, opts) {
             Ok(by_name) => {
                 for d in [selected.as_mut(), all_params.as_mut()]
                     .into_iter()
@@ -423,9 +423,9 @@ pub fn score_model(
         };
         let result = match data {
             Some(d) if s.isolated && s.library.is_some() => {
-                crate::plugin::isolate::call_isolated(s, d)
+                crate::scorers::plugin::isolate::call_isolated(s, d)
             }
-            _ => s.call(&crate::plugin::inputs::masked(&raw.inputs, s.inputs)),
+            _ => s.call(&crate::scorers::plugin::inputs::masked(&raw.inputs, s.inputs)),
         };
         match result {
             Ok(v) => scores.push((s.name.clone(), Some(v))),

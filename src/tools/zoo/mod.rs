@@ -9,7 +9,7 @@ pub mod nb101;
 use anyhow::{bail, Result};
 use ndarray::{ArrayD, IxDyn};
 
-use crate::grad::builder::value_info;
+use crate::onnx::value_info;
 use crate::onnx::{attr, pb, DType, HostTensor};
 
 pub const NB201_OPS: [&str; 5] = [

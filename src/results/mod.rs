@@ -1,0 +1,3 @@
+//! Results over many models: ranking a folder or a list, resumable, sharded across workers.
+
+pub mod rank;
