@@ -330,8 +330,8 @@ fn exported_training_graph_passes_onnx_checker_and_python_onnxruntime() {
     let d = tmpdir("export");
     let model = root().join("models/nb201_random_b.onnx");
     let (x, y) = (
-        root().join("tests/golden/nb201_random_b/x.npy"),
-        root().join("tests/golden/nb201_random_b/y.npy"),
+        root().join("tests/golden/nb201_probe/x.npy"),
+        root().join("tests/golden/nb201_probe/y.npy"),
     );
     let graph = d.join("m.grad.onnx");
     let st = bin()

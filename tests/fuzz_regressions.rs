@@ -1,4 +1,4 @@
-//! Replays the fuzz corpus (fuzz/corpus) and every input that ever crashed the fuzz target
+//! Replays the fuzz corpus (the seed models fuzz/corpus.txt names) and every input that ever crashed the fuzz target
 //! (fuzz/regressions, each with the panic it caused in a .txt beside it), then a short seeded
 //! fuzz run: none may panic. The long run is `cargo xtask fuzz` (docs/reliability.md).
 
@@ -15,11 +15,18 @@ fn files(dir: &str) -> Vec<PathBuf> {
     v
 }
 
+fn corpus() -> Vec<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let seeds = gradalign::tools::fuzz::seed_paths(&root.join("fuzz/corpus.txt"), &root).unwrap();
+    assert_eq!(seeds.len(), 10);
+    seeds
+}
+
 #[test]
 fn corpus_and_past_crashes_do_not_panic() {
     let regressions = files("fuzz/regressions");
     assert!(regressions.len() >= 3);
-    for p in files("fuzz/corpus").iter().chain(&regressions) {
+    for p in corpus().iter().chain(&regressions) {
         let bytes = std::fs::read(p).unwrap();
         let r = std::panic::catch_unwind(|| gradalign::tools::fuzz::target(&bytes));
         assert!(r.is_ok(), "{} panics", p.display());
@@ -28,7 +35,7 @@ fn corpus_and_past_crashes_do_not_panic() {
 
 #[test]
 fn short_seeded_fuzz_run_does_not_panic() {
-    let seeds: Vec<Vec<u8>> = files("fuzz/corpus")
+    let seeds: Vec<Vec<u8>> = corpus()
         .iter()
         .map(|p| std::fs::read(p).unwrap())
         .collect();

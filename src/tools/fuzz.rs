@@ -16,6 +16,23 @@ use crate::tools::zoo::Rng;
 /// Budget for one fuzz input's graph (the memory check refuses anything larger).
 const FUZZ_MEMORY: u64 = 256 << 20;
 
+/// The seed models listed in a corpus file (one path per line, relative to `root`; `#` starts a
+/// comment): the committed list is `fuzz/corpus.txt`.
+pub fn seed_paths(list: &std::path::Path, root: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+    let text = std::fs::read_to_string(list)
+        .map_err(|e| anyhow::anyhow!("fuzz corpus list {}: {e}", list.display()))?;
+    let paths: Vec<std::path::PathBuf> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| root.join(l))
+        .collect();
+    if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
+        anyhow::bail!("{} names {}, which does not exist", list.display(), missing.display());
+    }
+    Ok(paths)
+}
+
 /// The fuzz target: decode, validate, analyse and build the training graph for a 2-sample
 /// probe of the model's declared input shape (symbolic or huge dimensions get small stand-ins),
 /// in every BN mode and parameter selection the CLI offers.

@@ -5,9 +5,11 @@ own autodiff in float64 (the exported float32 weights, upcast).
     python3 tests/golden/exporters.py          # writes tests/fixtures/exporters/<name>/
 
 Needs torch + onnxscript, tensorflow-cpu + tf2onnx, jax + flax + jax2onnx (CI needs none of
-them: the outputs are committed). Per fixture: model.onnx, x.npy (float32 probe, in the
-layout the model takes), y.npy (int64 labels), ref/<k>.npy (float64 [N, *shape] per-sample
-gradient of the softmax cross-entropy for ONNX initializer k) and ref.json naming them.
+them: the outputs are committed). Per fixture: model.onnx, ref/<k>.npy (float64 [N, *shape]
+per-sample gradient of the softmax cross-entropy for ONNX initializer k) and ref.json naming
+them and the probe. The probe is stored once: the channels-first models take
+models/hostile/probe_x.npy (4×3×8×8, standard normal, seed 0), the channels-last ones its
+transpose in tests/fixtures/exporters/probe/x_nhwc.npy; all take probe/y.npy's labels.
 Exporters rename and re-lay-out weights (tf2onnx writes Keras' HWIO kernels as OIHW); each
 framework weight is matched to the ONNX initializer holding the same values under the layout
 change, and its gradient is written in the ONNX layout.
@@ -20,11 +22,22 @@ import warnings
 import numpy as np
 
 warnings.filterwarnings("ignore")
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "exporters")
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+OUT = os.path.join(ROOT, "tests", "fixtures", "exporters")
 N, H, W, C, K = 4, 8, 8, 3, 5
-rng = np.random.default_rng(0)
-X_NCHW = rng.standard_normal((N, C, H, W)).astype(np.float32)
+# The hostile-input tests' probe: np.random.default_rng(0).standard_normal((4, 3, 8, 8)), float32.
+X_NCHW_PATH = "models/hostile/probe_x.npy"
+X_NHWC_PATH = "tests/fixtures/exporters/probe/x_nhwc.npy"
+Y_PATH = "tests/fixtures/exporters/probe/y.npy"
+X_NCHW = np.load(os.path.join(ROOT, X_NCHW_PATH))
+assert X_NCHW.shape == (N, C, H, W) and X_NCHW.dtype == np.float32
 Y = np.array([0, 1, 2, 4], dtype=np.int64)
+
+
+def write_probe():
+    os.makedirs(os.path.join(OUT, "probe"), exist_ok=True)
+    np.save(os.path.join(ROOT, X_NHWC_PATH), X_NCHW.transpose(0, 2, 3, 1).copy())
+    np.save(os.path.join(ROOT, Y_PATH), Y)
 
 # Framework weight layout → ONNX layout candidates.
 TRANSFORMS = [
@@ -35,21 +48,22 @@ TRANSFORMS = [
 
 
 def write(name, model_proto, x, refs, framework, note=""):
-    """refs: {onnx initializer name: float64 [N, *shape]}"""
+    """refs: {onnx initializer name: float64 [N, *shape]}; x: X_NCHW or its NHWC transpose."""
     import onnx
 
+    x_path = X_NCHW_PATH if x.shape == X_NCHW.shape else X_NHWC_PATH
+    assert np.array_equal(np.load(os.path.join(ROOT, x_path)), x), x_path
     d = os.path.join(OUT, name)
     os.makedirs(os.path.join(d, "ref"), exist_ok=True)
     onnx.save(model_proto, os.path.join(d, "model.onnx"))
-    np.save(os.path.join(d, "x.npy"), x)
-    np.save(os.path.join(d, "y.npy"), Y)
     files = {}
     for i, (k, g) in enumerate(sorted(refs.items())):
         f = f"ref/{i}.npy"
         np.save(os.path.join(d, f), g.astype(np.float64))
         files[k] = f
     with open(os.path.join(d, "ref.json"), "w") as fh:
-        json.dump({"framework": framework, "note": note, "params": files}, fh, indent=1)
+        json.dump({"framework": framework, "note": note, "x": x_path, "y": Y_PATH, "params": files},
+                  fh, indent=1)
     print(f"{name}: {len(files)} parameters, ops "
           f"{sorted(set(n.op_type for n in model_proto.graph.node))}")
 
@@ -252,6 +266,7 @@ def flax_fixture():
 
 if __name__ == "__main__":
     which = sys.argv[1:] or ["torch", "vit", "keras", "flax"]
+    write_probe()
     for w in which:
         {"torch": torch_fixtures, "vit": vit_fixture, "keras": keras_fixture,
          "flax": flax_fixture}[w]()

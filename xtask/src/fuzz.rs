@@ -63,12 +63,18 @@ fn save(dir: &Path, prefix: &str, data: &[u8], note: &str) -> Result<PathBuf> {
 
 pub fn run(o: &Options) -> Result<()> {
     let mut seeds: Vec<Vec<u8>> = vec![];
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(&o.corpus)
-        .with_context(|| format!("corpus {}", o.corpus.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
-        .collect();
-    entries.sort();
+    // A folder of .onnx seeds, or a list file naming them (the default, fuzz/corpus.txt).
+    let entries: Vec<PathBuf> = if o.corpus.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&o.corpus)
+            .with_context(|| format!("corpus {}", o.corpus.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        gradalign::tools::fuzz::seed_paths(&o.corpus, &crate::root())?
+    };
     for p in &entries {
         seeds.push(std::fs::read(p)?);
     }
