@@ -93,6 +93,7 @@ pub fn score(
                 "seconds": {
                     "inputs": r.grad_seconds,
                     "scorers": r.score_seconds,
+                    "per_scorer": r.scorer_seconds.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
                     "phases": r.phases,
                 },
             });

@@ -28,6 +28,8 @@ pub struct ScoreReport {
     pub grad_seconds: f64,
     /// Seconds inside scorers.
     pub score_seconds: f64,
+    /// Seconds inside each scorer, in the order of `scores`.
+    pub scorer_seconds: Vec<(String, f64)>,
     /// What the user should know about how the inputs were computed (chunking, streaming);
     /// entries starting with [`engine::WARNING`] are warnings.
     pub notes: Vec<String>,
@@ -410,7 +412,9 @@ pub fn score_model(
     let raw_sel = selected.as_ref().map(|d| d.raw());
     let raw_all = all_params.as_ref().map(|d| d.raw());
     let mut scores = vec![];
+    let mut scorer_seconds = vec![];
     for s in scorers {
+        let started = Instant::now();
         if errors.contains_key(&s.name) {
             scores.push((s.name.clone(), None));
             continue;
@@ -434,6 +438,7 @@ pub fn score_model(
                 scores.push((s.name.clone(), None));
             }
         }
+        scorer_seconds.push((s.name.clone(), started.elapsed().as_secs_f64()));
     }
     Ok(ScoreReport {
         model: model.source.clone(),
@@ -442,6 +447,7 @@ pub fn score_model(
         runtime,
         grad_seconds,
         score_seconds: t1.elapsed().as_secs_f64(),
+        scorer_seconds,
         notes,
         phases,
     })
