@@ -6,7 +6,7 @@ loop (float64, plus float32 for its own error).
     python3 tests/golden/check_grads.py [--k 4] [--seed 7] [--n 64] [--backend tract|ort]
 
 Architectures: K indices drawn with numpy's default_rng(SEED) from the 15,625 NB201 cells
-(../shared/data/nb201_accuracies.csv or data/nb201_arch_strings.txt), skipping the fixtures.
+(data/nb201_accuracies.csv), skipping the fixtures.
 Criteria (docs/results.md, Accuracy): f64 run: max|Δ| ≤ 1e-4·max|g| per layer; f32 run: per-sample
 relative L2 ≤ max(1e-4, 3 × PyTorch-f32's own error) and per layer ≤ max(1e-4, 3 × PyTorch-f32's
 layer error). Layers whose gradient is analytically zero (max|g| < 1e-7 of the global max) are
@@ -28,10 +28,8 @@ import torch  # noqa: E402
 
 
 def arch_strings():
-    for p in (os.path.join(ROOT, "..", "shared", "data", "nb201_accuracies.csv"),):
-        if os.path.exists(p):
-            return [l.split(",")[1] for l in open(p).read().splitlines()[1:]]
-    raise SystemExit("needs ../shared/data/nb201_accuracies.csv")
+    p = os.path.join(ROOT, "data", "nb201_accuracies.csv")
+    return [l.split(",")[1] for l in open(p).read().splitlines()[1:]]
 
 
 def run_cli(model, x, y, precision, d, backend):
