@@ -332,6 +332,7 @@ fn exporters_match_their_frameworks_autodiff() {
         ("keras_tf2onnx", 1e-9),
         ("flax_jax2onnx", 1e-9),
         ("timm_vit_legacy", 2e-6),
+        ("torch_stochastic_depth", 1e-9),
     ] {
         let (dir, model, probe, meta) = exporter_fixture(name);
         let refs = meta["params"].as_object().unwrap();
@@ -401,5 +402,40 @@ fn an_exporter_that_folded_batch_norm_is_reported() {
             .any(|n| n.starts_with(gradalign::inputs::engine::WARNING)),
         "{:?}",
         g.notes
+    );
+}
+
+/// Stochastic depth and Dropout in a training-mode export: the random masks become their
+/// expectation (the eval path the reference above was computed on), and the run says so. Random
+/// values used any other way are refused, naming the node and the remedy.
+#[test]
+fn random_masks_are_replaced_by_their_expectation_and_noted() {
+    let (_, model, probe, _) = exporter_fixture("torch_stochastic_depth");
+    let o = common::opts(BnMode::Sample, ParamSelect::Weights);
+    let g = per_sample_grads_with(&model, &probe, o, false, Backend::Tract).unwrap();
+    assert!(
+        g.notes.iter().any(|n| n.contains("RandomUniformLike")
+            && n.contains("keep probability 0.8000")
+            && n.contains("eval path")),
+        "{:?}",
+        g.notes
+    );
+    assert!(
+        g.notes.iter().any(|n| n.contains("Dropout") && n.contains("training mode")),
+        "{:?}",
+        g.notes
+    );
+    // The same random values added to the activations instead of compared: no exact
+    // replacement exists.
+    let mut noisy = model.clone();
+    let less = noisy.nodes.iter_mut().find(|n| n.op == "Less").unwrap();
+    less.op = "Add".to_string();
+    let Err(e) = per_sample_grads_with(&noisy, &probe, o, false, Backend::Tract) else {
+        panic!("random noise added to activations was differentiated");
+    };
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("'/sd/RandomUniformLike'") && msg.contains("model.eval()"),
+        "{msg}"
     );
 }

@@ -193,6 +193,8 @@ impl Analysis {
     }
 
     fn new_inner(model: &Model, input_shape: &[usize], opts: GradOptions) -> Result<Analysis> {
+        let (expected, random_notes) = super::stochastic::expect_random_masks(model)?;
+        let model = expected.as_ref().unwrap_or(model);
         let rewritten = super::sample_axis::sink_leading_transposes(model);
         let model = rewritten.as_ref().unwrap_or(model);
         let float = opts.precision.dtype();
@@ -328,7 +330,7 @@ impl Analysis {
         }
         let mut nodes = lw.out;
 
-        let mut notes = vec![];
+        let mut notes = random_notes;
         notes.extend(folded_norm_warning(model));
         if model.outputs.len() > 1 {
             notes.push(format!(

@@ -9,6 +9,7 @@ pub mod emit;
 pub mod ops;
 pub mod rules;
 pub mod sample_axis;
+pub mod stochastic;
 
 use crate::onnx::{DType, HostTensor};
 

@@ -176,6 +176,50 @@ def vit_fixture():
           "timm VisionTransformer (8x8 input, patch 4, depth 2, 2 heads), legacy exporter, training mode")
 
 
+def stochastic_fixture():
+    """A residual CNN with torchvision's StochasticDepth and a Dropout, through the legacy
+    exporter in training mode: the drop masks arrive as RandomUniformLike → Less → Cast and as
+    Dropout(training_mode=True). gradalign computes the deterministic eval path, so the reference
+    is PyTorch with both turned off (the network has no BatchNorm, so eval() changes nothing else)."""
+    import torch
+    from torchvision.ops import StochasticDepth
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(s):
+            super().__init__()
+            s.c1 = torch.nn.Conv2d(C, 8, 3, padding=1)
+            s.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+            s.sd = StochasticDepth(0.2, "row")
+            s.drop = torch.nn.Dropout(0.3)
+            s.fc = torch.nn.Linear(8, K)
+
+        def forward(s, x):
+            h = torch.relu(s.c1(x))
+            h = h + s.sd(torch.relu(s.c2(h)))
+            return s.fc(s.drop(h.mean((2, 3))))
+
+    m = Net().train()
+    x = torch.from_numpy(X_NCHW)
+    path = os.path.join(OUT, "torch_stochastic_depth.onnx.tmp")
+    os.makedirs(OUT, exist_ok=True)
+    torch.onnx.export(m, x[:2], path, dynamo=False, training=torch.onnx.TrainingMode.TRAINING,
+                      do_constant_folding=False, opset_version=17, input_names=["x"],
+                      dynamic_axes={"x": {0: "N"}})
+    import onnx
+    proto = onnx.load(path)
+    os.remove(path)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"RandomUniformLike", "Dropout"} <= ops, ops
+    m64 = Net()
+    m64.load_state_dict(m.state_dict())
+    refs = torch_per_sample_grads(m64.double().eval(), x)
+    write("torch_stochastic_depth", proto, X_NCHW, refs, f"torch {torch.__version__}",
+          "legacy exporter, training mode: StochasticDepth(0.2, 'row') and Dropout(0.3) exported "
+          "as random ops; reference: the same network with both off (eval path)")
+
+
 def keras_fixture():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
@@ -265,8 +309,8 @@ def flax_fixture():
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["torch", "vit", "keras", "flax"]
+    which = sys.argv[1:] or ["torch", "vit", "stochastic", "keras", "flax"]
     write_probe()
     for w in which:
-        {"torch": torch_fixtures, "vit": vit_fixture, "keras": keras_fixture,
+        {"torch": torch_fixtures, "vit": vit_fixture, "stochastic": stochastic_fixture, "keras": keras_fixture,
          "flax": flax_fixture}[w]()
