@@ -332,6 +332,7 @@ fn exporters_match_their_frameworks_autodiff() {
         ("keras_tf2onnx", 1e-9),
         ("flax_jax2onnx", 1e-9),
         ("timm_vit_legacy", 2e-6),
+        ("timm_vit_dynamo", 2e-6),
         ("torch_stochastic_depth", 1e-9),
     ] {
         let (dir, model, probe, meta) = exporter_fixture(name);

@@ -328,6 +328,12 @@ impl Analysis {
             lw.lower(node.clone())
                 .with_context(|| format!("at {}", node.describe()))?;
         }
+        if lw.merged.contains_key(&chosen) {
+            bail!(
+                "the output '{chosen}' holds the samples merged with another axis (a Reshape to \
+                 [N·k, …]); its rows are not one per sample"
+            );
+        }
         let mut nodes = lw.out;
 
         let mut notes = random_notes;

@@ -192,6 +192,11 @@ pub struct Lowering<'a> {
     /// baked it in).
     pub export_batch: Option<usize>,
     pub opset: i64,
+    /// Values whose samples an export merged with the next axis (a Reshape to `[N·k, …]`, as
+    /// torch's dynamo exporter writes `k.transpose(-2, -1)` in attention), with their `k`. Such a
+    /// value is kept as `[N, k, …]`, its samples still on axis 0, and only Reshape and Transpose
+    /// may read it (see `ops/shape.rs`).
+    pub merged: HashMap<String, usize>,
     rules: &'static Registry,
     counter: usize,
 }
@@ -214,6 +219,7 @@ impl<'a> Lowering<'a> {
             n,
             export_batch,
             opset,
+            merged: HashMap::new(),
             rules,
             counter: 0,
         }
@@ -226,6 +232,17 @@ impl<'a> Lowering<'a> {
             return Err(unsupported(self.rules, &node));
         };
         check_arity(def, &node)?;
+        if let Some(m) = node.inputs.iter().find(|i| self.merged.contains_key(*i)) {
+            if !matches!(node.op.as_str(), "Reshape" | "Transpose") {
+                bail!(
+                    "{}: its input '{m}' holds the samples merged with another axis (a Reshape \
+                     to [N·k, …], as torch's dynamo exporter writes attention); gradalign follows \
+                     such a value through Transpose and Reshape only, until a Reshape gives the \
+                     samples their own axis again. Export with dynamo=False (docs/exporters.md)",
+                    node.describe()
+                );
+            }
+        }
         match def.lower {
             Some(lower) => lower(self, node),
             None => self.add(node),

@@ -148,9 +148,7 @@ def torch_fixtures():
           "torch.onnx.export(train() model, dynamo=True): the exporter folds BatchNorm into the convolutions")
 
 
-def vit_fixture():
-    """A small timm ViT through the legacy exporter: the class token is expanded over the batch,
-    attention transposes q/k/v away from the sample axis and back, `x[:, 0]` picks the token."""
+def small_vit():
     import timm
     import torch
 
@@ -161,6 +159,16 @@ def vit_fixture():
     with torch.no_grad():  # timm starts the class token at ~1e-6: make its gradient visible
         m.cls_token.normal_(0, 0.5)
         m.pos_embed.normal_(0, 0.5)
+    return m
+
+
+def vit_fixture():
+    """A small timm ViT through the legacy exporter: the class token is expanded over the batch,
+    attention transposes q/k/v away from the sample axis and back, `x[:, 0]` picks the token."""
+    import timm
+    import torch
+
+    m = small_vit()
     x = torch.from_numpy(X_NCHW)
     path = os.path.join(OUT, "timm_vit_legacy.onnx.tmp")
     os.makedirs(OUT, exist_ok=True)
@@ -175,6 +183,22 @@ def vit_fixture():
     write("timm_vit_legacy", proto, X_NCHW, refs, f"torch {torch.__version__}, timm {timm.__version__}",
           "timm VisionTransformer (8x8 input, patch 4, depth 2, 2 heads), legacy exporter, training mode")
 
+
+
+def vit_dynamo_fixture():
+    """The same ViT through the dynamo exporter (BatchNorm-free, so optimize=False changes
+    nothing here but is the recipe): `k.transpose(-2, -1)` is written as a Reshape that merges
+    the samples with the heads, a Transpose, and a Reshape back."""
+    import timm
+    import torch
+
+    m = small_vit()
+    x = torch.from_numpy(X_NCHW)
+    proto = torch.onnx.export(m, (x[:2],), dynamo=True, optimize=False, input_names=["x"],
+                              dynamic_shapes={"x": {0: torch.export.Dim("N")}}).model_proto
+    refs = torch_per_sample_grads(m.double(), x)
+    write("timm_vit_dynamo", proto, X_NCHW, refs, f"torch {torch.__version__}, timm {timm.__version__}",
+          "timm VisionTransformer (8x8 input, patch 4, depth 2, 2 heads), dynamo exporter, optimize=False")
 
 def stochastic_fixture():
     """A residual CNN with torchvision's StochasticDepth and a Dropout, through the legacy
@@ -309,8 +333,8 @@ def flax_fixture():
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["torch", "vit", "stochastic", "keras", "flax"]
+    which = sys.argv[1:] or ["torch", "vit", "vit_dynamo", "stochastic", "keras", "flax"]
     write_probe()
     for w in which:
-        {"torch": torch_fixtures, "vit": vit_fixture, "stochastic": stochastic_fixture, "keras": keras_fixture,
+        {"torch": torch_fixtures, "vit": vit_fixture, "vit_dynamo": vit_dynamo_fixture, "stochastic": stochastic_fixture, "keras": keras_fixture,
          "flax": flax_fixture}[w]()

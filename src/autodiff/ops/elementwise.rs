@@ -203,7 +203,11 @@ pub fn lower_gelu(lw: &mut Lowering, node: Node) -> Result<()> {
     } else {
         let r2 = lw.scalar(std::f64::consts::FRAC_1_SQRT_2);
         let xs = lw.emit(&node.name, "Mul", vec![x.clone(), r2], None, vec![])?;
-        lw.emit(&node.name, "Erf", vec![xs], None, vec![])?
+        // Through Erf's own lowering, which evaluates it in f32 in f64 graphs (tract has no
+        // f64 Erf).
+        let e = lw.fresh("gelu_erf");
+        lower_f64_fallbacks(lw, Node::new(node.name.clone(), "Erf", vec![xs], vec![e.clone()]))?;
+        e
     };
     let p = lw.emit(&node.name, "Add", vec![inner, one], None, vec![])?;
     let hx = lw.emit(&node.name, "Mul", vec![x.clone(), half], None, vec![])?;

@@ -120,6 +120,7 @@ pub const OPS: &[OpDef] = &[
     },
     OpDef {
         name: "Transpose",
+        lower: Some(lower_transpose),
         view: true,
         ..SH
     },
@@ -266,7 +267,17 @@ pub fn lower_identity(lw: &mut Lowering, node: Node) -> Result<()> {
 /// Squeeze, Unsqueeze, Flatten and Reshape all become `Reshape` with a constant, fully
 /// resolved target shape.
 pub fn lower_reshape(lw: &mut Lowering, node: Node) -> Result<()> {
-    let x = lw.input_info(&node, 0)?.clone();
+    let mut x = lw.input_info(&node, 0)?.clone();
+    // A value whose samples were merged with the next axis is stored as [N, k, …]; the model
+    // reshapes it as the [N·k, …] it wrote.
+    let merged_in = lw.merged.get(&node.inputs[0]).copied();
+    if merged_in.is_some() {
+        if node.op != "Reshape" {
+            bail!("{}: cannot follow samples merged with another axis", node.describe());
+        }
+        let (n, k) = (x.shape[0], x.shape[1]);
+        x.shape.splice(0..2, [n * k]);
+    }
     let r = x.shape.len();
     let axes_of = |lw: &Lowering| -> Result<Option<Vec<i64>>> {
         if let Some(a) = node.attr_ints("axes") {
@@ -362,6 +373,21 @@ pub fn lower_reshape(lw: &mut Lowering, node: Node) -> Result<()> {
             target
         );
     }
+    let mut target = target;
+    let mut merged_out = None;
+    if x.kind == Kind::Batched
+        && node.op == "Reshape"
+        && target.len() >= 2
+        && target[0] != lw.n
+        && target[0] % lw.n == 0
+    {
+        // Axis 0 becomes N·k: rows n·k … n·k + k − 1 are sample n's, since each sample's values
+        // are contiguous. Keep them as [N, k, …]; the model's later Reshape back to [N, …] (or a
+        // Transpose not moving axis 0) reads the same values in the same order.
+        let k = target[0] / lw.n;
+        target.splice(0..1, [lw.n, k]);
+        merged_out = Some(k);
+    }
     if x.kind == Kind::Batched && target.first() != Some(&lw.n) {
         bail!(
             "{}: reshaping {:?} to {:?} moves the sample axis; per-sample gradients need axis 0 \
@@ -384,7 +410,34 @@ pub fn lower_reshape(lw: &mut Lowering, node: Node) -> Result<()> {
         "Reshape",
         vec![node.inputs[0].clone(), s],
         vec![node.outputs[0].clone()],
-    ))
+    ))?;
+    if let Some(k) = merged_out {
+        lw.merged.insert(node.outputs[0].clone(), k);
+    }
+    Ok(())
+}
+
+/// Transpose, and on a value whose samples are merged with the next axis (stored as [N, k, …],
+/// see [`lower_reshape`]) the same permutation of the stored axes, which must leave the merged
+/// axis first.
+fn lower_transpose(lw: &mut Lowering, node: Node) -> Result<()> {
+    let Some(&k) = lw.merged.get(&node.inputs[0]) else {
+        return lw.add(node);
+    };
+    let r = lw.input_info(&node, 0)?.shape.len() - 1;
+    let perm = transpose_perm(&node, r)?;
+    if perm.first() != Some(&0) {
+        bail!(
+            "{}: transposing away an axis that holds the samples merged with another mixes samples",
+            node.describe()
+        );
+    }
+    let stored: Vec<i64> = [0, 1].into_iter().chain(perm[1..].iter().map(|&p| p as i64 + 1)).collect();
+    let out = Node::new(node.name.clone(), "Transpose", node.inputs.clone(), node.outputs.clone())
+        .with_attr(attr::ints("perm", &stored));
+    lw.add(out)?;
+    lw.merged.insert(node.outputs[0].clone(), k);
+    Ok(())
 }
 
 fn resolve_reshape(
