@@ -291,7 +291,7 @@ fn read_scores(path: &Path) -> Result<Table> {
 }
 
 /// Fraction of the scorer's top k that is in the ground truth's top k.
-fn hit_rate(score: &[f64], acc: &[f64], k: usize) -> f64 {
+pub fn hit_rate(score: &[f64], acc: &[f64], k: usize) -> f64 {
     let top = |v: &[f64]| {
         let mut i: Vec<usize> = (0..v.len()).collect();
         i.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
@@ -416,7 +416,7 @@ fn torch_comparison(root: &Path, o: &Options, t: &Table, archs: &[Arch], ours: f
     )
 }
 
-fn plot_scatter(path: &Path, name: &str, score: &[f64], acc: &[f64]) -> Result<()> {
+pub fn plot_scatter(path: &Path, name: &str, score: &[f64], acc: &[f64]) -> Result<()> {
     use plotters::prelude::*;
     let ranks = gradalign::tools::stats::average_ranks(score);
     let n = score.len().max(1) as f64;
@@ -449,7 +449,7 @@ fn plot_scatter(path: &Path, name: &str, score: &[f64], acc: &[f64]) -> Result<(
     Ok(())
 }
 
-fn plot_bars(path: &Path, taus: &[(String, f64)]) -> Result<()> {
+pub fn plot_bars(path: &Path, taus: &[(String, f64)]) -> Result<()> {
     use plotters::prelude::*;
     let root = SVGBackend::new(path, (720, 40 + 28 * taus.len() as u32)).into_drawing_area();
     root.fill(&WHITE)?;
