@@ -269,7 +269,7 @@ fn grads(
         npy::write(z, &g.logits)?;
     }
     let p: usize = g.layout.iter().map(|e| e.numel).sum();
-    let peak = peak_rss_mib()
+    let peak = gradalign::inputs::memory::peak_rss_mib()
         .map(|m| format!(", peak RSS {m:.0} MiB"))
         .unwrap_or_default();
     eprintln!(
@@ -289,13 +289,6 @@ fn grads(
     Ok(())
 }
 
-/// Peak resident memory of this process (Linux), for benchmark reports.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
 
 fn export(model: &Path, out: &Path, n: usize, grad: &GradArgs) -> Result<()> {
     let m = grad.load_model(model)?;

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use crate::onnx::{attr, HostTensor, Model, Node};
 
 /// A constant of the source model: an initializer, or the value of a Constant node.
-fn source_const<'m>(
+pub(super) fn source_const<'m>(
     model: &'m Model,
     consts: &HashMap<&str, &Node>,
     name: &str,

@@ -58,10 +58,7 @@ fn cast_float(node: &Node) -> Option<DType> {
 
 /// A scalar constant of the source model: an initializer or a Constant node's value.
 fn scalar(model: &Model, consts: &HashMap<&str, &Node>, name: &str) -> Option<f64> {
-    let t = match model.initializer(name) {
-        Some(t) => t.clone(),
-        None => consts.get(name)?.constant_value().ok()?,
-    };
+    let t = super::sample_axis::source_const(model, consts, name)?;
     (t.len() == 1).then(|| t.to_f64_vec()[0])
 }
 

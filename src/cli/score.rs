@@ -91,7 +91,7 @@ pub fn score(
                 "notes": r.notes,
                 "runtime": r.runtime,
                 // The process's high-water resident memory so far (Linux; null elsewhere).
-                "peak_rss_mib": peak_rss_mib(),
+                "peak_rss_mib": gradalign::inputs::memory::peak_rss_mib(),
                 "seconds": {
                     "inputs": r.grad_seconds,
                     "scorers": r.score_seconds,
@@ -403,11 +403,4 @@ fn print_ranking(out: &Path, names: &[String]) -> Result<()> {
         println!("{line}");
     }
     Ok(())
-}
-
-/// Peak resident memory of this process in MiB (`VmHWM`), where the OS reports it.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
 }

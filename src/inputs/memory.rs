@@ -44,6 +44,13 @@ pub fn parse_size(s: &str) -> Result<u64> {
     Ok(bytes as u64)
 }
 
+/// Peak resident memory of this process in MiB (`VmHWM`), where the OS reports it (Linux).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+}
+
 /// Three quarters of the memory this process may use: physical memory (Linux
 /// `/proc/meminfo`), or the cgroup's limit when smaller (a container's or a Slurm/Kubernetes
 /// job's memory limit, cgroup v2 `memory.max` or v1 `memory.limit_in_bytes`), else 16 GiB.

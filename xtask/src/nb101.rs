@@ -6,7 +6,6 @@
 //! accuracy (30,001 cells) and test accuracy (2,500 cells), from data/nb101_accuracies.csv.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -14,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use gradalign::tools::stats::{kendall_tau_b, spearman};
 use prost::Message;
 
-use crate::nb201::{append_with_header, plot_scatter, resume_rows, run_jobs, sample, weight_seed};
+use crate::nb201::{append_with_header, commit_rows, plot_scatter, resume_rows, run_jobs, sample, weight_seed};
 
 pub struct Cell {
     pub hash: String,
@@ -172,14 +171,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
                 errs,
             ))
         };
-        // The row goes last and is synced: a row in scores.csv means its timings are in.
-        let commit = |(row, times, errs): (String, String, String)| -> Result<()> {
-            errors_file.write_all(errs.as_bytes())?;
-            times_file.write_all(times.as_bytes())?;
-            scores_file.write_all(row.as_bytes())?;
-            scores_file.sync_data()?;
-            Ok(())
-        };
+        let commit = commit_rows(&mut scores_file, &mut times_file, &mut errors_file);
         run_jobs(todo.len(), o.jobs, work, commit)?;
     }
     report(o, &names)

@@ -70,11 +70,6 @@ pub struct Options {
     pub sample_desc: String,
 }
 
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
-}
 
 /// The progress line: bar, count, seconds per architecture and ETA.
 pub fn progress(k: usize, total: usize, t0: Instant) {
@@ -122,6 +117,22 @@ pub fn run_jobs<R>(
     });
     eprintln!();
     failure.into_inner().unwrap().map_or(Ok(()), Err)
+}
+
+/// Appends one result (scores row, timings row, error rows) to its three files. The scores row
+/// goes last and is synced: a row in scores.csv means its errors and timings are in.
+pub fn commit_rows<'f>(
+    scores: &'f mut std::fs::File,
+    times: &'f mut std::fs::File,
+    errors: &'f mut std::fs::File,
+) -> impl FnMut((String, String, String)) -> Result<()> + Send + 'f {
+    move |(row, t, errs)| {
+        errors.write_all(errs.as_bytes())?;
+        times.write_all(t.as_bytes())?;
+        scores.write_all(row.as_bytes())?;
+        scores.sync_data()?;
+        Ok(())
+    }
 }
 
 /// Open `path` for appending, writing `header` first when the file is new or empty.
@@ -247,16 +258,9 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
             errs,
         ))
     };
-    // The row goes last and is synced: a row in scores.csv means its errors and timings are in.
-    let commit = |(row, times, errs): (String, String, String)| -> Result<()> {
-        errors_file.write_all(errs.as_bytes())?;
-        times_file.write_all(times.as_bytes())?;
-        scores_file.write_all(row.as_bytes())?;
-        scores_file.sync_data()?;
-        Ok(())
-    };
+    let commit = commit_rows(&mut scores_file, &mut times_file, &mut errors_file);
     run_jobs(todo.len(), o.jobs, work, commit)?;
-    let peak = peak_rss_mib();
+    let peak = gradalign::inputs::memory::peak_rss_mib();
     report(root, o, &archs, peak)
 }
 
