@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The data flow, first to last; `tools` sits beside it and may use all of it.
-const LAYERS: &[&str] = &["onnx", "autodiff", "runtime", "inputs", "scorers", "results", "tools"];
+const LAYERS: &[&str] = &[
+    "onnx", "autodiff", "runtime", "inputs", "scorers", "results", "tools",
+];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -25,8 +27,10 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// `src/autodiff/ops/mod.rs` → `["autodiff", "ops"]`.
 fn module_path(src: &Path, file: &Path) -> Vec<String> {
     let rel = file.strip_prefix(src).unwrap().with_extension("");
-    let mut parts: Vec<String> =
-        rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+    let mut parts: Vec<String> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
     if parts.last().is_some_and(|p| p == "mod") {
         parts.pop();
     }
@@ -46,7 +50,8 @@ fn paths_after(code: &str, prefix: &str) -> Vec<Vec<String>> {
         let mut segs = Vec::new();
         let mut tail = rest;
         loop {
-            let len = tail.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
+            let len =
+                tail.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
             let len = len.unwrap_or(tail.len());
             if len == 0 {
                 break;
@@ -71,7 +76,10 @@ fn module_graph() -> BTreeMap<Vec<String>, BTreeSet<Vec<String>>> {
     for file in files {
         let path = module_path(&src, &file);
         // The binary's modules and this checker are not the library.
-        if matches!(path.first().map(String::as_str), Some("main" | "cli" | "lib" | "layering")) {
+        if matches!(
+            path.first().map(String::as_str),
+            Some("main" | "cli" | "lib" | "layering")
+        ) {
             continue;
         }
         let text = std::fs::read_to_string(&file).unwrap();
@@ -83,7 +91,10 @@ fn module_graph() -> BTreeMap<Vec<String>, BTreeSet<Vec<String>>> {
     }
     let known: BTreeSet<Vec<String>> = code.keys().cloned().collect();
     let resolve = |segs: Vec<String>| -> Option<Vec<String>> {
-        (1..=segs.len()).rev().map(|k| segs[..k].to_vec()).find(|p| known.contains(p))
+        (1..=segs.len())
+            .rev()
+            .map(|k| segs[..k].to_vec())
+            .find(|p| known.contains(p))
     };
     let mut graph = BTreeMap::new();
     for (module, text) in &code {
@@ -108,7 +119,10 @@ fn top_level_modules_import_only_earlier_layers() {
     let mut wrong = Vec::new();
     for (module, deps) in module_graph() {
         let Some(mine) = layer(&module) else {
-            panic!("src/{} is in no layer of LAYERS; add it where the data flow puts it", module[0]);
+            panic!(
+                "src/{} is in no layer of LAYERS; add it where the data flow puts it",
+                module[0]
+            );
         };
         for dep in deps {
             if layer(&dep).is_some_and(|theirs| theirs > mine) {
@@ -116,7 +130,10 @@ fn top_level_modules_import_only_earlier_layers() {
             }
         }
     }
-    assert!(wrong.is_empty(), "imports against the data flow {LAYERS:?}: {wrong:#?}");
+    assert!(
+        wrong.is_empty(),
+        "imports against the data flow {LAYERS:?}: {wrong:#?}"
+    );
 }
 
 #[test]

@@ -15,12 +15,12 @@
 //! networks, statistics, the fuzzer, the linear-regions experiment); the pipeline never imports
 //! it. `tests/layering.rs` checks this order.
 
-pub mod onnx;
 pub mod autodiff;
-pub mod runtime;
 pub mod inputs;
-pub mod scorers;
+pub mod onnx;
 pub mod results;
+pub mod runtime;
+pub mod scorers;
 pub mod tools;
 
 #[cfg(test)]

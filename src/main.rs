@@ -8,11 +8,11 @@ mod cli;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use gradalign::inputs::engine;
 use gradalign::autodiff::{BnMode, GradOptions, ParamSelect, Precision};
+use gradalign::inputs::engine;
 use gradalign::inputs::npy;
-use gradalign::onnx::Model;
 use gradalign::inputs::probe::Probe;
+use gradalign::onnx::Model;
 use gradalign::runtime::{Backend, Device};
 
 #[derive(Parser)]
@@ -288,7 +288,6 @@ fn grads(
     );
     Ok(())
 }
-
 
 fn export(model: &Path, out: &Path, n: usize, grad: &GradArgs) -> Result<()> {
     let m = grad.load_model(model)?;

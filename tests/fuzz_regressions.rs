@@ -35,10 +35,7 @@ fn corpus_and_past_crashes_do_not_panic() {
 
 #[test]
 fn short_seeded_fuzz_run_does_not_panic() {
-    let seeds: Vec<Vec<u8>> = corpus()
-        .iter()
-        .map(|p| std::fs::read(p).unwrap())
-        .collect();
+    let seeds: Vec<Vec<u8>> = corpus().iter().map(|p| std::fs::read(p).unwrap()).collect();
     let mut rng = gradalign::tools::fuzz::rng(12345, 0);
     let mut ok = 0;
     for i in 0..20_000 {

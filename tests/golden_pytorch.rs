@@ -12,11 +12,11 @@ mod common;
 
 use std::path::PathBuf;
 
-use gradalign::inputs::engine::per_sample_grads_with;
 use gradalign::autodiff::{BnMode, GradOptions, ParamSelect, Precision};
+use gradalign::inputs::engine::per_sample_grads_with;
 use gradalign::inputs::npy;
-use gradalign::onnx::{HostTensor, Model};
 use gradalign::inputs::probe::Probe;
+use gradalign::onnx::{HostTensor, Model};
 use gradalign::runtime::Backend;
 use ndarray::Array2;
 
@@ -38,8 +38,7 @@ fn load(name: &str) -> Golden {
     let model = Model::load(&root().join("models").join(format!("{name}.onnx"))).unwrap();
     // Fixtures that share a probe name one folder for it (make_fixtures.py stores it once).
     let probe_dir = root().join(meta["probe"].as_str().unwrap());
-    let probe =
-        Probe::from_npy(&probe_dir.join("x.npy"), &probe_dir.join("y.npy"), None).unwrap();
+    let probe = Probe::from_npy(&probe_dir.join("x.npy"), &probe_dir.join("y.npy"), None).unwrap();
     Golden {
         model,
         probe,
@@ -422,7 +421,9 @@ fn random_masks_are_replaced_by_their_expectation_and_noted() {
         g.notes
     );
     assert!(
-        g.notes.iter().any(|n| n.contains("Dropout") && n.contains("training mode")),
+        g.notes
+            .iter()
+            .any(|n| n.contains("Dropout") && n.contains("training mode")),
         "{:?}",
         g.notes
     );

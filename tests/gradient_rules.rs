@@ -609,7 +609,8 @@ fn elu_and_selu_gradients_stay_finite_for_large_inputs() {
         probe.images.mapv_inplace(|v| 100.0 + v);
         let mut o = opts(BnMode::Sample, ParamSelect::Weights);
         o.precision = gradalign::autodiff::Precision::F32;
-        let r = gradalign::inputs::engine::per_sample_grads(&g.model(&z), &probe, o, false).unwrap();
+        let r =
+            gradalign::inputs::engine::per_sample_grads(&g.model(&z), &probe, o, false).unwrap();
         assert!(
             r.grads.to_f64().iter().all(|v| v.is_finite()),
             "{op}: {:?}",

@@ -3,10 +3,10 @@
 //! give a number. NB201 #2493 of `cargo xtask bench nb201 --seed 0` failed this way before.
 
 use gradalign::autodiff::GradOptions;
-use gradalign::onnx::Model;
-use gradalign::scorers::plugin::Registry;
 use gradalign::inputs::probe::Probe;
+use gradalign::onnx::Model;
 use gradalign::runtime::{Backend, Device};
+use gradalign::scorers::plugin::Registry;
 use gradalign::scorers::score::score_model;
 
 #[test]

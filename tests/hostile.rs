@@ -162,10 +162,10 @@ fn broken_probes_get_clear_errors() {
 /// on the batch; tract's may round differently by batch size).
 #[test]
 fn memory_bounded_runs_chunk_the_probe() {
-    use gradalign::inputs::engine::per_sample_grads_with;
     use gradalign::autodiff::GradOptions;
-    use gradalign::onnx::{HostTensor, Model};
+    use gradalign::inputs::engine::per_sample_grads_with;
     use gradalign::inputs::probe::Probe;
+    use gradalign::onnx::{HostTensor, Model};
     use gradalign::runtime::Backend;
 
     let m = Model::load(&root().join("models/nb201_random_a.onnx")).unwrap();
@@ -223,10 +223,10 @@ fn memory_bounded_runs_chunk_the_probe() {
 #[test]
 fn memory_bounded_scoring_streams_signs_with_identical_scores() {
     use gradalign::autodiff::GradOptions;
-    use gradalign::onnx::Model;
-    use gradalign::scorers::plugin::Registry;
     use gradalign::inputs::probe::Probe;
+    use gradalign::onnx::Model;
     use gradalign::runtime::{Backend, Device};
+    use gradalign::scorers::plugin::Registry;
     use gradalign::scorers::score::score_model;
 
     if !gradalign::runtime::ort::available() {

@@ -9,10 +9,10 @@ use std::process::Command;
 
 use gradalign::autodiff::BnMode;
 use gradalign::onnx::{attr, HostTensor, Model};
+use gradalign::runtime::{Backend, Device};
 use gradalign::tools::regions::{
     count_patterns, count_regions, perturb_weights, relu_codes, stack_rows, PatternInputs,
 };
-use gradalign::runtime::{Backend, Device};
 use ndarray::{ArrayD, Axis, IxDyn};
 
 fn root() -> PathBuf {
@@ -142,7 +142,8 @@ fn zoo_thin_network_is_te_nas_thin_network() {
     let x = golden_inputs();
     for (name, g) in golden() {
         let theirs = Model::load(&golden_dir().join(format!("{name}.onnx"))).unwrap();
-        let proto = gradalign::tools::zoo::nb201_tenas_thin(g["arch"].as_str().unwrap(), 1).unwrap();
+        let proto =
+            gradalign::tools::zoo::nb201_tenas_thin(g["arch"].as_str().unwrap(), 1).unwrap();
         let mut ours = Model::from_proto(&proto, "zoo thin").unwrap();
         let mut loaded = 0;
         for (n, t) in &mut ours.initializers {

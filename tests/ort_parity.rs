@@ -4,12 +4,12 @@
 
 mod common;
 
-use gradalign::inputs::engine::per_sample_grads_with;
 use gradalign::autodiff::GradOptions;
-use gradalign::onnx::{HostTensor, Model};
-use gradalign::scorers::plugin::Registry;
+use gradalign::inputs::engine::per_sample_grads_with;
 use gradalign::inputs::probe::Probe;
+use gradalign::onnx::{HostTensor, Model};
 use gradalign::runtime::{Backend, Device};
+use gradalign::scorers::plugin::Registry;
 use gradalign::scorers::score::score_model;
 
 const ARCHS: usize = 50;

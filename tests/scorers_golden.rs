@@ -6,10 +6,10 @@
 use std::path::PathBuf;
 
 use gradalign::autodiff::{GradOptions, Precision};
-use gradalign::onnx::Model;
-use gradalign::scorers::plugin::Registry;
 use gradalign::inputs::probe::Probe;
+use gradalign::onnx::Model;
 use gradalign::runtime::{Backend, Device};
+use gradalign::scorers::plugin::Registry;
 use gradalign::scorers::score::score_model;
 
 const FIXTURES: [&str; 5] = [

@@ -4,8 +4,8 @@
 
 mod common;
 use common::*;
-use gradalign::inputs::engine::{per_sample_grads, WARNING};
 use gradalign::autodiff::{BnMode, ParamSelect};
+use gradalign::inputs::engine::{per_sample_grads, WARNING};
 use gradalign::onnx::HostTensor;
 use ndarray::{ArrayD, IxDyn};
 

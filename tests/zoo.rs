@@ -4,10 +4,10 @@
 
 use std::path::PathBuf;
 
-use gradalign::inputs::engine::per_sample_grads;
 use gradalign::autodiff::{GradOptions, ParamSelect};
-use gradalign::onnx::{HostTensor, Model};
+use gradalign::inputs::engine::per_sample_grads;
 use gradalign::inputs::probe::Probe;
+use gradalign::onnx::{HostTensor, Model};
 use gradalign::tools::zoo::nb201_model;
 
 fn root() -> PathBuf {

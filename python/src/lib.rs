@@ -12,13 +12,13 @@ use pyo3::create_exception;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict};
 
-use gradalign::inputs::engine::{self, InputLayout};
 use gradalign::autodiff::GradOptions;
-use gradalign::onnx::{HostTensor, Model};
-use gradalign::scorers::plugin::{input_names, Registry, ScorerInfo};
+use gradalign::inputs::engine::{self, InputLayout};
 use gradalign::inputs::probe::Probe;
+use gradalign::onnx::{HostTensor, Model};
 use gradalign::results::rank::{self, ResultsFile};
 use gradalign::runtime::{Backend, Device};
+use gradalign::scorers::plugin::{input_names, Registry, ScorerInfo};
 use gradalign::scorers::score::{score_model, ScoreReport};
 
 create_exception!(

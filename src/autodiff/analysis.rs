@@ -7,8 +7,8 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::rules::Lowering;
 use super::ops;
+use super::rules::Lowering;
 use super::rules::Slot;
 use super::{GradOptions, Info, Kind, ParamSelect};
 use crate::onnx::{DType, HostTensor, Model, Node};

@@ -80,7 +80,6 @@ pub struct GradGraphBuilder<'a> {
     outputs_only: Option<Vec<usize>>,
 }
 
-
 impl<'a> GradGraphBuilder<'a> {
     pub fn new(an: &'a Analysis) -> Self {
         Self::with_spec(an, GraphSpec::default())

@@ -89,7 +89,11 @@ pub fn expect_random_masks(model: &Model) -> Result<(Option<Model>, Vec<String>)
         .nodes
         .iter()
         .filter(|n| n.op == "Dropout")
-        .filter(|n| n.input(2).and_then(|t| scalar(model, &consts, t)).is_some_and(|v| v != 0.0))
+        .filter(|n| {
+            n.input(2)
+                .and_then(|t| scalar(model, &consts, t))
+                .is_some_and(|v| v != 0.0)
+        })
         .collect();
     if let Some(first) = dropouts.first() {
         notes.push(format!(
@@ -124,10 +128,20 @@ pub fn expect_random_masks(model: &Model) -> Result<(Option<Model>, Vec<String>)
                 },
             };
             let out = node.outputs[0].clone();
-            let mut n = Node::new(node.name.clone(), "Identity", vec![node.inputs[0].clone()], vec![out]);
+            let mut n = Node::new(
+                node.name.clone(),
+                "Identity",
+                vec![node.inputs[0].clone()],
+                vec![out],
+            );
             if let Some(d) = to {
-                n = Node::new(node.name.clone(), "Cast", n.inputs.clone(), n.outputs.clone())
-                    .with_attr(attr::i("to", d.onnx_code() as i64));
+                n = Node::new(
+                    node.name.clone(),
+                    "Cast",
+                    n.inputs.clone(),
+                    n.outputs.clone(),
+                )
+                .with_attr(attr::i("to", d.onnx_code() as i64));
             }
             replaced.insert(i, vec![n]);
             masks.push((node.describe(), f64::NAN));
@@ -138,19 +152,33 @@ pub fn expect_random_masks(model: &Model) -> Result<(Option<Model>, Vec<String>)
         for c in uses(&node.outputs[0]) {
             let cmp = &model.nodes[c];
             let random_first = cmp.inputs.first() == node.outputs.first();
-            let other = if random_first { cmp.input(1) } else { cmp.input(0) };
+            let other = if random_first {
+                cmp.input(1)
+            } else {
+                cmp.input(0)
+            };
             let threshold = other.and_then(|o| scalar(model, &consts, o));
             let (Some(t), true) = (
                 threshold,
-                matches!(cmp.op.as_str(), "Less" | "LessOrEqual" | "Greater" | "GreaterOrEqual"),
+                matches!(
+                    cmp.op.as_str(),
+                    "Less" | "LessOrEqual" | "Greater" | "GreaterOrEqual"
+                ),
             ) else {
                 return Err(refuse(
                     node,
-                    &format!("its random values feed {}, not a comparison with a constant", cmp.describe()),
+                    &format!(
+                        "its random values feed {}, not a comparison with a constant",
+                        cmp.describe()
+                    ),
                 ));
             };
             let less = matches!(cmp.op.as_str(), "Less" | "LessOrEqual");
-            let p = if less == random_first { law.below(t) } else { 1.0 - law.below(t) };
+            let p = if less == random_first {
+                law.below(t)
+            } else {
+                1.0 - law.below(t)
+            };
             dropped.insert(c);
             for k in uses(&cmp.outputs[0]) {
                 let cast = &model.nodes[k];
@@ -180,24 +208,44 @@ pub fn expect_random_masks(model: &Model) -> Result<(Option<Model>, Vec<String>)
                     // one that mixes samples. Broadcasting gives the consumer the same shape.
                     _ => {
                         let ints = |name: &str, v: &[i64]| {
-                            Node::new(format!("{shape}/{name}"), "Constant", vec![], vec![format!("{shape}/{name}")])
-                                .with_attr(attr::t("value", HostTensor::i64_vec(v).to_proto("")))
+                            Node::new(
+                                format!("{shape}/{name}"),
+                                "Constant",
+                                vec![],
+                                vec![format!("{shape}/{name}")],
+                            )
+                            .with_attr(attr::t("value", HostTensor::i64_vec(v).to_proto("")))
                         };
                         let of = format!("{shape}/of");
                         let rest = format!("{shape}/rest");
                         vec![
-                            Node::new(of.clone(), "Shape", vec![node.inputs[0].clone()], vec![of.clone()]),
+                            Node::new(
+                                of.clone(),
+                                "Shape",
+                                vec![node.inputs[0].clone()],
+                                vec![of.clone()],
+                            ),
                             ints("one", &[1]),
                             ints("end", &[i64::MAX]),
                             Node::new(
                                 rest.clone(),
                                 "Slice",
-                                vec![of, format!("{shape}/one"), format!("{shape}/end"), format!("{shape}/zero")],
+                                vec![
+                                    of,
+                                    format!("{shape}/one"),
+                                    format!("{shape}/end"),
+                                    format!("{shape}/zero"),
+                                ],
                                 vec![rest.clone()],
                             ),
                             ints("zero", &[0]),
-                            Node::new(shape.clone(), "Concat", vec![format!("{shape}/one"), rest], vec![shape.clone()])
-                                .with_attr(attr::i("axis", 0)),
+                            Node::new(
+                                shape.clone(),
+                                "Concat",
+                                vec![format!("{shape}/one"), rest],
+                                vec![shape.clone()],
+                            )
+                            .with_attr(attr::i("axis", 0)),
                         ]
                     }
                 };
@@ -225,7 +273,13 @@ pub fn expect_random_masks(model: &Model) -> Result<(Option<Model>, Vec<String>)
     if let Some((first, _)) = masks.first() {
         let mut keep: Vec<String> = masks
             .iter()
-            .map(|(_, p)| if p.is_nan() { "its input".to_string() } else { format!("{p:.4}") })
+            .map(|(_, p)| {
+                if p.is_nan() {
+                    "its input".to_string()
+                } else {
+                    format!("{p:.4}")
+                }
+            })
             .collect();
         keep.dedup();
         notes.push(format!(
@@ -245,11 +299,17 @@ mod tests {
 
     #[test]
     fn probabilities_of_the_laws() {
-        let u = Law::Uniform { low: 0.0, high: 1.0 };
+        let u = Law::Uniform {
+            low: 0.0,
+            high: 1.0,
+        };
         assert_eq!(u.below(0.8), 0.8);
         assert_eq!(u.below(-1.0), 0.0);
         assert_eq!(u.below(2.0), 1.0);
-        let n = Law::Normal { mean: 0.0, scale: 1.0 };
+        let n = Law::Normal {
+            mean: 0.0,
+            scale: 1.0,
+        };
         assert!((n.below(0.0) - 0.5).abs() < 1e-15);
         // Φ(1.96) = 0.9750021048517795.
         assert!((n.below(1.96) - 0.975_002_104_851_779_5).abs() < 1e-14);

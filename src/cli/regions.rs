@@ -6,14 +6,14 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use gradalign::autodiff::BnMode;
-use gradalign::onnx::Model;
 use gradalign::inputs::probe::Probe;
+use gradalign::onnx::Model;
 use gradalign::results::rank::collect_models;
+use gradalign::runtime::{Backend, Device};
 use gradalign::tools::regions::{
     count_regions, fixed_sample_shape, perturb_weights, rank_stability, repeat_seed, PatternInputs,
     Protocol, RegionCounts, TENAS_BATCH, TENAS_BATCHES,
 };
-use gradalign::runtime::{Backend, Device};
 
 use crate::{load_probe, ProbeArgs};
 

@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use gradalign::scorers::plugin::{input_names, Registry, ScorerInfo};
 use gradalign::results::rank::{self, ResultsFile};
+use gradalign::scorers::plugin::{input_names, Registry, ScorerInfo};
 use gradalign::scorers::score::{score_model, ScoreReport};
 
 use crate::{load_probe, GradArgs, ProbeArgs};

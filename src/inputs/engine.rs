@@ -8,8 +8,8 @@ use crate::autodiff::analysis::Analysis;
 use crate::autodiff::builder::{GradGraph, GradGraphBuilder, GraphSpec};
 use crate::autodiff::GradOptions;
 use crate::inputs::memory;
-use crate::onnx::{HostTensor, Model};
 use crate::inputs::probe::Probe;
+use crate::onnx::{HostTensor, Model};
 use crate::runtime::{self, Backend, Device};
 
 /// One block of gradient columns: a parameter, flattened row-major in its ONNX shape.

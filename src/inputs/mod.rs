@@ -3,9 +3,9 @@
 //! the memory plan that bounds them ([`memory`]), and forward-only or extra gradient passes
 //! ([`passes`]).
 
-pub mod npy;
-pub mod probe;
-pub mod memory;
 pub mod engine;
-pub mod stream;
+pub mod memory;
+pub mod npy;
 pub mod passes;
+pub mod probe;
+pub mod stream;

@@ -8,11 +8,11 @@ use std::collections::HashMap;
 use anyhow::{anyhow, bail, Result};
 use ndarray::{ArrayD, IxDyn};
 
-use crate::inputs::engine::build_graph_with;
 use crate::autodiff::builder::{GradGraph, GraphSpec, Loss};
 use crate::autodiff::{GradOptions, ParamSelect, Precision};
-use crate::onnx::{HostTensor, Model};
+use crate::inputs::engine::build_graph_with;
 use crate::inputs::probe::Probe;
+use crate::onnx::{HostTensor, Model};
 use crate::runtime::{self, Backend, Device};
 
 /// ReLU codes (N × units, 0/1) and the per-sample input Jacobian of Σ logits (N × D, f64), as

@@ -10,13 +10,13 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Result};
 use gradalign_plugin_api::PackedSigns;
 
-use crate::inputs::engine::LayoutEntry;
 use crate::autodiff::analysis::Analysis;
 use crate::autodiff::builder::{GradGraphBuilder, GraphSpec};
 use crate::autodiff::GradOptions;
+use crate::inputs::engine::LayoutEntry;
 use crate::inputs::memory;
-use crate::onnx::{DType, HostTensor, Model};
 use crate::inputs::probe::Probe;
+use crate::onnx::{DType, HostTensor, Model};
 use crate::runtime::{self, Backend, Device};
 
 /// What a streamed run keeps.

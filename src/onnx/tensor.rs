@@ -261,18 +261,20 @@ pub fn value_info(name: &str, dtype: DType, shape: &[usize]) -> crate::onnx::pb:
     crate::onnx::pb::ValueInfoProto {
         name: name.to_string(),
         r#type: Some(crate::onnx::pb::TypeProto {
-            value: Some(crate::onnx::pb::type_proto::Value::TensorType(crate::onnx::pb::type_proto::Tensor {
-                elem_type: dtype.onnx_code(),
-                shape: Some(crate::onnx::pb::TensorShapeProto {
-                    dim: shape
-                        .iter()
-                        .map(|&d| Dimension {
-                            value: Some(Value::DimValue(d as i64)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
+            value: Some(crate::onnx::pb::type_proto::Value::TensorType(
+                crate::onnx::pb::type_proto::Tensor {
+                    elem_type: dtype.onnx_code(),
+                    shape: Some(crate::onnx::pb::TensorShapeProto {
+                        dim: shape
+                            .iter()
+                            .map(|&d| Dimension {
+                                value: Some(Value::DimValue(d as i64)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                },
+            )),
             ..Default::default()
         }),
         ..Default::default()

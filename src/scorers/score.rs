@@ -8,14 +8,14 @@ use anyhow::Result;
 use gradalign_plugin_api::abi::{inputs as flag, role};
 use gradalign_plugin_api::PackedSigns;
 
-use crate::inputs::engine::{self, LayoutEntry, PerSampleGrads};
 use crate::autodiff::rules::Slot;
 use crate::autodiff::{GradOptions, ParamSelect};
+use crate::inputs::engine::{self, LayoutEntry, PerSampleGrads};
+use crate::inputs::probe::Probe;
 use crate::onnx::{HostTensor, Model};
+use crate::runtime::{Backend, Device};
 use crate::scorers::plugin::inputs::{InputData, ParamMeta};
 use crate::scorers::plugin::ScorerInfo;
-use crate::inputs::probe::Probe;
-use crate::runtime::{Backend, Device};
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ScoreReport {
@@ -429,7 +429,10 @@ pub fn score_model(
             Some(d) if s.isolated && s.library.is_some() => {
                 crate::scorers::plugin::isolate::call_isolated(s, d)
             }
-            _ => s.call(&crate::scorers::plugin::inputs::masked(&raw.inputs, s.inputs)),
+            _ => s.call(&crate::scorers::plugin::inputs::masked(
+                &raw.inputs,
+                s.inputs,
+            )),
         };
         match result {
             Ok(v) => scores.push((s.name.clone(), Some(v))),

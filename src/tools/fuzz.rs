@@ -7,9 +7,9 @@
 use anyhow::{bail, Result};
 use prost::Message;
 
-use crate::inputs::engine::build_graph_with;
 use crate::autodiff::builder::GraphSpec;
 use crate::autodiff::{BnMode, GradOptions, ParamSelect, Precision};
+use crate::inputs::engine::build_graph_with;
 use crate::onnx::{pb, Model};
 use crate::tools::zoo::Rng;
 
@@ -18,7 +18,10 @@ const FUZZ_MEMORY: u64 = 256 << 20;
 
 /// The seed models listed in a corpus file (one path per line, relative to `root`; `#` starts a
 /// comment): the committed list is `fuzz/corpus.txt`.
-pub fn seed_paths(list: &std::path::Path, root: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
+pub fn seed_paths(
+    list: &std::path::Path,
+    root: &std::path::Path,
+) -> Result<Vec<std::path::PathBuf>> {
     let text = std::fs::read_to_string(list)
         .map_err(|e| anyhow::anyhow!("fuzz corpus list {}: {e}", list.display()))?;
     let paths: Vec<std::path::PathBuf> = text
@@ -28,7 +31,11 @@ pub fn seed_paths(list: &std::path::Path, root: &std::path::Path) -> Result<Vec<
         .map(|l| root.join(l))
         .collect();
     if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
-        anyhow::bail!("{} names {}, which does not exist", list.display(), missing.display());
+        anyhow::bail!(
+            "{} names {}, which does not exist",
+            list.display(),
+            missing.display()
+        );
     }
     Ok(paths)
 }

@@ -3,7 +3,7 @@
 //! the ONNX-aware fuzzer ([`fuzz`]) and the linear-region experiment ([`regions`]). Nothing in the
 //! pipeline modules imports this one.
 
-pub mod zoo;
-pub mod stats;
 pub mod fuzz;
 pub mod regions;
+pub mod stats;
+pub mod zoo;

@@ -22,12 +22,12 @@ use std::collections::HashSet;
 use anyhow::{bail, Result};
 use ndarray::{ArrayD, IxDyn};
 
-use crate::inputs::engine::build_graph_with;
 use crate::autodiff::analysis::Analysis;
 use crate::autodiff::builder::{GraphSpec, Loss};
 use crate::autodiff::{BnMode, GradOptions, ParamSelect};
-use crate::onnx::{DType, HostTensor, Model};
+use crate::inputs::engine::build_graph_with;
 use crate::inputs::passes::codes_from_outputs;
+use crate::onnx::{DType, HostTensor, Model};
 use crate::runtime::{self, Backend, Device};
 use crate::tools::zoo::Rng;
 

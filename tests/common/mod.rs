@@ -1,10 +1,10 @@
 //! Test helpers: build small ONNX graphs in code and check gradients by finite differences.
 #![allow(dead_code)]
 
-use gradalign::inputs::engine::{per_sample_grads, PerSampleGrads};
 use gradalign::autodiff::{BnMode, GradOptions, ParamSelect, Precision};
-use gradalign::onnx::{attr, pb, HostTensor, Model};
+use gradalign::inputs::engine::{per_sample_grads, PerSampleGrads};
 use gradalign::inputs::probe::Probe;
+use gradalign::onnx::{attr, pb, HostTensor, Model};
 use ndarray::{Array1, ArrayD, IxDyn};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -13,7 +13,9 @@ use anyhow::{bail, Context, Result};
 use gradalign::tools::stats::{kendall_tau_b, spearman};
 use prost::Message;
 
-use crate::nb201::{append_with_header, commit_rows, plot_scatter, resume_rows, run_jobs, sample, weight_seed};
+use crate::nb201::{
+    append_with_header, commit_rows, plot_scatter, resume_rows, run_jobs, sample, weight_seed,
+};
 
 pub struct Cell {
     pub hash: String,
@@ -31,7 +33,11 @@ pub fn load_cells(root: &Path) -> Result<Vec<Cell>> {
     for (i, line) in text.lines().enumerate().skip(1) {
         let f: Vec<&str> = line.split(',').collect();
         if f.len() != 7 {
-            bail!("data/nb101_accuracies.csv line {}: {} fields, 7 expected", i + 1, f.len());
+            bail!(
+                "data/nb101_accuracies.csv line {}: {} fields, 7 expected",
+                i + 1,
+                f.len()
+            );
         }
         out.push(Cell {
             hash: f[0].to_string(),
@@ -82,7 +88,10 @@ fn pick<'c>(cells: &'c [Cell], o: &Options) -> Result<Vec<&'c Cell>> {
         "val" => cells.iter().filter(|c| c.val.is_some()).collect(),
         other => bail!("--pool {other}: use test (2,500 cells) or val (30,001 cells)"),
     };
-    Ok(sample(pool.len(), o.sample, o.seed).into_iter().map(|i| pool[i]).collect())
+    Ok(sample(pool.len(), o.sample, o.seed)
+        .into_iter()
+        .map(|i| pool[i])
+        .collect())
 }
 
 pub fn run(root: &Path, o: &Options) -> Result<()> {
@@ -99,7 +108,10 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
             .iter()
             .filter_map(|l| l.split(',').next().map(String::from))
             .collect();
-        let todo: Vec<&Cell> = pick(&cells, o)?.into_iter().filter(|c| !done.contains(&c.hash)).collect();
+        let todo: Vec<&Cell> = pick(&cells, o)?
+            .into_iter()
+            .filter(|c| !done.contains(&c.hash))
+            .collect();
         eprintln!(
             "nb101: {} cells to score from the {} pool ({} already in {}), N = {}, {} job(s)",
             todo.len(),
@@ -111,7 +123,10 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         );
         let exe = std::env::current_exe()?.with_file_name("gradalign");
         if !exe.exists() {
-            bail!("{} not found: build it with cargo build --release", exe.display());
+            bail!(
+                "{} not found: build it with cargo build --release",
+                exe.display()
+            );
         }
         let tmp = o.out.join("tmp");
         std::fs::create_dir_all(&tmp)?;
@@ -142,23 +157,45 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
             let out = out?;
             let secs = t.elapsed().as_secs_f64();
             if !out.status.success() {
-                bail!("cell {}: {}", c.hash, String::from_utf8_lossy(&out.stderr).trim());
+                bail!(
+                    "cell {}: {}",
+                    c.hash,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
             }
             let v: serde_json::Value = serde_json::from_slice(&out.stdout)
                 .with_context(|| format!("cell {}: gradalign score printed no JSON", c.hash))?;
             let vals: Vec<String> = names
                 .iter()
-                .map(|n| v["scores"][n].as_f64().map(|x| format!("{x:?}")).unwrap_or_default())
+                .map(|n| {
+                    v["scores"][n]
+                        .as_f64()
+                        .map(|x| format!("{x:?}"))
+                        .unwrap_or_default()
+                })
                 .collect();
             let errs: String = v["errors"]
                 .as_object()
                 .into_iter()
                 .flatten()
-                .map(|(k, e)| format!("{},{k},\"{}\"\n", c.hash, e.as_str().unwrap_or("").replace('"', "'")))
+                .map(|(k, e)| {
+                    format!(
+                        "{},{k},\"{}\"\n",
+                        c.hash,
+                        e.as_str().unwrap_or("").replace('"', "'")
+                    )
+                })
                 .collect();
             let opt = |x: Option<f64>| x.map(|a| a.to_string()).unwrap_or_default();
             Ok((
-                format!("{},{},{},{},{}\n", c.hash, c.vertices, vals.join(","), opt(c.val), opt(c.test)),
+                format!(
+                    "{},{},{},{},{}\n",
+                    c.hash,
+                    c.vertices,
+                    vals.join(","),
+                    opt(c.val),
+                    opt(c.test)
+                ),
                 format!(
                     "{},{},{:.3},{:.3},{:.3},{}\n",
                     c.hash,
@@ -166,7 +203,10 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
                     v["seconds"]["inputs"].as_f64().unwrap_or(f64::NAN),
                     v["seconds"]["scorers"].as_f64().unwrap_or(f64::NAN),
                     secs,
-                    v["peak_rss_mib"].as_f64().map(|m| format!("{m:.0}")).unwrap_or_default()
+                    v["peak_rss_mib"]
+                        .as_f64()
+                        .map(|m| format!("{m:.0}"))
+                        .unwrap_or_default()
                 ),
                 errs,
             ))
@@ -179,8 +219,16 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
 
 fn report(o: &Options, names: &[String]) -> Result<()> {
     let text = std::fs::read_to_string(o.out.join("scores.csv")).context("scores.csv")?;
-    let rows: Vec<Vec<&str>> = text.lines().skip(1).map(|l| l.split(',').collect()).collect();
-    let col = |row: &[&str], j: usize| row.get(j).and_then(|v| v.parse::<f64>().ok()).filter(|x| x.is_finite());
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    let col = |row: &[&str], j: usize| {
+        row.get(j)
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|x| x.is_finite())
+    };
     let (val_j, test_j) = (2 + names.len(), 3 + names.len());
     // The command that produced the scores (written by the last scoring run).
     let command = std::fs::read_to_string(o.out.join("command.txt"))
@@ -202,7 +250,10 @@ fn report(o: &Options, names: &[String]) -> Result<()> {
         let mut cells = vec![];
         let mut scatter: Option<(Vec<f64>, Vec<f64>)> = None;
         for acc_j in [val_j, test_j] {
-            let pts: Vec<(f64, f64)> = rows.iter().filter_map(|r| Some((col(r, 2 + j)?, col(r, acc_j)?))).collect();
+            let pts: Vec<(f64, f64)> = rows
+                .iter()
+                .filter_map(|r| Some((col(r, 2 + j)?, col(r, acc_j)?)))
+                .collect();
             let (s, a): (Vec<f64>, Vec<f64>) = pts.iter().copied().unzip();
             cells.push(s.len().to_string());
             cells.push(kendall_tau_b(&s, &a).map_or("—".into(), |v| format!("{v:.3}")));
@@ -220,7 +271,12 @@ fn report(o: &Options, names: &[String]) -> Result<()> {
     let t: Vec<Vec<f64>> = times
         .lines()
         .skip(1)
-        .map(|l| l.split(',').skip(1).map(|v| v.parse().unwrap_or(f64::NAN)).collect())
+        .map(|l| {
+            l.split(',')
+                .skip(1)
+                .map(|v| v.parse().unwrap_or(f64::NAN))
+                .collect()
+        })
         .filter(|v: &Vec<f64>| v.len() == 5)
         .collect();
     let stat = |j: usize| {
@@ -232,7 +288,8 @@ fn report(o: &Options, names: &[String]) -> Result<()> {
         *m.entry((r[0] / 1e6).round() as u64).or_default() += 1;
         m
     });
-    let ((pm, pmax), (im, _), (sm, _), (wm, wmax), (rm, rmax)) = (stat(0), stat(1), stat(2), stat(3), stat(4));
+    let ((pm, pmax), (im, _), (sm, _), (wm, wmax), (rm, rmax)) =
+        (stat(0), stat(1), stat(2), stat(3), stat(4));
     md += &format!(
         "\nPer cell ({} timed; this machine): {:.1} M weights on average (largest {:.1} M); \
          inputs (gradients and extra passes) {im:.2} s, scorers {sm:.3} s, whole process \

@@ -12,10 +12,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use gradalign::autodiff::GradOptions;
-use gradalign::onnx::Model;
-use gradalign::scorers::plugin::Registry;
 use gradalign::inputs::probe::Probe;
+use gradalign::onnx::Model;
 use gradalign::runtime::{Backend, Device};
+use gradalign::scorers::plugin::Registry;
 use gradalign::tools::stats::{kendall_tau_b, spearman};
 
 pub struct Arch {
@@ -69,7 +69,6 @@ pub struct Options {
     pub out: PathBuf,
     pub sample_desc: String,
 }
-
 
 /// The progress line: bar, count, seconds per architecture and ETA.
 pub fn progress(k: usize, total: usize, t0: Instant) {
@@ -229,7 +228,8 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         let a = &archs[todo[k]];
         let t = Instant::now();
         let r = (|| -> Result<gradalign::scorers::score::ScoreReport> {
-            let proto = gradalign::tools::zoo::nb201_model(&a.arch, weight_seed(o.seed, a.index), 16, 5)?;
+            let proto =
+                gradalign::tools::zoo::nb201_model(&a.arch, weight_seed(o.seed, a.index), 16, 5)?;
             let model = Model::from_proto(&proto, &format!("nb201 #{}", a.index))?;
             gradalign::scorers::score::score_model(
                 &model,

@@ -17,13 +17,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use gradalign::autodiff::GradOptions;
-use gradalign::onnx::Model;
-use gradalign::scorers::plugin::Registry;
 use gradalign::inputs::probe::Probe;
+use gradalign::onnx::Model;
+use gradalign::runtime::{Backend, Device};
+use gradalign::scorers::plugin::Registry;
 use gradalign::tools::regions::{
     count_regions, perturb_weights, repeat_seed, PatternInputs, TENAS_BATCH, TENAS_BATCHES,
 };
-use gradalign::runtime::{Backend, Device};
 use gradalign::tools::stats::kendall_tau_b;
 
 use crate::nb201::{append_with_header, load_archs, run_jobs, weight_seed, Arch};

@@ -12,10 +12,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use gradalign::autodiff::GradOptions;
-use gradalign::onnx::Model;
-use gradalign::scorers::plugin::Registry;
 use gradalign::inputs::probe::Probe;
+use gradalign::onnx::Model;
 use gradalign::runtime::{Backend, Device};
+use gradalign::scorers::plugin::Registry;
 use gradalign::tools::stats::kendall_tau_b;
 
 use crate::nb201::{

@@ -34,14 +34,27 @@ fn nb201_table(root: &Path) -> Result<Table> {
     let path = root.join("docs/results/nb201/scores.csv");
     let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
     let mut lines = text.lines();
-    let scorers: Vec<String> = lines.next().context("empty")?.split(',').skip(2).map(String::from).collect();
-    let acc: HashMap<usize, [f64; 3]> = load_archs(root)?.into_iter().map(|a| (a.index, a.acc)).collect();
+    let scorers: Vec<String> = lines
+        .next()
+        .context("empty")?
+        .split(',')
+        .skip(2)
+        .map(String::from)
+        .collect();
+    let acc: HashMap<usize, [f64; 3]> = load_archs(root)?
+        .into_iter()
+        .map(|a| (a.index, a.acc))
+        .collect();
     let mut scores = vec![vec![]; scorers.len()];
-    let mut datasets: Vec<(String, Vec<Option<f64>>)> =
-        ["CIFAR-10", "CIFAR-100", "ImageNet16-120"].iter().map(|d| (d.to_string(), vec![])).collect();
+    let mut datasets: Vec<(String, Vec<Option<f64>>)> = ["CIFAR-10", "CIFAR-100", "ImageNet16-120"]
+        .iter()
+        .map(|d| (d.to_string(), vec![]))
+        .collect();
     for l in lines {
         let f: Vec<&str> = l.split(',').collect();
-        let a = acc.get(&f[0].parse()?).with_context(|| format!("index {} not in data/nb201_accuracies.csv", f[0]))?;
+        let a = acc
+            .get(&f[0].parse()?)
+            .with_context(|| format!("index {} not in data/nb201_accuracies.csv", f[0]))?;
         for (j, s) in scores.iter_mut().enumerate() {
             s.push(f.get(2 + j).and_then(|v| parse(v)));
         }
@@ -49,7 +62,11 @@ fn nb201_table(root: &Path) -> Result<Table> {
             v.push(Some(a[d]));
         }
     }
-    Ok(Table { scorers, scores, datasets })
+    Ok(Table {
+        scorers,
+        scores,
+        datasets,
+    })
 }
 
 fn nb101_table(root: &Path) -> Result<Option<Table>> {
@@ -62,7 +79,10 @@ fn nb101_table(root: &Path) -> Result<Option<Table>> {
     let k = header.len();
     let scorers: Vec<String> = header[2..k - 2].iter().map(|s| s.to_string()).collect();
     let mut scores = vec![vec![]; scorers.len()];
-    let mut datasets = vec![("validation".to_string(), vec![]), ("test".to_string(), vec![])];
+    let mut datasets = vec![
+        ("validation".to_string(), vec![]),
+        ("test".to_string(), vec![]),
+    ];
     for l in lines {
         let f: Vec<&str> = l.split(',').collect();
         if f.len() != k {
@@ -74,7 +94,11 @@ fn nb101_table(root: &Path) -> Result<Option<Table>> {
         datasets[0].1.push(parse(f[k - 2]));
         datasets[1].1.push(parse(f[k - 1]));
     }
-    Ok(Some(Table { scorers, scores, datasets }))
+    Ok(Some(Table {
+        scorers,
+        scores,
+        datasets,
+    }))
 }
 
 struct Stat {
@@ -86,12 +110,21 @@ fn stat(v: &[f64]) -> Stat {
     let n = v.len().max(1) as f64;
     let mean = v.iter().sum::<f64>() / n;
     let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    Stat { mean, std: var.sqrt() }
+    Stat {
+        mean,
+        std: var.sqrt(),
+    }
 }
 
 /// Selection results for one dataset: rows "random", "best in draw", then each scorer; one
 /// column per K. Draws come from the rows with a known accuracy.
-fn select(t: &Table, acc: &[Option<f64>], ks: &[usize], reps: usize, seed: u64) -> (Vec<String>, Vec<Vec<Option<Stat>>>) {
+fn select(
+    t: &Table,
+    acc: &[Option<f64>],
+    ks: &[usize],
+    reps: usize,
+    seed: u64,
+) -> (Vec<String>, Vec<Vec<Option<Stat>>>) {
     let known: Vec<usize> = (0..acc.len()).filter(|&i| acc[i].is_some()).collect();
     let mut names = vec!["random choice".to_string(), "best in the draw".to_string()];
     names.extend(t.scorers.iter().cloned());
@@ -103,8 +136,14 @@ fn select(t: &Table, acc: &[Option<f64>], ks: &[usize], reps: usize, seed: u64) 
         }
         let mut picked: Vec<Vec<f64>> = vec![vec![]; names.len()];
         for r in 0..reps {
-            let draw: Vec<usize> =
-                sample(known.len(), k, seed.wrapping_add(r as u64 * 7919 + k as u64)).into_iter().map(|i| known[i]).collect();
+            let draw: Vec<usize> = sample(
+                known.len(),
+                k,
+                seed.wrapping_add(r as u64 * 7919 + k as u64),
+            )
+            .into_iter()
+            .map(|i| known[i])
+            .collect();
             let a = |i: usize| acc[i].unwrap();
             picked[0].push(a(draw[0]));
             picked[1].push(draw.iter().map(|&i| a(i)).fold(f64::MIN, f64::max));
@@ -123,7 +162,12 @@ fn select(t: &Table, acc: &[Option<f64>], ks: &[usize], reps: usize, seed: u64) 
                 }
             }
         }
-        cols.push(picked.iter().map(|v| (v.len() == reps).then(|| stat(v))).collect());
+        cols.push(
+            picked
+                .iter()
+                .map(|v| (v.len() == reps).then(|| stat(v)))
+                .collect(),
+        );
     }
     (names, cols)
 }
@@ -131,10 +175,23 @@ fn select(t: &Table, acc: &[Option<f64>], ks: &[usize], reps: usize, seed: u64) 
 fn section(md: &mut String, title: &str, t: &Table, ks: &[usize], o: &Options) {
     for (dataset, acc) in &t.datasets {
         let n = acc.iter().filter(|a| a.is_some()).count();
-        *md += &format!("\n### {title}, {dataset} ({n} scored architectures with this accuracy)\n\n");
-        let head: Vec<String> =
-            ks.iter().map(|&k| if k == n { format!("K = {k} (all)") } else { format!("K = {k}") }).collect();
-        *md += &format!("| selected by | {} |\n|---|{}\n", head.join(" | "), "---|".repeat(ks.len()));
+        *md +=
+            &format!("\n### {title}, {dataset} ({n} scored architectures with this accuracy)\n\n");
+        let head: Vec<String> = ks
+            .iter()
+            .map(|&k| {
+                if k == n {
+                    format!("K = {k} (all)")
+                } else {
+                    format!("K = {k}")
+                }
+            })
+            .collect();
+        *md += &format!(
+            "| selected by | {} |\n|---|{}\n",
+            head.join(" | "),
+            "---|".repeat(ks.len())
+        );
         let (names, cols) = select(t, acc, ks, o.reps, o.seed);
         for (j, name) in names.iter().enumerate() {
             let cells: Vec<String> = cols

@@ -45,8 +45,6 @@ fn conv_macs(ins: &[Option<&Info>], y: &Info) -> f64 {
     (y.numel() * per_out) as f64
 }
 
-
-
 pub fn lower(lw: &mut Lowering, node: Node) -> Result<()> {
     let x = lw.input_info(&node, 0)?.clone();
     let w = lw.input_info(&node, 1)?.clone();
@@ -132,7 +130,6 @@ pub fn infer(node: &Node, ins: &[Option<&Info>]) -> Result<Shapes> {
     }
     Ok(vec![(out, x.dtype)])
 }
-
 
 /// `dX` of a convolution. Stride 1 with pads no larger than the dilated kernel: a plain `Conv`
 /// of `dY` with the kernel transposed per group and flipped (runtimes optimise Conv far better

@@ -206,7 +206,10 @@ pub fn lower_gelu(lw: &mut Lowering, node: Node) -> Result<()> {
         // Through Erf's own lowering, which evaluates it in f32 in f64 graphs (tract has no
         // f64 Erf).
         let e = lw.fresh("gelu_erf");
-        lower_f64_fallbacks(lw, Node::new(node.name.clone(), "Erf", vec![xs], vec![e.clone()]))?;
+        lower_f64_fallbacks(
+            lw,
+            Node::new(node.name.clone(), "Erf", vec![xs], vec![e.clone()]),
+        )?;
         e
     };
     let p = lw.emit(&node.name, "Add", vec![inner, one], None, vec![])?;

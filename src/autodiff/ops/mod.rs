@@ -8,9 +8,9 @@ pub mod elementwise;
 pub mod linear;
 pub mod norm;
 pub mod pool;
-pub mod window;
 pub mod reduce;
 pub mod shape;
+pub mod window;
 
 use std::sync::OnceLock;
 

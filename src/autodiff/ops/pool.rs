@@ -196,7 +196,6 @@ fn scatter(
     b.em.reshape(&cur, x_shape)
 }
 
-
 pub fn backward(
     b: &mut Backward,
     node: &Node,

@@ -273,7 +273,10 @@ pub fn lower_reshape(lw: &mut Lowering, node: Node) -> Result<()> {
     let merged_in = lw.merged.get(&node.inputs[0]).copied();
     if merged_in.is_some() {
         if node.op != "Reshape" {
-            bail!("{}: cannot follow samples merged with another axis", node.describe());
+            bail!(
+                "{}: cannot follow samples merged with another axis",
+                node.describe()
+            );
         }
         let (n, k) = (x.shape[0], x.shape[1]);
         x.shape.splice(0..2, [n * k]);
@@ -432,9 +435,17 @@ fn lower_transpose(lw: &mut Lowering, node: Node) -> Result<()> {
             node.describe()
         );
     }
-    let stored: Vec<i64> = [0, 1].into_iter().chain(perm[1..].iter().map(|&p| p as i64 + 1)).collect();
-    let out = Node::new(node.name.clone(), "Transpose", node.inputs.clone(), node.outputs.clone())
-        .with_attr(attr::ints("perm", &stored));
+    let stored: Vec<i64> = [0, 1]
+        .into_iter()
+        .chain(perm[1..].iter().map(|&p| p as i64 + 1))
+        .collect();
+    let out = Node::new(
+        node.name.clone(),
+        "Transpose",
+        node.inputs.clone(),
+        node.outputs.clone(),
+    )
+    .with_attr(attr::ints("perm", &stored));
     lw.add(out)?;
     lw.merged.insert(node.outputs[0].clone(), k);
     Ok(())
