@@ -148,6 +148,22 @@ def torch_fixtures():
           "torch.onnx.export(train() model, dynamo=True): the exporter folds BatchNorm into the convolutions")
 
 
+
+def legacy_training_export(m, x, name):
+    """The legacy exporter in training mode (the recipe that keeps BatchNorm and drop masks as
+    nodes), through a temporary file; returns the ModelProto."""
+    import onnx
+    import torch
+
+    path = os.path.join(OUT, f"{name}.onnx.tmp")
+    os.makedirs(OUT, exist_ok=True)
+    torch.onnx.export(m, x[:2], path, dynamo=False, training=torch.onnx.TrainingMode.TRAINING,
+                      do_constant_folding=False, opset_version=17, input_names=["x"],
+                      dynamic_axes={"x": {0: "N"}})
+    proto = onnx.load(path)
+    os.remove(path)
+    return proto
+
 def small_vit():
     import timm
     import torch
@@ -170,14 +186,7 @@ def vit_fixture():
 
     m = small_vit()
     x = torch.from_numpy(X_NCHW)
-    path = os.path.join(OUT, "timm_vit_legacy.onnx.tmp")
-    os.makedirs(OUT, exist_ok=True)
-    torch.onnx.export(m, x[:2], path, dynamo=False, training=torch.onnx.TrainingMode.TRAINING,
-                      do_constant_folding=False, opset_version=17, input_names=["x"],
-                      dynamic_axes={"x": {0: "N"}})
-    import onnx
-    proto = onnx.load(path)
-    os.remove(path)
+    proto = legacy_training_export(m, x, "timm_vit_legacy")
     m64 = m.double()
     refs = torch_per_sample_grads(m64, x)
     write("timm_vit_legacy", proto, X_NCHW, refs, f"torch {torch.__version__}, timm {timm.__version__}",
@@ -226,14 +235,7 @@ def stochastic_fixture():
 
     m = Net().train()
     x = torch.from_numpy(X_NCHW)
-    path = os.path.join(OUT, "torch_stochastic_depth.onnx.tmp")
-    os.makedirs(OUT, exist_ok=True)
-    torch.onnx.export(m, x[:2], path, dynamo=False, training=torch.onnx.TrainingMode.TRAINING,
-                      do_constant_folding=False, opset_version=17, input_names=["x"],
-                      dynamic_axes={"x": {0: "N"}})
-    import onnx
-    proto = onnx.load(path)
-    os.remove(path)
+    proto = legacy_training_export(m, x, "torch_stochastic_depth")
     ops = {n.op_type for n in proto.graph.node}
     assert {"RandomUniformLike", "Dropout"} <= ops, ops
     m64 = Net()
