@@ -124,8 +124,8 @@ def zico(g, blocks):
     return float(tot)
 
 
-def naswot(model, x):
-    """ReLU codes per distinct ReLU input tensor. ONNX exporters merge two ReLUs of the same
+def relu_codes(model, x):
+    """ReLU codes (input > 0) per distinct ReLU input tensor. ONNX exporters merge two ReLUs of the same
     tensor into one node (common-subexpression elimination: an NB201 cell with two conv edges
     leaving one node), so an ONNX model cannot tell them apart; gradalign counts each distinct
     input once, and so does this reference (zero-cost-nas' module hooks would count it twice)."""
@@ -143,9 +143,18 @@ def naswot(model, x):
         for h in hooks:
             h.remove()
         codes.append(np.concatenate(cs))
-    c = np.stack(codes)
+    return np.stack(codes)
+
+
+def naswot(c):
     k = c @ c.T + (1 - c) @ (1 - c).T
     return float(np.linalg.slogdet(k)[1])
+
+
+def swap(c):
+    """SWAP (Peng et al., ICLR 2024, their swap.py): sign of the ReLU outputs, transposed to
+    units × samples, the number of unique rows (torch.unique(dim=0))."""
+    return float(torch.unique(torch.from_numpy(c.T), dim=0).shape[0])
 
 
 def jacob_cov(model, x):
@@ -228,6 +237,7 @@ def main():
         for n, m, sl in blocks:
             wblocks.append((n, m, slice(off, off + m.weight.numel())))
             off += m.weight.numel()
+        codes = relu_codes(model, x)
         ntk = gw @ gw.T
         ev = np.linalg.eigvalsh(ntk)
         sc = {
@@ -241,7 +251,8 @@ def main():
             "fisher": fisher_hooks(model, x, y),
             "zico": zico(gw, wblocks),
             "ntk_cond": float(-ev[-1] / ev[0]) if ev[0] > 0 else None,
-            "naswot": naswot(model, x),
+            "naswot": naswot(codes),
+            "swap": swap(codes),
             "jacob_cov": jacob_cov(model, x),
             "synflow": synflow(model),
             "grasp": grasp(model, x, y, blocks),

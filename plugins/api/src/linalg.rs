@@ -169,9 +169,11 @@ const GRAM_SKEW: usize = 8;
 /// (256 KiB, so it stays in L2) and multiplied in 4×4 tiles of the upper triangle, with
 /// AVX-512F or AVX2+FMA where the CPU has them (runtime detection; a portable kernel
 /// otherwise), while the next block is prefetched a few cache lines per tile. Zero padding
-/// adds exact zeros. The products of f32 inputs are exact in f64 (24 + 24 significant bits), so
-/// only the order of the f64 additions differs from the textbook loop.
-pub fn gram_rows<T: Copy + Into<f64>>(x: &[T], r: usize, c: usize) -> Vec<f64> {
+/// adds exact zeros. Matrices of a million entries or more are cut into four column parts, each
+/// accumulated on its own thread where there are cores for it and added in a fixed order (the
+/// same bits on any machine). The products of f32 inputs are exact in f64 (24 + 24 significant
+/// bits), so only the order of the f64 additions differs from the textbook loop.
+pub fn gram_rows<T: Copy + Into<f64> + Sync>(x: &[T], r: usize, c: usize) -> Vec<f64> {
     gram_rows_with(x, r, c, GramKernels::detect())
 }
 
@@ -213,12 +215,101 @@ impl GramKernels {
     }
 }
 
-fn gram_rows_with<T: Copy + Into<f64>>(x: &[T], r: usize, c: usize, k: GramKernels) -> Vec<f64> {
+/// Column parts of a large Gram, each accumulated on its own (on up to this many threads) and
+/// added in a fixed order, so the bits do not depend on how many cores ran them.
+const GRAM_PARTS: usize = 4;
+/// Matrices with fewer entries than this run as one part (a thread costs more than it saves).
+const GRAM_SPLIT_MIN: usize = 1 << 20;
+
+fn gram_rows_with<T: Copy + Into<f64> + Sync>(
+    x: &[T],
+    r: usize,
+    c: usize,
+    k: GramKernels,
+) -> Vec<f64> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    gram_rows_on(x, r, c, k, cores)
+}
+
+fn gram_rows_on<T: Copy + Into<f64> + Sync>(
+    x: &[T],
+    r: usize,
+    c: usize,
+    k: GramKernels,
+    cores: usize,
+) -> Vec<f64> {
     assert_eq!(x.len(), r * c);
     let mut out = vec![0.0f64; r * r];
     if r == 0 || c == 0 {
         return out;
     }
+    let rp = r.div_ceil(GRAM_TILE) * GRAM_TILE;
+    let parts = if r * c >= GRAM_SPLIT_MIN && c >= GRAM_PARTS * GRAM_LANES {
+        GRAM_PARTS
+    } else {
+        1
+    };
+    let bounds: Vec<(usize, usize)> = (0..parts)
+        .map(|p| (p * c / parts, (p + 1) * c / parts))
+        .collect();
+    let workers = cores.clamp(1, parts);
+    let mut accs: Vec<Vec<f64>> = vec![vec![]; parts];
+    if workers == 1 {
+        for (acc, &(lo, hi)) in accs.iter_mut().zip(&bounds) {
+            *acc = gram_part(x, r, c, lo, hi, k);
+        }
+    } else {
+        // Worker w takes parts w, w + workers, …; the results land in their part's slot.
+        let done: Vec<Vec<(usize, Vec<f64>)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (1..workers)
+                .map(|w| {
+                    let bounds = &bounds;
+                    s.spawn(move || {
+                        (w..parts)
+                            .step_by(workers)
+                            .map(|p| (p, gram_part(x, r, c, bounds[p].0, bounds[p].1, k)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let mine: Vec<_> = (0..parts)
+                .step_by(workers)
+                .map(|p| (p, gram_part(x, r, c, bounds[p].0, bounds[p].1, k)))
+                .collect();
+            let mut all = vec![mine];
+            for h in handles {
+                all.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+            }
+            all
+        });
+        for (p, acc) in done.into_iter().flatten() {
+            accs[p] = acc;
+        }
+    }
+    let mut acc = accs.swap_remove(0);
+    for part in &accs {
+        acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    }
+    for a in 0..r {
+        for b in a..r {
+            let v = acc[a * rp + b];
+            out[a * r + b] = v;
+            out[b * r + a] = v;
+        }
+    }
+    out
+}
+
+/// The upper-triangle tiles (rp × rp, rp = r rounded up to the tile) of the Gram of columns
+/// `lo..hi` of the row-major r×c matrix `x`.
+fn gram_part<T: Copy + Into<f64>>(
+    x: &[T],
+    r: usize,
+    c: usize,
+    lo: usize,
+    hi: usize,
+    k: GramKernels,
+) -> Vec<f64> {
     let rp = r.div_ceil(GRAM_TILE) * GRAM_TILE;
     let bw = (GRAM_BLOCK_F64 / rp).clamp(GRAM_LANES, 4096) / GRAM_LANES * GRAM_LANES;
     let mut store = vec![0.0f64; rp * (bw + GRAM_SKEW) + 8];
@@ -226,9 +317,9 @@ fn gram_rows_with<T: Copy + Into<f64>>(x: &[T], r: usize, c: usize, k: GramKerne
     let buf = &mut store[lead..];
     let mut acc = vec![0.0f64; rp * rp];
     let size = std::mem::size_of::<T>();
-    let mut c0 = 0;
-    while c0 < c {
-        let w = bw.min(c - c0);
+    let mut c0 = lo;
+    while c0 < hi {
+        let w = bw.min(hi - c0);
         let wp = w.div_ceil(GRAM_LANES) * GRAM_LANES;
         let stride = wp + GRAM_SKEW;
         for i in 0..r {
@@ -237,7 +328,7 @@ fn gram_rows_with<T: Copy + Into<f64>>(x: &[T], r: usize, c: usize, k: GramKerne
             dst[w..].fill(0.0);
         }
         buf[r * stride..rp * stride].fill(0.0);
-        let next_w = bw.min(c - c0 - w);
+        let next_w = bw.min(hi - c0 - w);
         let next = NextBlock {
             base: x[(c0 + w).min(x.len())..].as_ptr() as *const u8,
             row_stride: c * size,
@@ -251,14 +342,7 @@ fn gram_rows_with<T: Copy + Into<f64>>(x: &[T], r: usize, c: usize, k: GramKerne
         (k.kernel)(&buf[..rp * stride], rp, wp, stride, &mut acc, &next);
         c0 += w;
     }
-    for a in 0..r {
-        for b in a..r {
-            let v = acc[a * rp + b];
-            out[a * r + b] = v;
-            out[b * r + a] = v;
-        }
-    }
-    out
+    acc
 }
 
 /// The cache lines of the next column block (`rows` segments of `row_lines` lines,
@@ -586,6 +670,22 @@ mod tests {
         }
     }
 
+    #[test]
+    fn gram_rows_bits_do_not_depend_on_the_number_of_threads() {
+        let (r, c) = (64, 20_011);
+        let x: Vec<f32> = random(r * c, 7).iter().map(|&v| v as f32).collect();
+        for (name, kernel) in gram_kernels() {
+            let one = gram_rows_on(&x, r, c, kernel, 1);
+            for cores in [2, 3, 4, 16] {
+                assert_eq!(
+                    gram_rows_on(&x, r, c, kernel, cores),
+                    one,
+                    "{name} on {cores} cores"
+                );
+            }
+        }
+    }
+
     /// Every kernel this CPU can run.
     fn gram_kernels() -> Vec<(&'static str, GramKernels)> {
         let mut v = vec![(
@@ -635,6 +735,9 @@ mod tests {
             (64, 1),
             (64, 100),
             (64, 1037),
+            // Over a million entries: four column parts, on threads where there are cores.
+            (64, 20_011),
+            (5, 300_000),
             (0, 5),
             (5, 0),
         ] {

@@ -59,6 +59,13 @@ scorer!(
     |x| Ok(math::linear_regions(x.relu_codes()?))
 );
 scorer!(
+    Swap,
+    "swap",
+    RELU_CODES,
+    "SWAP: number of distinct sample-wise activation patterns (a unit's ReLU codes over the probe)",
+    |x| Ok(math::swap(x.relu_codes()?))
+);
+scorer!(
     JacobCov,
     "jacob_cov",
     INPUT_JACOBIAN,
@@ -118,5 +125,5 @@ scorer!(
 export_plugin!(
     symbol: gradalign_baselines_plugin_table,
     name: "baselines",
-    scorers: [GradNorm, Snip, Synflow, Naswot, LinearRegions, JacobCov, Zico, NtkCond, Fisher, Grasp, Params, Flops],
+    scorers: [GradNorm, Snip, Synflow, Naswot, LinearRegions, Swap, JacobCov, Zico, NtkCond, Fisher, Grasp, Params, Flops],
 );
