@@ -178,6 +178,11 @@ enum Cmd {
         /// with `gradalign merge`.
         #[arg(long)]
         shard: Option<gradalign::results::rank::Shard>,
+        /// Also rank the models by an ensemble of scorers (AZ-NAS's log-rank sum; default
+        /// members gradalign-i,gradalign-ii,swap,flops, or name them): the members are scored
+        /// with the rest, and the ensemble is written to RESULTS.ensemble.csv and sorts the table.
+        #[arg(long, num_args = 0..=1, default_missing_value = gradalign::results::ensemble::DEFAULT_MEMBERS, value_name = "MEMBERS")]
+        ensemble: Option<String>,
     },
     /// Combine the results CSVs of a sharded `rank` sweep into one: every model exactly once,
     /// failures kept; refuses overlapping shards and files scored with different scorers. Exit
@@ -196,6 +201,10 @@ enum Cmd {
         /// Replace OUT if it exists.
         #[arg(long)]
         force: bool,
+        /// Rank the merged models by an ensemble of their scorers' columns (see `rank --ensemble`),
+        /// written to OUT.ensemble.csv.
+        #[arg(long, num_args = 0..=1, default_missing_value = gradalign::results::ensemble::DEFAULT_MEMBERS, value_name = "MEMBERS")]
+        ensemble: Option<String>,
     },
     /// Internal: runs one isolated plugin scorer on inputs read from stdin.
     #[command(name = "__scorer-worker", hide = true)]
@@ -361,15 +370,26 @@ fn main() -> ExitCode {
             jobs,
             isolate,
             shard,
+            ensemble,
         } => cli::score::rank(
-            models, probe, grad, scorer, plugin, out, *jobs, *isolate, *shard,
+            models,
+            probe,
+            grad,
+            scorer,
+            plugin,
+            out,
+            *jobs,
+            *isolate,
+            *shard,
+            ensemble.as_deref(),
         ),
         Cmd::Merge {
             out,
             shards,
             models,
             force,
-        } => cli::score::merge(out, shards, models, *force),
+            ensemble,
+        } => cli::score::merge(out, shards, models, *force, ensemble.as_deref()),
         Cmd::ScorerWorker {
             library,
             scorer,

@@ -252,3 +252,146 @@ fn sharded_sweep_merges_to_the_unsharded_result() {
     assert_eq!(std::fs::read(d.join("count-0.csv")).unwrap(), before);
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// `rank --ensemble`: the members are scored with the rest, RESULTS.ensemble.csv holds
+/// Σ_members ln(rank / M) (recomputed here from the results CSV), the failed model has no
+/// ensemble score and a note, and `merge --ensemble` over shards gives the same file.
+#[test]
+fn ensemble_is_the_log_rank_sum_of_its_members() {
+    let d = std::env::temp_dir().join(format!("gradalign-ensemble-{}", std::process::id()));
+    let models = d.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    for f in [
+        "nb201_all_none",
+        "nb201_avg_pool_heavy",
+        "nb201_random_a",
+        "nb201_resnet_like",
+    ] {
+        std::fs::copy(
+            root().join(format!("models/{f}.onnx")),
+            models.join(format!("{f}.onnx")),
+        )
+        .unwrap();
+    }
+    std::fs::write(models.join("zz_broken.onnx"), b"garbage").unwrap();
+    let run = |extra: &[&str], out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_gradalign"))
+            .arg("rank")
+            .arg(&models)
+            .args(["--n", "10", "--backend", "tract"])
+            .args(extra)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let out = d.join("results.csv");
+    let res = run(
+        &["--scorer", "gradsign", "--ensemble", "params,gradsign,swap"],
+        &out,
+    );
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert_eq!(
+        res.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "model,gradsign,params,swap,error,seconds"
+    );
+    let rows: Vec<Vec<String>> = lines.map(gradalign::results::rank::split_csv).collect();
+    let val = |r: &Vec<String>, c: usize| r[c].parse::<f64>().ok();
+    let ok: Vec<&Vec<String>> = rows.iter().filter(|r| val(r, 1).is_some()).collect();
+    assert_eq!(ok.len(), 4);
+    let m = ok.len() as f64;
+    let rank_of = |c: usize, x: f64| {
+        let below = ok.iter().filter(|r| val(r, c).unwrap() < x).count() as f64;
+        let equal = ok.iter().filter(|r| val(r, c).unwrap() == x).count() as f64;
+        below + (equal + 1.0) / 2.0
+    };
+    let ens_text = std::fs::read_to_string(d.join("results.ensemble.csv")).unwrap();
+    let mut ens = ens_text.lines();
+    assert_eq!(
+        ens.next().unwrap(),
+        "model,ensemble,rank:params,rank:gradsign,rank:swap,note"
+    );
+    let ens: HashMap<String, Vec<String>> = ens
+        .map(gradalign::results::rank::split_csv)
+        .map(|r| (r[0].clone(), r))
+        .collect();
+    assert_eq!(ens.len(), 5);
+    let mut best = (f64::NEG_INFINITY, String::new());
+    for r in &ok {
+        // Columns of the results file: gradsign 1, params 2, swap 3; members params, gradsign, swap.
+        let want: f64 = [2, 1, 3]
+            .iter()
+            .map(|&c| (rank_of(c, val(r, c).unwrap()) / m).ln())
+            .sum();
+        let got: f64 = ens[&r[0]][1].parse().unwrap();
+        assert!((got - want).abs() < 1e-12, "{}: {got} vs {want}", r[0]);
+        if got > best.0 {
+            best = (got, r[0].clone());
+        }
+    }
+    let broken = ens.iter().find(|(k, _)| k.contains("zz_broken")).unwrap().1;
+    assert_eq!(broken[1], "");
+    assert_eq!(broken[5], "member params has no value");
+    // The printed table is sorted by the ensemble: its first row is the best model.
+    let first = stdout.lines().nth(1).unwrap();
+    assert!(first.contains(&best.1), "{stdout}");
+
+    // merge --ensemble over two count shards: the same ensemble file.
+    let mut shards = vec![];
+    for i in 0..2 {
+        let s = d.join(format!("shard-{i}.csv"));
+        run(
+            &[
+                "--scorer",
+                "gradsign,params,swap",
+                "--shard",
+                &format!("count:{i}/2"),
+            ],
+            &s,
+        );
+        shards.push(s);
+    }
+    let merged = d.join("merged.csv");
+    let res = Command::new(env!("CARGO_BIN_EXE_gradalign"))
+        .arg("merge")
+        .arg(&merged)
+        .args(&shards)
+        .args(["--ensemble", "params,gradsign,swap"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        res.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let mut a: Vec<String> = ens_text.lines().map(str::to_string).collect();
+    let mut b: Vec<String> = std::fs::read_to_string(d.join("merged.ensemble.csv"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    // A member the results file does not hold: an error naming it, exit 1.
+    let res = Command::new(env!("CARGO_BIN_EXE_gradalign"))
+        .arg("merge")
+        .arg(d.join("merged2.csv"))
+        .args(&shards)
+        .args(["--ensemble", "params,naswot"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no column 'naswot'"), "{stderr}");
+    std::fs::remove_dir_all(&d).ok();
+}

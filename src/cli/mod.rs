@@ -1,3 +1,4 @@
+pub mod ensemble;
 pub mod ops;
 pub mod regions;
 pub mod score;

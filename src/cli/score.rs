@@ -1,5 +1,6 @@
 //! `gradalign score`, `gradalign rank` and `gradalign plugins`.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -7,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
+use gradalign::results::ensemble::EnsembleScore;
 use gradalign::results::rank::{self, ResultsFile};
 use gradalign::scorers::plugin::{input_names, Registry, ScorerInfo};
 use gradalign::scorers::score::{score_model, ScoreReport};
@@ -173,9 +175,15 @@ pub fn rank(
     jobs: Option<usize>,
     isolate: bool,
     shard: Option<rank::Shard>,
+    ensemble: Option<&str>,
 ) -> Result<i32> {
     let reg = registry(plugins);
-    let scorers = isolated(reg.select(scorer)?, isolate);
+    let members = ensemble.map(super::ensemble::members).transpose()?;
+    let scorer = match &members {
+        Some(m) => super::ensemble::with_members(scorer, m),
+        None => scorer.to_string(),
+    };
+    let scorers = isolated(reg.select(&scorer)?, isolate);
     gradalign::runtime::check_backend(grad.backend)?;
     let names: Vec<String> = scorers.iter().map(|s| s.name.clone()).collect();
     let mut all = rank::collect_models(models)?;
@@ -281,7 +289,17 @@ pub fn rank(
     if let Some(e) = write_error.into_inner().unwrap() {
         return Err(e);
     }
-    print_ranking(out, &names)?;
+    let ens = match &members {
+        Some(m) if shard.is_none() => Some(super::ensemble::write(out, m)?),
+        _ => None,
+    };
+    if members.is_some() && shard.is_some() {
+        eprintln!(
+            "note: --ensemble ranks the whole set of models: run `gradalign merge --ensemble` \
+             over all the shards"
+        );
+    }
+    print_ranking(out, &names, ens.as_ref())?;
     let failed = failed.load(Ordering::SeqCst);
     if failed > 0 {
         eprintln!(
@@ -294,7 +312,14 @@ pub fn rank(
 
 /// `gradalign merge`: exit 0 when the merged file is complete, 2 when `--models` names models
 /// that no shard holds (the merged file is still written).
-pub fn merge(out: &Path, shards: &[PathBuf], models: &[PathBuf], force: bool) -> Result<i32> {
+pub fn merge(
+    out: &Path,
+    shards: &[PathBuf],
+    models: &[PathBuf],
+    force: bool,
+    ensemble: Option<&str>,
+) -> Result<i32> {
+    let members = ensemble.map(super::ensemble::members).transpose()?;
     // `gradalign merge shards/shard-*.csv` (output forgotten) would otherwise replace shard 0
     // with the merge of the others.
     let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
@@ -354,7 +379,11 @@ pub fn merge(out: &Path, shards: &[PathBuf], models: &[PathBuf], force: bool) ->
         let h = rank::split_csv(&m.header);
         h[1..h.len() - 2].to_vec()
     };
-    print_ranking(out, &names)?;
+    let ens = match &members {
+        Some(m) => Some(super::ensemble::write(out, m)?),
+        None => None,
+    };
+    print_ranking(out, &names, ens.as_ref())?;
     eprintln!(
         "merged {} models from {} files into {} ({} failed, errors kept in the CSV)",
         m.rows.len(),
@@ -377,11 +406,23 @@ pub fn merge(out: &Path, shards: &[PathBuf], models: &[PathBuf], force: bool) ->
     })
 }
 
-/// The final table: every row of the results file, sorted by the first scorer (best first).
-fn print_ranking(out: &Path, names: &[String]) -> Result<()> {
+/// The final table: every row of the results file, sorted by the ensemble when there is one,
+/// else by the first scorer (best first).
+fn print_ranking(
+    out: &Path,
+    names: &[String],
+    ensemble: Option<&(PathBuf, HashMap<String, EnsembleScore>)>,
+) -> Result<()> {
     let text = std::fs::read_to_string(out)?;
     let mut rows: Vec<Vec<String>> = text.lines().skip(1).map(rank::split_csv).collect();
-    let key = |r: &Vec<String>| r.get(1).and_then(|v| v.parse::<f64>().ok());
+    let ens = |r: &Vec<String>| match ensemble.and_then(|(_, m)| m.get(&r[0])) {
+        Some(EnsembleScore::Score(s)) => Some(*s),
+        _ => None,
+    };
+    let key = |r: &Vec<String>| match ensemble {
+        Some(_) => ens(r),
+        None => r.get(1).and_then(|v| v.parse::<f64>().ok()),
+    };
     rows.sort_by(|a, b| match (key(a), key(b)) {
         (Some(x), Some(y)) => y.total_cmp(&x),
         (Some(_), None) => std::cmp::Ordering::Less,
@@ -390,12 +431,24 @@ fn print_ranking(out: &Path, names: &[String]) -> Result<()> {
     });
     let w = rows.iter().map(|r| r[0].len()).max().unwrap_or(5).max(5);
     let mut head = format!("{:>4}  {:<w$}", "rank", "model");
+    if ensemble.is_some() {
+        head += &format!("  {:>14}", "ensemble");
+    }
     for n in names {
         head += &format!("  {n:>14}");
     }
     println!("{head}");
+    if let Some((path, _)) = ensemble {
+        eprintln!("ensemble written to {}", path.display());
+    }
     for (i, r) in rows.iter().enumerate() {
         let mut line = format!("{:>4}  {:<w$}", i + 1, r[0]);
+        if ensemble.is_some() {
+            line += &format!(
+                "  {:>14}",
+                ens(r).map_or("—".into(), |v| format!("{v:.6e}"))
+            );
+        }
         for j in 0..names.len() {
             let v = r.get(j + 1).and_then(|v| v.parse::<f64>().ok());
             line += &format!("  {:>14}", v.map_or("—".into(), |v| format!("{v:.6e}")));

@@ -86,26 +86,7 @@ fn merge_count(v: &mut [f64], buf: &mut [f64]) -> u64 {
     count
 }
 
-/// Ranks 1..n, ties get their average rank.
-pub fn average_ranks(x: &[f64]) -> Vec<f64> {
-    let n = x.len();
-    let mut idx: Vec<usize> = (0..n).collect();
-    idx.sort_by(|&a, &b| x[a].total_cmp(&x[b]));
-    let mut r = vec![0.0; n];
-    let mut i = 0;
-    while i < n {
-        let mut j = i;
-        while j < n && x[idx[j]] == x[idx[i]] {
-            j += 1;
-        }
-        let avg = (i + j + 1) as f64 / 2.0;
-        for &k in &idx[i..j] {
-            r[k] = avg;
-        }
-        i = j;
-    }
-    r
-}
+pub use crate::results::ensemble::average_ranks;
 
 /// Spearman ρ (Pearson correlation of average ranks); `None` for constant input.
 pub fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {

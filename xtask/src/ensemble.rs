@@ -1,0 +1,211 @@
+//! `cargo xtask ensemble`: the `ensemble` ranking (src/results/ensemble.rs) on the committed
+//! NB201 score tables: τ-b and ρ against CIFAR-10/100 and ImageNet16-120 accuracy with bootstrap
+//! 95 % intervals, beside each member alone on the same architectures and the ensemble without
+//! each member in turn. Nothing is scored and nothing is fitted here: the members are the
+//! default ones (chosen before looking at these tables, docs/semantics.md#ensemble) unless
+//! `--members` names others.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use gradalign::results::ensemble::{log_rank_sum, EnsembleScore, DEFAULT_MEMBERS};
+use gradalign::tools::stats::{kendall_tau_b, spearman};
+
+use crate::nb201::load_archs;
+
+pub struct Options {
+    pub members: String,
+    pub reps: usize,
+    pub seed: u64,
+    pub out: PathBuf,
+}
+
+/// The score tables the NB201 benchmark committed, joined by architecture index: the main run
+/// and the later runs of added scorers on the same architectures and weights.
+const TABLES: [&str; 2] = [
+    "docs/results/nb201/scores.csv",
+    "docs/results/nb201/swap/scores.csv",
+];
+
+/// index → scorer → value (None where the scorer failed).
+type Scores = BTreeMap<usize, BTreeMap<String, Option<f64>>>;
+
+fn load_scores(root: &Path) -> Result<Scores> {
+    let mut out: Scores = BTreeMap::new();
+    for t in TABLES {
+        let path = root.join(t);
+        let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+        let mut lines = text.lines();
+        let head: Vec<&str> = lines.next().context("empty table")?.split(',').collect();
+        if head.first() != Some(&"index") || head.get(1) != Some(&"arch_str") {
+            bail!(
+                "{t}: expected index,arch_str,<scorers…>, found {}",
+                head.join(",")
+            );
+        }
+        for l in lines {
+            let f: Vec<&str> = l.split(',').collect();
+            let row = out.entry(f[0].parse()?).or_default();
+            for (j, name) in head.iter().enumerate().skip(2) {
+                // The first table to hold a scorer wins (a later run repeats some as a check).
+                row.entry(name.to_string())
+                    .or_insert_with(|| f.get(j).and_then(|v| v.parse::<f64>().ok()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// τ-b with its bootstrap 95 % interval (percentiles of `reps` resamples of the architectures).
+fn tau_ci(score: &[f64], acc: &[f64], reps: usize, seed: u64) -> Option<(f64, f64, f64)> {
+    let tau = kendall_tau_b(score, acc)?;
+    let mut rng = Rng(seed);
+    let n = score.len();
+    let mut taus: Vec<f64> = (0..reps)
+        .filter_map(|_| {
+            let idx: Vec<usize> = (0..n).map(|_| (rng.next() % n as u64) as usize).collect();
+            let s: Vec<f64> = idx.iter().map(|&i| score[i]).collect();
+            let a: Vec<f64> = idx.iter().map(|&i| acc[i]).collect();
+            kendall_tau_b(&s, &a)
+        })
+        .collect();
+    taus.sort_by(f64::total_cmp);
+    if taus.is_empty() {
+        return None;
+    }
+    let q = |p: f64| taus[((p * (taus.len() - 1) as f64).round() as usize).min(taus.len() - 1)];
+    Some((tau, q(0.025), q(0.975)))
+}
+
+pub fn run(root: &Path, o: &Options) -> Result<()> {
+    let members: Vec<String> = o
+        .members
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let scores = load_scores(root)?;
+    let acc: BTreeMap<usize, [f64; 3]> = load_archs(root)?
+        .into_iter()
+        .map(|a| (a.index, a.acc))
+        .collect();
+    for m in &members {
+        if !scores.values().any(|r| r.contains_key(m)) {
+            bail!(
+                "no committed NB201 table has a '{m}' column (tables: {})",
+                TABLES.join(", ")
+            );
+        }
+    }
+    // The architectures every member scored: the ensemble and every row below use exactly these.
+    let idx: Vec<usize> = scores
+        .iter()
+        .filter(|(_, r)| {
+            members
+                .iter()
+                .all(|m| r.get(m).copied().flatten().is_some_and(f64::is_finite))
+        })
+        .map(|(&i, _)| i)
+        .collect();
+    let column = |m: &str| -> Vec<Option<f64>> {
+        idx.iter()
+            .map(|i| scores[i].get(m).copied().flatten())
+            .collect()
+    };
+    let ensemble_of = |ms: &[String]| -> Result<Vec<f64>> {
+        let cols: Vec<Vec<Option<f64>>> = ms.iter().map(|m| column(m)).collect();
+        log_rank_sum(ms, &cols)?
+            .into_iter()
+            .map(|e| match e {
+                EnsembleScore::Score(s) => Ok(s),
+                EnsembleScore::Missing(why) => bail!("{why}"),
+            })
+            .collect()
+    };
+    let datasets = ["CIFAR-10", "CIFAR-100", "ImageNet16-120"];
+    let mut rows: Vec<(String, Vec<f64>)> = vec![(
+        format!("ensemble ({})", members.join(", ")),
+        ensemble_of(&members)?,
+    )];
+    if members.len() > 1 {
+        for k in 0..members.len() {
+            let rest: Vec<String> = members
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != k)
+                .map(|(_, m)| m.clone())
+                .collect();
+            rows.push((
+                format!("ensemble without {}", members[k]),
+                ensemble_of(&rest)?,
+            ));
+        }
+    }
+    for m in &members {
+        rows.push((
+            m.clone(),
+            column(m)
+                .into_iter()
+                .map(|v| v.unwrap_or(f64::NAN))
+                .collect(),
+        ));
+    }
+    let mut md = format!(
+        "# The `ensemble` ranking on NAS-Bench-201\n\n\
+         {} of the 1,000 sampled architectures of [report.md](report.md) (those every member \
+         scored), N = 64 shipped CIFAR-10 probe, per-sample BatchNorm, f32. Ensemble: \
+         Σ_members ln(rank / M) over these M architectures ([semantics.md](../../semantics.md#ensemble)), \
+         members `{}`, chosen before these tables were read and not fitted to them. τ-b and \
+         Spearman ρ against 200-epoch test accuracy; [lo, hi] = bootstrap 95 % interval of τ-b \
+         ({} resamples of the architectures, seed {}). Every number is recomputed from the \
+         committed score tables ({}) by `cargo xtask ensemble --reps {} --seed {}`.\n\n\
+         | ranking |",
+        idx.len(),
+        members.join(","),
+        o.reps,
+        o.seed,
+        TABLES.map(|t| format!("`{t}`")).join(", "),
+        o.reps,
+        o.seed
+    );
+    for d in datasets {
+        md += &format!(" τ-b {d} [95 % CI] | ρ {d} |");
+    }
+    md += "\n|---|";
+    md += &"---|---|".repeat(datasets.len());
+    md += "\n";
+    for (name, s) in &rows {
+        md += &format!("| {name} |");
+        for (d, _) in datasets.iter().enumerate() {
+            let a: Vec<f64> = idx.iter().map(|i| acc[i][d]).collect();
+            let t = tau_ci(s, &a, o.reps, o.seed.wrapping_add(d as u64));
+            let r = spearman(s, &a);
+            md += &match t {
+                Some((t, lo, hi)) => format!(" {t:.3} [{lo:.3}, {hi:.3}] |"),
+                None => " — |".into(),
+            };
+            md += &r.map_or(" — |".into(), |r| format!(" {r:.3} |"));
+        }
+        md += "\n";
+    }
+    std::fs::write(&o.out, &md).with_context(|| o.out.display().to_string())?;
+    println!("{md}");
+    Ok(())
+}
+
+pub fn default_members() -> String {
+    DEFAULT_MEMBERS.to_string()
+}
