@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use ndarray::{ArrayD, IxDyn};
 
 use super::analysis::Analysis;
@@ -37,6 +37,19 @@ pub struct GradGraph {
     pub input_grad: Option<String>,
     /// Outputs holding `input > 0` (bool) of every Relu, in graph order, with units per sample.
     pub relu_codes: Vec<(String, usize)>,
+    /// Outputs holding every Conv node's output `[N, C·S]`, in graph order.
+    pub feature_maps: Vec<FeatureOutput>,
+}
+
+/// One Conv output of a graph built with `feature_maps`.
+#[derive(Clone, Debug)]
+pub struct FeatureOutput {
+    /// The graph output holding it, `[N, channels · spatial]` in the run's float type.
+    pub output: String,
+    /// The Conv node it comes from.
+    pub node: String,
+    pub channels: usize,
+    pub spatial: usize,
 }
 
 /// What the differentiated scalar is, per sample.
@@ -58,6 +71,8 @@ pub struct GraphSpec {
     pub relu_codes: bool,
     /// With `relu_codes`: only the Relus whose input has this rank (TE-NAS hooks 4-D ones).
     pub relu_input_rank: Option<usize>,
+    /// Every Conv node's output (the layers' feature maps, before any normalisation).
+    pub feature_maps: bool,
 }
 
 impl Default for GraphSpec {
@@ -68,6 +83,7 @@ impl Default for GraphSpec {
             input_grad: false,
             relu_codes: false,
             relu_input_rank: None,
+            feature_maps: false,
         }
     }
 }
@@ -289,6 +305,41 @@ impl<'a> GradGraphBuilder<'a> {
                 relu_codes.push((name, units));
             }
         }
+        let mut feature_maps = vec![];
+        if self.spec.feature_maps {
+            for node in an.nodes.iter().filter(|n| n.op == "Conv") {
+                let y = &node.outputs[0];
+                let shape = &an.infos[y].shape;
+                if shape.len() < 3 {
+                    bail!(
+                        "Conv node '{}': output of rank {} has no channel and spatial axes",
+                        node.name,
+                        shape.len()
+                    );
+                }
+                let (channels, spatial) = (shape[1], shape[2..].iter().product::<usize>());
+                let flat = em.reshape(y, &[an.n, channels * spatial]);
+                let name = format!("feat:{}", feature_maps.len());
+                em.nodes.push(pb::NodeProto {
+                    input: vec![flat],
+                    output: vec![name.clone()],
+                    name: format!("ga.out.{name}"),
+                    op_type: "Identity".into(),
+                    ..Default::default()
+                });
+                outputs.push(value_info(&name, an.float, &[an.n, channels * spatial]));
+                feature_maps.push(FeatureOutput {
+                    output: name,
+                    node: if node.name.is_empty() {
+                        y.clone()
+                    } else {
+                        node.name.clone()
+                    },
+                    channels,
+                    spatial,
+                });
+            }
+        }
 
         let graph = pb::GraphProto {
             name: "gradalign_training_graph".into(),
@@ -320,6 +371,7 @@ impl<'a> GradGraphBuilder<'a> {
             grads: grad_outputs,
             input_grad,
             relu_codes,
+            feature_maps,
         })
     }
 }

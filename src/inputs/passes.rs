@@ -15,11 +15,37 @@ use crate::inputs::probe::Probe;
 use crate::onnx::{HostTensor, Model};
 use crate::runtime::{self, Backend, Device};
 
-/// ReLU codes (N × units, 0/1) and the per-sample input Jacobian of Σ logits (N × D, f64), as
-/// requested, from one forward/backward run on the probe.
+/// ReLU codes (N × units, 0/1), the per-sample input Jacobian of Σ logits (N × D, f64) and the
+/// feature maps, as requested, from one forward/backward run on the probe.
 pub struct ProbePass {
     pub relu_codes: Option<(Vec<u8>, usize)>,
     pub input_jacobian: Option<(Vec<f64>, usize)>,
+    pub feature_maps: Option<FeatureMaps>,
+}
+
+/// Every Conv node's output for every sample: `data` is N × `units` f64, row-major; layer k's
+/// block of a row starts at `layers[k].offset`, channel-major (channels × spatial).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FeatureMaps {
+    pub data: Vec<f64>,
+    pub units: usize,
+    pub layers: Vec<FeatureLayer>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeatureLayer {
+    pub node: String,
+    pub channels: usize,
+    pub spatial: usize,
+    pub offset: usize,
+}
+
+/// Which extra outputs [`probe_pass`] computes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProbeOutputs {
+    pub relu_codes: bool,
+    pub input_jacobian: bool,
+    pub feature_maps: bool,
 }
 
 pub fn probe_pass(
@@ -28,14 +54,14 @@ pub fn probe_pass(
     opts: GradOptions,
     backend: Backend,
     device: Device,
-    relu: bool,
-    jacobian: bool,
+    want: ProbeOutputs,
 ) -> Result<ProbePass> {
     let spec = GraphSpec {
         loss: Loss::SumLogits,
         param_grads: false,
-        input_grad: jacobian,
-        relu_codes: relu,
+        input_grad: want.input_jacobian,
+        relu_codes: want.relu_codes,
+        feature_maps: want.feature_maps,
         ..Default::default()
     };
     let (an, gg) = build_graph_with(model, probe.sample_shape(), probe.len(), opts, spec)?;
@@ -56,14 +82,65 @@ pub fn probe_pass(
         }
         None => None,
     };
-    let relu_codes = if relu {
-        Some(codes_from_outputs(&gg, &outs[next..], n)?)
+    let relu_codes = if want.relu_codes {
+        let c = codes_from_outputs(&gg, &outs[next..], n)?;
+        next += gg.relu_codes.len();
+        Some(c)
+    } else {
+        None
+    };
+    let feature_maps = if want.feature_maps {
+        Some(features_from_outputs(&gg, &outs[next..], n)?)
     } else {
         None
     };
     Ok(ProbePass {
         relu_codes,
         input_jacobian,
+        feature_maps,
+    })
+}
+
+/// The Conv outputs of a graph built with `feature_maps`, as N × units f64.
+fn features_from_outputs(gg: &GradGraph, outs: &[HostTensor], n: usize) -> Result<FeatureMaps> {
+    if gg.feature_maps.is_empty() {
+        bail!("the model has no Conv: no feature maps to compute");
+    }
+    let mut layers = vec![];
+    let mut units = 0;
+    for f in &gg.feature_maps {
+        layers.push(FeatureLayer {
+            node: f.node.clone(),
+            channels: f.channels,
+            spatial: f.spatial,
+            offset: units,
+        });
+        units += f.channels * f.spatial;
+    }
+    let mut data = vec![0.0f64; n * units];
+    for (k, l) in layers.iter().enumerate() {
+        let t = outs
+            .get(k)
+            .ok_or_else(|| anyhow!("feature map output {k} missing"))?;
+        let v = t.to_f64_vec();
+        let w = l.channels * l.spatial;
+        if v.len() != n * w {
+            bail!(
+                "feature map of {} has {} values, {} expected",
+                l.node,
+                v.len(),
+                n * w
+            );
+        }
+        for i in 0..n {
+            data[i * units + l.offset..i * units + l.offset + w]
+                .copy_from_slice(&v[i * w..(i + 1) * w]);
+        }
+    }
+    Ok(FeatureMaps {
+        data,
+        units,
+        layers,
     })
 }
 

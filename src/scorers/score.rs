@@ -356,9 +356,13 @@ pub fn score_model(
             errors.insert(s.name.clone(), format!("{what}: {e:#}"));
         }
     };
-    let (relu, jac) = (wants(flag::RELU_CODES), wants(flag::INPUT_JACOBIAN));
-    if relu || jac {
-        match crate::inputs::passes::probe_pass(model, probe, opts, backend, device, relu, jac) {
+    let want = crate::inputs::passes::ProbeOutputs {
+        relu_codes: wants(flag::RELU_CODES),
+        input_jacobian: wants(flag::INPUT_JACOBIAN),
+        feature_maps: wants(flag::FEATURE_MAPS),
+    };
+    if want.relu_codes || want.input_jacobian || want.feature_maps {
+        match crate::inputs::passes::probe_pass(model, probe, opts, backend, device, want) {
             Ok(p) => {
                 for d in [selected.as_mut(), all_params.as_mut()]
                     .into_iter()
@@ -366,10 +370,11 @@ pub fn score_model(
                 {
                     d.relu_codes = p.relu_codes.clone();
                     d.input_jacobian = p.input_jacobian.clone();
+                    d.feature_maps = p.feature_maps.clone();
                 }
             }
             Err(e) => fail(
-                flag::RELU_CODES | flag::INPUT_JACOBIAN,
+                flag::RELU_CODES | flag::INPUT_JACOBIAN | flag::FEATURE_MAPS,
                 "probe pass",
                 &e,
                 &mut errors,

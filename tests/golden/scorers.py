@@ -157,6 +157,59 @@ def swap(c):
     return float(torch.unique(torch.from_numpy(c.T), dim=0).shape[0])
 
 
+def meco(model, x):
+    """MeCo (Jiang et al., NeurIPS 2023, their meco.py): a forward hook on each layer takes the first
+    sample's output, channels x spatial, torch.corrcoef, NaN -> 0, the smallest eigenvalue; the
+    score is the sum over layers. gradalign hooks the Conv outputs (the authors hook every
+    module); per-sample BN, so the first sample's maps come from a batch of one."""
+    vals = []
+
+    def hook(mod, inp, out):
+        f = out[0].detach().reshape(out.shape[1], -1)
+        c = torch.nan_to_num(torch.corrcoef(f), nan=0.0, posinf=0.0, neginf=0.0)
+        vals.append(float(torch.linalg.eigvalsh(c).min()))
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.from_numpy(x[0:1]).double())
+    for h in hooks:
+        h.remove()
+    return float(sum(vals))
+
+
+def conv_features(model, x):
+    """Every Conv2d output of every sample (batch of one each, so per-sample BN), in call order,
+    concatenated over the samples: one (N, C, H, W) tensor per layer."""
+    per_layer = None
+    for i in range(len(x)):
+        outs = []
+        hooks = [m.register_forward_hook(lambda mod, inp, out: outs.append(out.detach()))
+                 for m in model.modules() if isinstance(m, nn.Conv2d)]
+        with torch.no_grad():
+            model(torch.from_numpy(x[i:i + 1]).double())
+        for h in hooks:
+            h.remove()
+        per_layer = [[o] for o in outs] if per_layer is None else [a + [o] for a, o in zip(per_layer, outs)]
+    return [torch.cat(v) for v in per_layer]
+
+
+def az_layer_expressivity(feats):
+    """AZ-NAS (Lee & Ham, CVPR 2024; their compute_az_nas_score.py), on the Conv outputs: the
+    entropy of the normalised eigenvalues of each layer's channel covariance over (N, H, W).
+    A layer with constant features (zero covariance) is left out (theirs: NaN, the network -inf)."""
+    scores = []
+    for feat in feats:
+        b, c, h, w = feat.size()
+        f = feat.permute(0, 2, 3, 1).contiguous().view(b * h * w, c)
+        f = f - f.mean(dim=0, keepdim=True)
+        sigma = torch.mm(f.transpose(1, 0), f) / f.size(0)
+        s = torch.linalg.eigvalsh(sigma)
+        if float(s.sum()) <= 0.0:
+            continue
+        p = s / s.sum()
+        scores.append(float(((-p) * torch.log(p + 1e-8)).sum()))
+    return np.array(scores)
+
+
 def jacob_cov(model, x):
     rows = []
     for i in range(len(x)):
@@ -238,6 +291,7 @@ def main():
             wblocks.append((n, m, slice(off, off + m.weight.numel())))
             off += m.weight.numel()
         codes = relu_codes(model, x)
+        az = az_layer_expressivity(conv_features(model, x))
         ntk = gw @ gw.T
         ev = np.linalg.eigvalsh(ntk)
         sc = {
@@ -253,6 +307,9 @@ def main():
             "ntk_cond": float(-ev[-1] / ev[0]) if ev[0] > 0 else None,
             "naswot": naswot(codes),
             "swap": swap(codes),
+            "meco": meco(model, x),
+            "az_expressivity": float(np.sum(az)) if len(az) else None,
+            "az_progressivity": float(np.min(az[1:] - az[:-1])) if len(az) > 1 else None,
             "jacob_cov": jacob_cov(model, x),
             "synflow": synflow(model),
             "grasp": grasp(model, x, y, blocks),

@@ -29,7 +29,7 @@
 extern "C" {
 #endif
 
-#define GA_ABI_VERSION 3u
+#define GA_ABI_VERSION 4u
 #define GA_OLDEST_ABI_VERSION 2u
 
 #if defined(_WIN32)
@@ -52,6 +52,7 @@ extern "C" {
 #define GA_IN_HESSIAN_GRAD_PRODUCT  (1ull << 9)  /* hessian_grad_product: n_columns f64 */
 #define GA_IN_ALL_PARAMS            (1ull << 10) /* columns for every trainable parameter */
 #define GA_IN_SIGNS                 (1ull << 11) /* packed gradient signs (sign_* fields) */
+#define GA_IN_FEATURE_MAPS          (1ull << 12) /* ABI 4: every Conv output (feature_* fields) */
 
 #define GA_ROLE_WEIGHT 0u /* Conv / ConvTranspose / Gemm / MatMul weight */
 #define GA_ROLE_BIAS   1u
@@ -71,6 +72,15 @@ typedef struct {
     uint64_t offset;       /* first gradient column */
     uint64_t numel;
 } GaParam;
+
+/* ABI 4: one layer of the feature maps: values offset .. offset + channels * spatial of a
+   sample's row, channel-major. */
+typedef struct {
+    const char *node;      /* the ONNX node whose output it is */
+    uint64_t channels;
+    uint64_t spatial;      /* values per channel (H * W for a 2-D convolution) */
+    uint64_t offset;
+} GaFeatureLayer;
 
 typedef struct {
     uint32_t abi_version;  /* the version of the plugin's own table */
@@ -106,6 +116,11 @@ typedef struct {
     /* ABI 3 */
     uint64_t struct_size;  /* sizeof(GaInputs) as the host built it */
     void *user_data;       /* the table's user_data */
+    /* ABI 4 */
+    const double *feature_maps;    /* N x n_feature_units f64 */
+    uint64_t n_feature_units;
+    const GaFeatureLayer *feature_layers;
+    uint64_t n_feature_layers;
 } GaInputs;
 
 /* Returns 0 and writes *out, or non-zero and a NUL-terminated message (≤ err_len bytes). */
@@ -150,7 +165,9 @@ GA_EXPORT const GaPluginTable *gradalign_plugin_table(void);
 _Static_assert(sizeof(GaParam) == 64, "GaParam layout");
 _Static_assert(sizeof(GaScorer) == 32, "GaScorer layout");
 _Static_assert(offsetof(GaInputs, struct_size) == 200, "GaInputs ABI 2 prefix");
-_Static_assert(sizeof(GaInputs) == 216, "GaInputs layout");
+_Static_assert(offsetof(GaInputs, feature_maps) == 216, "GaInputs ABI 3 prefix");
+_Static_assert(sizeof(GaInputs) == 248, "GaInputs layout");
+_Static_assert(sizeof(GaFeatureLayer) == 32, "GaFeatureLayer layout");
 _Static_assert(offsetof(GaPluginTable, struct_size) == 32, "GaPluginTable ABI 2 prefix");
 _Static_assert(sizeof(GaPluginTable) == 64, "GaPluginTable layout");
 #endif

@@ -20,8 +20,9 @@
 use std::ffi::{c_char, c_void};
 
 /// This ABI's version: 3 appended `struct_size`, `user_data`, `init` and `teardown` to the table
-/// and `struct_size`, `user_data` to the inputs.
-pub const ABI_VERSION: u32 = 3;
+/// and `struct_size`, `user_data` to the inputs; 4 appended the feature maps to the inputs
+/// (`inputs::FEATURE_MAPS`).
+pub const ABI_VERSION: u32 = 4;
 /// The oldest plugin ABI this host still loads (version 2 tables are a prefix of version 3).
 pub const OLDEST_ABI_VERSION: u32 = 2;
 /// The generic exported symbol.
@@ -55,8 +56,32 @@ pub mod inputs {
     /// Packed signs of the per-sample gradients and of each class's mean gradient (see
     /// `GaInputs::sign_pos`). Available even when the N × P gradients exceed `--max-memory`.
     pub const SIGNS: u64 = 1 << 11;
+    /// ABI 4: the output of every Conv node (the layers' pre-activation feature maps), f64, per
+    /// sample; see `GaInputs::feature_maps`.
+    pub const FEATURE_MAPS: u64 = 1 << 12;
     /// Every flag this ABI version knows.
-    pub const KNOWN: u64 = (1 << 12) - 1;
+    pub const KNOWN: u64 = (1 << 13) - 1;
+    /// The flags a plugin built for ABI `version` may declare.
+    pub const fn known_in(version: u32) -> u64 {
+        if version >= 4 {
+            KNOWN
+        } else {
+            (1 << 12) - 1
+        }
+    }
+}
+
+/// One layer of the feature maps: columns `offset .. offset + channels · spatial` of each
+/// sample's row, channel-major (channel c's map is `spatial` values from `offset + c · spatial`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GaFeatureLayer {
+    /// The ONNX node whose output this is.
+    pub node: *const c_char,
+    pub channels: u64,
+    /// Values per channel (H · W for a 2-D convolution).
+    pub spatial: u64,
+    pub offset: u64,
 }
 
 /// Role of a parameter block.
@@ -137,6 +162,12 @@ pub struct GaInputs {
     pub struct_size: u64,
     /// ABI 3: the plugin table's `user_data`, passed back to every scorer.
     pub user_data: *mut c_void,
+    /// ABI 4: N × `n_feature_units` f64, row-major, one row per sample (`inputs::FEATURE_MAPS`).
+    pub feature_maps: *const f64,
+    pub n_feature_units: u64,
+    /// Where each layer sits in a row, in graph order.
+    pub feature_layers: *const GaFeatureLayer,
+    pub n_feature_layers: u64,
 }
 
 /// Size of [`GaInputs`] up to the end of ABI version 2's fields.
@@ -210,5 +241,7 @@ const _: () = {
     assert!(std::mem::offset_of!(GaPluginTable, struct_size) == 32);
     assert!(std::mem::size_of::<GaPluginTable>() == 64);
     assert!(INPUTS_V2_SIZE == 200);
-    assert!(std::mem::size_of::<GaInputs>() == 216);
+    assert!(std::mem::offset_of!(GaInputs, feature_maps) == 216);
+    assert!(std::mem::size_of::<GaInputs>() == 248);
+    assert!(std::mem::size_of::<GaFeatureLayer>() == 32);
 };

@@ -22,5 +22,8 @@ pub mod linalg;
 pub mod sdk;
 pub mod signs;
 
-pub use sdk::{trampoline, Grads, Inputs, Matrix, Param, PluginTableHolder, Scorer, ScorerEntry};
+pub use sdk::{
+    trampoline, FeatureLayer, FeatureMaps, Grads, Inputs, Matrix, Param, PluginTableHolder, Scorer,
+    ScorerEntry,
+};
 pub use signs::{PackedSigns, SignPlanes};

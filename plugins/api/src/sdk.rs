@@ -43,6 +43,36 @@ macro_rules! with_grads {
     };
 }
 
+/// One layer of the feature maps (ABI 4): in each sample's row, channel c's map is the
+/// `spatial` values from `offset + c · spatial`.
+#[derive(Clone, Debug)]
+pub struct FeatureLayer {
+    pub node: String,
+    pub channels: usize,
+    pub spatial: usize,
+    pub offset: usize,
+}
+
+/// The output of every Conv node, per sample: `maps` is N × units, `layers` say where each
+/// layer's block sits in a row.
+#[derive(Clone, Debug)]
+pub struct FeatureMaps<'a> {
+    pub maps: Matrix<'a, f64>,
+    pub layers: Vec<FeatureLayer>,
+}
+
+impl<'a> FeatureMaps<'a> {
+    /// Layer `l` of sample `i`: channels × spatial, row-major.
+    pub fn layer(&self, i: usize, l: usize) -> Matrix<'a, f64> {
+        let f = &self.layers[l];
+        Matrix {
+            data: self.maps.row_cols(i, f.offset, f.channels * f.spatial),
+            rows: f.channels,
+            cols: f.spatial,
+        }
+    }
+}
+
 /// A parameter block of the gradient columns.
 #[derive(Clone, Debug)]
 pub struct Param {
@@ -242,6 +272,39 @@ impl<'a> Inputs<'a> {
                 "Hessian-gradient product",
             )
         }
+    }
+    /// The feature maps (declare `FEATURE_MAPS`).
+    pub fn feature_maps(&self) -> Result<FeatureMaps<'a>, String> {
+        let (rows, cols) = (self.n_samples(), self.raw.n_feature_units as usize);
+        let data = unsafe { slice(self.raw.feature_maps, rows * cols, "feature maps")? };
+        let raw_layers = unsafe {
+            slice(
+                self.raw.feature_layers,
+                self.raw.n_feature_layers as usize,
+                "feature layers",
+            )?
+        };
+        let mut layers = Vec::with_capacity(raw_layers.len());
+        for l in raw_layers {
+            let f = FeatureLayer {
+                node: unsafe { cstr(l.node) },
+                channels: l.channels as usize,
+                spatial: l.spatial as usize,
+                offset: l.offset as usize,
+            };
+            if f.offset + f.channels * f.spatial > cols {
+                return Err(format!(
+                    "feature layer {} ends at {} but rows have {cols} values",
+                    f.node,
+                    f.offset + f.channels * f.spatial
+                ));
+            }
+            layers.push(f);
+        }
+        Ok(FeatureMaps {
+            maps: Matrix { data, rows, cols },
+            layers,
+        })
     }
     pub fn model_params(&self) -> f64 {
         self.raw.model_params

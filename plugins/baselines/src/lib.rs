@@ -1,6 +1,7 @@
 //! The zero-cost baselines (docs/semantics.md, Scorers) as a gradalign plugin: linked into the binary and also
 //! built as `libgradalign_baselines.so`. Each scorer declares exactly the inputs it reads.
 
+pub mod aznas;
 pub mod math;
 
 use gradalign_plugin_api::abi::inputs::*;
@@ -66,6 +67,27 @@ scorer!(
     |x| Ok(math::swap(x.relu_codes()?))
 );
 scorer!(
+    Meco,
+    "meco",
+    FEATURE_MAPS,
+    "MeCo: Σ_layers min eigenvalue of the channel correlation of each Conv output (first sample)",
+    |x| math::meco(&x.feature_maps()?)
+);
+scorer!(
+    AzExpressivity,
+    "az_expressivity",
+    FEATURE_MAPS,
+    "AZ-NAS expressivity: Σ_Conv layers entropy of the feature covariance spectrum (all samples)",
+    |x| aznas::expressivity(&x.feature_maps()?)
+);
+scorer!(
+    AzProgressivity,
+    "az_progressivity",
+    FEATURE_MAPS,
+    "AZ-NAS progressivity: min over consecutive Conv layers of the increase in spectrum entropy",
+    |x| aznas::progressivity(&x.feature_maps()?)
+);
+scorer!(
     JacobCov,
     "jacob_cov",
     INPUT_JACOBIAN,
@@ -125,5 +147,5 @@ scorer!(
 export_plugin!(
     symbol: gradalign_baselines_plugin_table,
     name: "baselines",
-    scorers: [GradNorm, Snip, Synflow, Naswot, LinearRegions, Swap, JacobCov, Zico, NtkCond, Fisher, Grasp, Params, Flops],
+    scorers: [GradNorm, Snip, Synflow, Naswot, LinearRegions, Swap, Meco, AzExpressivity, AzProgressivity, JacobCov, Zico, NtkCond, Fisher, Grasp, Params, Flops],
 );

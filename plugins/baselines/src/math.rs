@@ -1,7 +1,9 @@
 //! Baseline formulas (docs/semantics.md, Scorers; zero-cost-nas conventions, batch gradient = Σ per-sample
 //! gradients) on plain slices, each tested on hand-computed values.
 
-use gradalign_plugin_api::linalg::{corrcoef_rows, gram_rows, slogdet, symmetric_eigenvalues};
+use gradalign_plugin_api::linalg::{
+    corrcoef_rows, gram_rows, slogdet, smallest_symmetric_eigenvalue, symmetric_eigenvalues,
+};
 use gradalign_plugin_api::{Matrix, Param};
 
 /// Σ over weight blocks of ‖g_block‖₂.
@@ -471,6 +473,40 @@ pub fn swap(codes: Matrix<u8>) -> f64 {
     cols.len() as f64
 }
 
+/// MeCo (Jiang et al., NeurIPS 2023): Σ_layers λ_min(P_l), P_l the Pearson correlation matrix
+/// of layer l's channel maps for the probe's first sample (channels × spatial). As the authors'
+/// code does (`torch.corrcoef`, then NaN and ±inf entries set to 0): entries are clamped to
+/// [−1, 1], and a constant channel's undefined correlations count as 0.
+pub fn meco(f: &gradalign_plugin_api::FeatureMaps) -> Result<f64, String> {
+    if f.maps.rows == 0 {
+        return Err("MeCo needs at least one sample".into());
+    }
+    if f.layers.is_empty() {
+        return Err("the model has no Conv layer: no feature maps for MeCo".into());
+    }
+    let mut total = 0.0;
+    for l in 0..f.layers.len() {
+        let m = f.layer(0, l);
+        let c = channel_correlation(m.data, m.rows, m.cols);
+        total += smallest_symmetric_eigenvalue(&c, m.rows);
+    }
+    Ok(total)
+}
+
+/// `torch.corrcoef` of the rows, with MeCo's NaN/inf → 0.
+fn channel_correlation(x: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    corrcoef_rows(x, rows, cols)
+        .into_iter()
+        .map(|v| {
+            if v.is_finite() {
+                v.clamp(-1.0, 1.0)
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
 /// Jacobian covariance: −Σ_v (ln(v + 1e-5) + 1/(v + 1e-5)) over the eigenvalues of the
 /// correlation matrix of the per-sample input Jacobians.
 pub fn jacob_cov(j: Matrix<f64>) -> Result<f64, String> {
@@ -591,6 +627,66 @@ mod tests {
         }
         big[129 * cols + 200] = 1; // same pattern as unit 129
         assert_eq!(swap(m(&big, rows, cols)), 131.0);
+    }
+
+    #[test]
+    fn meco_by_hand() {
+        use gradalign_plugin_api::{FeatureLayer, FeatureMaps};
+        // One sample, two layers. Layer 0: two perfectly anti-correlated channels, P = [[1, −1],
+        // [−1, 1]], eigenvalues 0 and 2. Layer 1: channels [1, −1, 1, −1] and [1, 1, 1, −1]
+        // (r = 1/√3) and a constant channel, whose undefined correlations count 0.
+        let l0 = [1.0, 2.0, 3.0, 4.0, -1.0, -2.0, -3.0, -4.0];
+        let l1 = [
+            1.0, -1.0, 1.0, -1.0, 1.0, 1.0, 1.0, -1.0, 5.0, 5.0, 5.0, 5.0,
+        ];
+        let data: Vec<f64> = l0.iter().chain(&l1).copied().collect();
+        let f = FeatureMaps {
+            maps: Matrix {
+                data: &data,
+                rows: 1,
+                cols: 20,
+            },
+            layers: vec![
+                FeatureLayer {
+                    node: "a".into(),
+                    channels: 2,
+                    spatial: 4,
+                    offset: 0,
+                },
+                FeatureLayer {
+                    node: "b".into(),
+                    channels: 3,
+                    spatial: 4,
+                    offset: 8,
+                },
+            ],
+        };
+        // Layer 1: P = [[1, r, 0], [r, 1, 0], [0, 0, 0]], eigenvalues 1 − r, 1 + r and 0: both
+        // layers' λ_min is 0.
+        let r = 1.0 / 3f64.sqrt();
+        let p1 = channel_correlation(&l1, 3, 4);
+        let want = [1.0, r, 0.0, r, 1.0, 0.0, 0.0, 0.0, 0.0];
+        for (a, b) in p1.iter().zip(want) {
+            assert!((a - b).abs() < 1e-12, "{p1:?}");
+        }
+        assert!(meco(&f).unwrap().abs() < 1e-12);
+        // Without the constant channel layer 1 has λ_min = 1 − r; layer 0 adds 0.
+        let f2 = FeatureMaps {
+            layers: vec![
+                f.layers[0].clone(),
+                FeatureLayer {
+                    channels: 2,
+                    ..f.layers[1].clone()
+                },
+            ],
+            ..f.clone()
+        };
+        assert!((meco(&f2).unwrap() - (1.0 - r)).abs() < 1e-12);
+        assert!(meco(&FeatureMaps {
+            layers: vec![],
+            ..f.clone()
+        })
+        .is_err());
     }
 
     #[test]

@@ -2,9 +2,10 @@
 
 use std::ffi::CString;
 
-use gradalign_plugin_api::abi::{self, GaInputs, GaParam};
+use gradalign_plugin_api::abi::{self, GaFeatureLayer, GaInputs, GaParam};
 use gradalign_plugin_api::PackedSigns;
 
+use crate::inputs::passes::FeatureMaps;
 use crate::onnx::HostTensor;
 
 /// A parameter block as the ABI describes it.
@@ -40,6 +41,8 @@ pub struct InputData {
     pub model_flops: f64,
     /// Packed signs of the per-sample gradients and of the class-mean gradients.
     pub signs: Option<(PackedSigns, PackedSigns)>,
+    /// Every Conv output per sample (ABI 4).
+    pub feature_maps: Option<FeatureMaps>,
 }
 
 /// The C view of an [`InputData`]; owns the strings and arrays the pointers refer to.
@@ -48,6 +51,7 @@ pub struct RawInputs<'a> {
     _params: Vec<GaParam>,
     _strings: Vec<CString>,
     _shapes: Vec<Vec<u64>>,
+    _layers: Vec<GaFeatureLayer>,
     _data: std::marker::PhantomData<&'a InputData>,
 }
 
@@ -83,6 +87,17 @@ impl InputData {
                 channel_axis: p.channel_axis,
                 offset: p.offset as u64,
                 numel: p.numel as u64,
+            })
+            .collect();
+        let layers: Vec<GaFeatureLayer> = self
+            .feature_maps
+            .iter()
+            .flat_map(|f| &f.layers)
+            .map(|l| GaFeatureLayer {
+                node: keep(&l.node),
+                channels: l.channels as u64,
+                spatial: l.spatial as u64,
+                offset: l.offset as u64,
             })
             .collect();
         let (precision, grads, cols) = match &self.grads {
@@ -154,12 +169,24 @@ impl InputData {
             struct_size: std::mem::size_of::<GaInputs>() as u64,
             // Set per plugin when the scorer is called.
             user_data: std::ptr::null_mut(),
+            feature_maps: self
+                .feature_maps
+                .as_ref()
+                .map_or(std::ptr::null(), |f| f.data.as_ptr()),
+            n_feature_units: self.feature_maps.as_ref().map_or(0, |f| f.units as u64),
+            feature_layers: if self.feature_maps.is_some() {
+                layers.as_ptr()
+            } else {
+                std::ptr::null()
+            },
+            n_feature_layers: layers.len() as u64,
         };
         RawInputs {
             inputs,
             _params: params,
             _strings: strings,
             _shapes: shapes,
+            _layers: layers,
             _data: std::marker::PhantomData,
         }
     }
@@ -205,6 +232,12 @@ pub fn masked(raw: &GaInputs, flags: u64) -> GaInputs {
         m.sign_neg = std::ptr::null();
         m.class_sign_pos = std::ptr::null();
         m.class_sign_neg = std::ptr::null();
+    }
+    if !has(FEATURE_MAPS) {
+        m.feature_maps = std::ptr::null();
+        m.n_feature_units = 0;
+        m.feature_layers = std::ptr::null();
+        m.n_feature_layers = 0;
     }
     if !has(MODEL_INFO) {
         m.model_params = f64::NAN;

@@ -12,6 +12,7 @@ use gradalign_plugin_api::abi::inputs as flag;
 
 use super::inputs::{InputData, ParamMeta};
 use super::{Registry, ScorerInfo};
+use crate::inputs::passes::{FeatureLayer, FeatureMaps};
 use crate::onnx::HostTensor;
 
 /// The hidden subcommand the worker runs as.
@@ -182,6 +183,21 @@ pub fn encode(d: &InputData, flags: u64) -> Vec<u8> {
         }
         _ => w.u64(0),
     }
+    match &d.feature_maps {
+        Some(f) if has(flag::FEATURE_MAPS) => {
+            w.u64(1);
+            w.f64s(&f.data);
+            w.u64(f.units as u64);
+            w.u64(f.layers.len() as u64);
+            for l in &f.layers {
+                w.str(&l.node);
+                w.u64(l.channels as u64);
+                w.u64(l.spatial as u64);
+                w.u64(l.offset as u64);
+            }
+        }
+        _ => w.u64(0),
+    }
     w.0
 }
 
@@ -266,6 +282,34 @@ pub fn decode(b: &[u8]) -> Result<InputData> {
         }
         let c = planes.pop().unwrap();
         d.signs = Some((planes.pop().unwrap(), c));
+    }
+    if r.u64()? == 1 {
+        let data = r.f64s()?;
+        let units = r.u64()? as usize;
+        let nl = r.len(32)?;
+        let mut layers = vec![];
+        for _ in 0..nl {
+            let node = r.str()?;
+            let (channels, spatial, offset) =
+                (r.u64()? as usize, r.u64()? as usize, r.u64()? as usize);
+            if offset.saturating_add(channels.saturating_mul(spatial)) > units {
+                bail!("feature layer {node} outside its row");
+            }
+            layers.push(FeatureLayer {
+                node,
+                channels,
+                spatial,
+                offset,
+            });
+        }
+        if data.len() != d.n.saturating_mul(units) {
+            bail!("feature maps of the wrong size");
+        }
+        d.feature_maps = Some(FeatureMaps {
+            data,
+            units,
+            layers,
+        });
     }
     Ok(d)
 }
@@ -404,6 +448,16 @@ mod tests {
             param_values: Some(vec![0.5, -0.25]),
             labels: vec![0, 2],
             relu_codes: Some((vec![1, 0, 0, 1], 2)),
+            feature_maps: Some(FeatureMaps {
+                data: vec![1.0, 2.0, 3.0, -1.0, -2.0, -3.0],
+                units: 3,
+                layers: vec![FeatureLayer {
+                    node: "conv".into(),
+                    channels: 3,
+                    spatial: 1,
+                    offset: 0,
+                }],
+            }),
             model_params: 2.0,
             model_flops: f64::NAN,
             ..Default::default()
@@ -418,6 +472,7 @@ mod tests {
         assert_eq!(e.param_values, d.param_values);
         assert_eq!(e.labels, d.labels);
         assert_eq!(e.relu_codes, d.relu_codes);
+        assert_eq!(e.feature_maps, d.feature_maps);
         assert!(e.model_flops.is_nan());
         // Undeclared inputs are not sent.
         let only_labels = decode(&encode(&d, flag::LABELS)).unwrap();

@@ -70,6 +70,7 @@ pub fn input_names(flags: u64) -> Vec<&'static str> {
         (HESSIAN_GRAD_PRODUCT, "hessian-grad-product"),
         (ALL_PARAMS, "all-params"),
         (SIGNS, "signs"),
+        (FEATURE_MAPS, "feature-maps"),
     ];
     all.iter()
         .filter(|(f, _)| flags & f != 0)
@@ -242,10 +243,12 @@ impl Registry {
             let Some(name) = (unsafe { cstring(row.name) }).filter(|n| !n.is_empty()) else {
                 bail!("{origin}: scorer #{i} has no name");
             };
-            if row.inputs & !abi::inputs::KNOWN != 0 {
+            let known = abi::inputs::known_in(version);
+            if row.inputs & !known != 0 {
                 bail!(
-                    "{origin}: scorer '{name}' asks for inputs this gradalign does not know (flags {:#x})",
-                    row.inputs & !abi::inputs::KNOWN
+                    "{origin}: scorer '{name}' asks for inputs ABI version {version} does not define \
+                     (flags {:#x})",
+                    row.inputs & !known
                 );
             }
             if let Some(prev) = self.scorers.iter().chain(&new).find(|s| s.name == name) {
