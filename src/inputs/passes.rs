@@ -32,13 +32,8 @@ pub struct FeatureMaps {
     pub layers: Vec<FeatureLayer>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct FeatureLayer {
-    pub node: String,
-    pub channels: usize,
-    pub spatial: usize,
-    pub offset: usize,
-}
+/// One layer's place in a row: the plugin SDK's own description, so host and plugins share it.
+pub use gradalign_plugin_api::FeatureLayer;
 
 /// Which extra outputs [`probe_pass`] computes.
 #[derive(Clone, Copy, Debug, Default)]

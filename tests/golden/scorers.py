@@ -157,22 +157,15 @@ def swap(c):
     return float(torch.unique(torch.from_numpy(c.T), dim=0).shape[0])
 
 
-def meco(model, x):
-    """MeCo (Jiang et al., NeurIPS 2023, their meco.py): a forward hook on each layer takes the first
-    sample's output, channels x spatial, torch.corrcoef, NaN -> 0, the smallest eigenvalue; the
-    score is the sum over layers. gradalign hooks the Conv outputs (the authors hook every
-    module); per-sample BN, so the first sample's maps come from a batch of one."""
+def meco(feats):
+    """MeCo (Jiang et al., NeurIPS 2023, their meco.py): per layer, the first sample's output as
+    channels x spatial, torch.corrcoef, NaN -> 0, the smallest eigenvalue; summed over layers.
+    gradalign takes the Conv outputs (the authors hook every module); per-sample BN, so the
+    first sample's maps come from a batch of one."""
     vals = []
-
-    def hook(mod, inp, out):
-        f = out[0].detach().reshape(out.shape[1], -1)
-        c = torch.nan_to_num(torch.corrcoef(f), nan=0.0, posinf=0.0, neginf=0.0)
+    for f in feats:
+        c = torch.nan_to_num(torch.corrcoef(f[0].reshape(f.shape[1], -1)), nan=0.0, posinf=0.0, neginf=0.0)
         vals.append(float(torch.linalg.eigvalsh(c).min()))
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        model(torch.from_numpy(x[0:1]).double())
-    for h in hooks:
-        h.remove()
     return float(sum(vals))
 
 
@@ -291,7 +284,8 @@ def main():
             wblocks.append((n, m, slice(off, off + m.weight.numel())))
             off += m.weight.numel()
         codes = relu_codes(model, x)
-        az = az_layer_expressivity(conv_features(model, x))
+        feats = conv_features(model, x)
+        az = az_layer_expressivity(feats)
         ntk = gw @ gw.T
         ev = np.linalg.eigvalsh(ntk)
         sc = {
@@ -307,7 +301,7 @@ def main():
             "ntk_cond": float(-ev[-1] / ev[0]) if ev[0] > 0 else None,
             "naswot": naswot(codes),
             "swap": swap(codes),
-            "meco": meco(model, x),
+            "meco": meco(feats),
             "az_expressivity": float(np.sum(az)) if len(az) else None,
             "az_progressivity": float(np.min(az[1:] - az[:-1])) if len(az) > 1 else None,
             "jacob_cov": jacob_cov(model, x),

@@ -45,7 +45,7 @@ macro_rules! with_grads {
 
 /// One layer of the feature maps (ABI 4): in each sample's row, channel c's map is the
 /// `spatial` values from `offset + c · spatial`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct FeatureLayer {
     pub node: String,
     pub channels: usize,
