@@ -30,11 +30,24 @@ const TABLES: [&str; 3] = [
 ];
 
 /// index → scorer → value (None where the scorer failed).
-type Scores = BTreeMap<usize, BTreeMap<String, Option<f64>>>;
+pub type Scores = BTreeMap<usize, BTreeMap<String, Option<f64>>>;
 
-fn load_scores(root: &Path) -> Result<Scores> {
-    let mut out: Scores = BTreeMap::new();
-    for t in TABLES {
+/// The committed NB201 score tables joined by architecture index.
+pub struct NbScores {
+    /// Every scorer column, in the order the tables first name them.
+    pub columns: Vec<String>,
+    /// The architecture indices in the first (main) table's row order.
+    pub order: Vec<usize>,
+    pub by_index: Scores,
+}
+
+pub fn load_scores(root: &Path) -> Result<NbScores> {
+    let mut out = NbScores {
+        columns: vec![],
+        order: vec![],
+        by_index: BTreeMap::new(),
+    };
+    for (k, t) in TABLES.iter().enumerate() {
         let path = root.join(t);
         let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
         let mut lines = text.lines();
@@ -45,9 +58,18 @@ fn load_scores(root: &Path) -> Result<Scores> {
                 head.join(",")
             );
         }
+        for name in head.iter().skip(2) {
+            if !out.columns.iter().any(|c| c == name) {
+                out.columns.push(name.to_string());
+            }
+        }
         for l in lines {
             let f: Vec<&str> = l.split(',').collect();
-            let row = out.entry(f[0].parse()?).or_default();
+            let index: usize = f[0].parse()?;
+            if k == 0 {
+                out.order.push(index);
+            }
+            let row = out.by_index.entry(index).or_default();
             for (j, name) in head.iter().enumerate().skip(2) {
                 // The first table to hold a scorer wins (a later run repeats some as a check).
                 row.entry(name.to_string())
@@ -98,7 +120,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect();
-    let scores = load_scores(root)?;
+    let scores = load_scores(root)?.by_index;
     let acc: BTreeMap<usize, [f64; 3]> = load_archs(root)?
         .into_iter()
         .map(|a| (a.index, a.acc))

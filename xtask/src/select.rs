@@ -2,7 +2,7 @@
 //! tables. Draw K scored architectures at random, keep the one each scorer ranks first, record
 //! its accuracy; repeat; report mean ± std per scorer beside a random choice from the same draw
 //! and the best architecture in it. Nothing is scored here: every number comes from
-//! docs/results/nb201/scores.csv (accuracies from data/nb201_accuracies.csv) and
+//! the NB201 score tables `cargo xtask ensemble` joins (accuracies from data/nb201_accuracies.csv) and
 //! docs/results/nb101/scores.csv (accuracies in its own columns).
 
 use std::collections::HashMap;
@@ -30,40 +30,33 @@ fn parse(v: &str) -> Option<f64> {
     v.parse::<f64>().ok().filter(|x| x.is_finite())
 }
 
+/// Every committed NB201 score table (the main run and the later runs of added scorers on the
+/// same architectures), rows in the main table's order.
 fn nb201_table(root: &Path) -> Result<Table> {
-    let path = root.join("docs/results/nb201/scores.csv");
-    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-    let mut lines = text.lines();
-    let scorers: Vec<String> = lines
-        .next()
-        .context("empty")?
-        .split(',')
-        .skip(2)
-        .map(String::from)
-        .collect();
+    let joined = crate::ensemble::load_scores(root)?;
     let acc: HashMap<usize, [f64; 3]> = load_archs(root)?
         .into_iter()
         .map(|a| (a.index, a.acc))
         .collect();
-    let mut scores = vec![vec![]; scorers.len()];
+    let mut scores = vec![vec![]; joined.columns.len()];
     let mut datasets: Vec<(String, Vec<Option<f64>>)> = ["CIFAR-10", "CIFAR-100", "ImageNet16-120"]
         .iter()
         .map(|d| (d.to_string(), vec![]))
         .collect();
-    for l in lines {
-        let f: Vec<&str> = l.split(',').collect();
+    for i in &joined.order {
         let a = acc
-            .get(&f[0].parse()?)
-            .with_context(|| format!("index {} not in data/nb201_accuracies.csv", f[0]))?;
-        for (j, s) in scores.iter_mut().enumerate() {
-            s.push(f.get(2 + j).and_then(|v| parse(v)));
+            .get(i)
+            .with_context(|| format!("index {i} not in data/nb201_accuracies.csv"))?;
+        let row = &joined.by_index[i];
+        for (s, name) in scores.iter_mut().zip(&joined.columns) {
+            s.push(row.get(name).copied().flatten().filter(|x| x.is_finite()));
         }
         for (d, (_, v)) in datasets.iter_mut().enumerate() {
             v.push(Some(a[d]));
         }
     }
     Ok(Table {
-        scorers,
+        scorers: joined.columns,
         scores,
         datasets,
     })

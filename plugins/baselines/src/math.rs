@@ -487,6 +487,13 @@ pub fn meco(f: &gradalign_plugin_api::FeatureMaps) -> Result<f64, String> {
     let mut total = 0.0;
     for l in 0..f.layers.len() {
         let m = f.layer(0, l);
+        // The NaN → 0 rule is for constant channels; a non-finite feature is a broken network.
+        if m.data.iter().any(|v| !v.is_finite()) {
+            return Err(format!(
+                "layer {} has non-finite features",
+                f.layers[l].node
+            ));
+        }
         let c = channel_correlation(m.data, m.rows, m.cols);
         total += smallest_symmetric_eigenvalue(&c, m.rows);
     }
@@ -687,6 +694,18 @@ mod tests {
             ..f.clone()
         })
         .is_err());
+        let mut bad = data.clone();
+        bad[9] = f64::NAN;
+        let e = meco(&FeatureMaps {
+            maps: Matrix {
+                data: &bad,
+                rows: 1,
+                cols: 20,
+            },
+            ..f.clone()
+        })
+        .unwrap_err();
+        assert!(e.contains("layer b has non-finite features"), "{e}");
     }
 
     #[test]
