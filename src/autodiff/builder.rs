@@ -240,16 +240,14 @@ impl<'a> GradGraphBuilder<'a> {
             let p = &an.params[pi];
             let output = match grads.get(&p.name) {
                 Some(g) => {
-                    let flat = em.reshape(g, &[an.n, p.numel()]);
                     let name = format!("grad:{}", p.name);
-                    em.nodes.push(pb::NodeProto {
-                        input: vec![flat],
-                        output: vec![name.clone()],
-                        name: format!("ga.out.{}", p.name),
-                        op_type: "Identity".into(),
-                        ..Default::default()
-                    });
-                    outputs.push(value_info(&name, an.float, &[an.n, p.numel()]));
+                    let out = Exposed {
+                        name: &name,
+                        node: &p.name,
+                        dtype: an.float,
+                        units: p.numel(),
+                    };
+                    expose(&mut em, &mut outputs, g, an.n, out);
                     Some(name)
                 }
                 None => None,
@@ -264,16 +262,14 @@ impl<'a> GradGraphBuilder<'a> {
                 Some(g) => g.clone(),
                 None => em.floats(ArrayD::zeros(IxDyn(&an.infos[&an.input].shape))),
             };
-            let flat = em.reshape(&g, &[an.n, d]);
             let name = "grad:input".to_string();
-            em.nodes.push(pb::NodeProto {
-                input: vec![flat],
-                output: vec![name.clone()],
-                name: "ga.out.input".into(),
-                op_type: "Identity".into(),
-                ..Default::default()
-            });
-            outputs.push(value_info(&name, an.float, &[an.n, d]));
+            let out = Exposed {
+                name: &name,
+                node: "input",
+                dtype: an.float,
+                units: d,
+            };
+            expose(&mut em, &mut outputs, &g, an.n, out);
             input_grad = Some(name);
         }
         let mut relu_codes = vec![];
@@ -292,16 +288,14 @@ impl<'a> GradGraphBuilder<'a> {
                 let x = &node.inputs[0];
                 let units: usize = an.infos[x].shape[1..].iter().product();
                 let gt = em.op("Greater", &[x, &zero], vec![]);
-                let flat = em.reshape(&gt, &[an.n, units]);
                 let name = format!("relu:{}", relu_codes.len());
-                em.nodes.push(pb::NodeProto {
-                    input: vec![flat],
-                    output: vec![name.clone()],
-                    name: format!("ga.out.{name}"),
-                    op_type: "Identity".into(),
-                    ..Default::default()
-                });
-                outputs.push(value_info(&name, DType::Bool, &[an.n, units]));
+                let out = Exposed {
+                    name: &name,
+                    node: &name,
+                    dtype: DType::Bool,
+                    units,
+                };
+                expose(&mut em, &mut outputs, &gt, an.n, out);
                 relu_codes.push((name, units));
             }
         }
@@ -318,16 +312,14 @@ impl<'a> GradGraphBuilder<'a> {
                     );
                 }
                 let (channels, spatial) = (shape[1], shape[2..].iter().product::<usize>());
-                let flat = em.reshape(y, &[an.n, channels * spatial]);
                 let name = format!("feat:{}", feature_maps.len());
-                em.nodes.push(pb::NodeProto {
-                    input: vec![flat],
-                    output: vec![name.clone()],
-                    name: format!("ga.out.{name}"),
-                    op_type: "Identity".into(),
-                    ..Default::default()
-                });
-                outputs.push(value_info(&name, an.float, &[an.n, channels * spatial]));
+                let out = Exposed {
+                    name: &name,
+                    node: &name,
+                    dtype: an.float,
+                    units: channels * spatial,
+                };
+                expose(&mut em, &mut outputs, y, an.n, out);
                 feature_maps.push(FeatureOutput {
                     output: name,
                     node: if node.name.is_empty() {
@@ -374,4 +366,32 @@ impl<'a> GradGraphBuilder<'a> {
             feature_maps,
         })
     }
+}
+
+/// A per-sample graph output: `name`, `[N, units]` of `dtype`, written by an Identity node
+/// named `ga.out.<node>`.
+struct Exposed<'s> {
+    name: &'s str,
+    node: &'s str,
+    dtype: DType,
+    units: usize,
+}
+
+/// Reshapes `value` to `[n, units]` and makes it the graph output `out.name`.
+fn expose(
+    em: &mut Emitter,
+    outputs: &mut Vec<pb::ValueInfoProto>,
+    value: &str,
+    n: usize,
+    out: Exposed,
+) {
+    let flat = em.reshape(value, &[n, out.units]);
+    em.nodes.push(pb::NodeProto {
+        input: vec![flat],
+        output: vec![out.name.to_string()],
+        name: format!("ga.out.{}", out.node),
+        op_type: "Identity".into(),
+        ..Default::default()
+    });
+    outputs.push(value_info(out.name, out.dtype, &[n, out.units]));
 }
