@@ -50,6 +50,32 @@ pub struct FeatureOutput {
     pub node: String,
     pub channels: usize,
     pub spatial: usize,
+    /// Whether the output can change the logits at all (see [`influences_logits`]).
+    pub live: bool,
+}
+
+/// Tensors whose value can change the logits: backward reachability from the logits that does
+/// not pass a multiplication by a constant all-zero tensor (NAS-Bench-201's `none` edge is
+/// x · 0; a Conv feeding only such edges computes features nothing downstream sees).
+pub fn influences_logits(an: &Analysis) -> HashSet<String> {
+    let zero = |t: &str| {
+        an.infos
+            .get(t)
+            .and_then(|i| i.value.as_ref())
+            .or_else(|| an.param_values.get(t))
+            .is_some_and(|v| v.to_f64_vec().iter().all(|&x| x == 0.0))
+    };
+    let mut leads: HashSet<String> = HashSet::from([an.logits.clone()]);
+    for node in an.nodes.iter().rev() {
+        if !node.outputs.iter().any(|o| leads.contains(o)) {
+            continue;
+        }
+        if node.op == "Mul" && node.inputs.iter().any(|i| zero(i)) {
+            continue;
+        }
+        leads.extend(node.inputs.iter().filter(|s| !s.is_empty()).cloned());
+    }
+    leads
 }
 
 /// What the differentiated scalar is, per sample.
@@ -301,6 +327,7 @@ impl<'a> GradGraphBuilder<'a> {
         }
         let mut feature_maps = vec![];
         if self.spec.feature_maps {
+            let live = influences_logits(an);
             for node in an.nodes.iter().filter(|n| n.op == "Conv") {
                 let y = &node.outputs[0];
                 let shape = &an.infos[y].shape;
@@ -329,6 +356,7 @@ impl<'a> GradGraphBuilder<'a> {
                     },
                     channels,
                     spatial,
+                    live: live.contains(y),
                 });
             }
         }

@@ -24,12 +24,15 @@ pub struct ProbePass {
 }
 
 /// Every Conv node's output for every sample: `data` is N × `units` f64, row-major; layer k's
-/// block of a row starts at `layers[k].offset`, channel-major (channels × spatial).
+/// block of a row starts at `layers[k].offset`, channel-major (channels × spatial). Either part
+/// is computed only when asked for: the maps (`FEATURE_MAPS`) or each layer's channel
+/// covariance (`FEATURE_COVARIANCE`, Σ channels² values), which needs one layer at a time only.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FeatureMaps {
-    pub data: Vec<f64>,
+    pub data: Option<Vec<f64>>,
     pub units: usize,
     pub layers: Vec<FeatureLayer>,
+    pub covariance: Option<Vec<f64>>,
 }
 
 /// One layer's place in a row: the plugin SDK's own description, so host and plugins share it.
@@ -41,6 +44,7 @@ pub struct ProbeOutputs {
     pub relu_codes: bool,
     pub input_jacobian: bool,
     pub feature_maps: bool,
+    pub feature_covariance: bool,
 }
 
 pub fn probe_pass(
@@ -56,7 +60,7 @@ pub fn probe_pass(
         param_grads: false,
         input_grad: want.input_jacobian,
         relu_codes: want.relu_codes,
-        feature_maps: want.feature_maps,
+        feature_maps: want.feature_maps || want.feature_covariance,
         ..Default::default()
     };
     let (an, gg) = build_graph_with(model, probe.sample_shape(), probe.len(), opts, spec)?;
@@ -84,8 +88,8 @@ pub fn probe_pass(
     } else {
         None
     };
-    let feature_maps = if want.feature_maps {
-        Some(features_from_outputs(&gg, &outs[next..], n)?)
+    let feature_maps = if want.feature_maps || want.feature_covariance {
+        Some(features_from_outputs(&gg, &outs[next..], n, want)?)
     } else {
         None
     };
@@ -96,8 +100,14 @@ pub fn probe_pass(
     })
 }
 
-/// The Conv outputs of a graph built with `feature_maps`, as N × units f64.
-fn features_from_outputs(gg: &GradGraph, outs: &[HostTensor], n: usize) -> Result<FeatureMaps> {
+/// The Conv outputs of a graph built with `feature_maps`: as N × units f64 and/or as each
+/// layer's channel covariance, as `want` says.
+fn features_from_outputs(
+    gg: &GradGraph,
+    outs: &[HostTensor],
+    n: usize,
+    want: ProbeOutputs,
+) -> Result<FeatureMaps> {
     if gg.feature_maps.is_empty() {
         bail!("the model has no Conv: no feature maps to compute");
     }
@@ -109,10 +119,14 @@ fn features_from_outputs(gg: &GradGraph, outs: &[HostTensor], n: usize) -> Resul
             channels: f.channels,
             spatial: f.spatial,
             offset: units,
+            live: f.live,
         });
         units += f.channels * f.spatial;
     }
-    let mut data = vec![0.0f64; n * units];
+    let mut data = want.feature_maps.then(|| vec![0.0f64; n * units]);
+    let mut covariance = want
+        .feature_covariance
+        .then(|| Vec::with_capacity(layers.iter().map(|l| l.channels * l.channels).sum()));
     for (k, l) in layers.iter().enumerate() {
         let t = outs
             .get(k)
@@ -127,16 +141,44 @@ fn features_from_outputs(gg: &GradGraph, outs: &[HostTensor], n: usize) -> Resul
                 n * w
             );
         }
-        for i in 0..n {
-            data[i * units + l.offset..i * units + l.offset + w]
-                .copy_from_slice(&v[i * w..(i + 1) * w]);
+        if let Some(cov) = covariance.as_mut() {
+            cov.extend(channel_covariance(&v, n, l.channels, l.spatial));
+        }
+        if let Some(data) = data.as_mut() {
+            for i in 0..n {
+                data[i * units + l.offset..i * units + l.offset + w]
+                    .copy_from_slice(&v[i * w..(i + 1) * w]);
+            }
         }
     }
     Ok(FeatureMaps {
         data,
         units,
         layers,
+        covariance,
     })
+}
+
+/// The C × C covariance of one layer's channels over all samples and positions: `v` is
+/// N × (C · S), channel-major per sample. Centred first (no cancellation), then the Gram matrix
+/// of the channel rows divided by N · S — the population covariance AZ-NAS takes.
+pub fn channel_covariance(v: &[f64], n: usize, c: usize, s: usize) -> Vec<f64> {
+    let m = n * s;
+    let mut x = vec![0.0f64; c * m];
+    for i in 0..n {
+        for k in 0..c {
+            x[k * m + i * s..k * m + (i + 1) * s]
+                .copy_from_slice(&v[i * c * s + k * s..i * c * s + (k + 1) * s]);
+        }
+    }
+    for row in x.chunks_mut(m.max(1)) {
+        let mean = row.iter().sum::<f64>() / m as f64;
+        row.iter_mut().for_each(|v| *v -= mean);
+    }
+    gradalign_plugin_api::linalg::gram_rows(&x, c, m)
+        .into_iter()
+        .map(|v| v / m as f64)
+        .collect()
 }
 
 /// The `input > 0` outputs of a graph built with `relu_codes` (they follow the logits and the
@@ -329,4 +371,57 @@ pub fn hessian_grad_product(
         }
     }
     bail!("a ReLU changes sign within every difference step down to 3e-11: H·g is not defined here")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_covariance_pools_samples_and_positions() {
+        // Channel 0 = [1, -1, 2, 0.5] (mean 0.625), channel 1 = [3, 1, -2, 0] (mean 0.5), as one
+        // sample with 4 positions or as two samples with 2 positions each: by hand, var 1.171875
+        // and 3.25, covariance -0.8125 (population: divided by 4).
+        let one = [1.0, -1.0, 2.0, 0.5, 3.0, 1.0, -2.0, 0.0];
+        let two = [1.0, -1.0, 3.0, 1.0, 2.0, 0.5, -2.0, 0.0];
+        let want = [1.171875, -0.8125, -0.8125, 3.25];
+        for got in [
+            channel_covariance(&one, 1, 2, 4),
+            channel_covariance(&two, 2, 2, 2),
+        ] {
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() < 1e-12, "{got:?}");
+            }
+        }
+    }
+
+    fn liveness(arch: &str) -> Vec<bool> {
+        let proto = crate::tools::zoo::nb201_model(arch, 0, 4, 1).unwrap();
+        let model = Model::from_proto(&proto, "nb201").unwrap();
+        let spec = GraphSpec {
+            loss: Loss::SumLogits,
+            param_grads: false,
+            feature_maps: true,
+            ..Default::default()
+        };
+        let (_, gg) =
+            build_graph_with(&model, &[3, 32, 32], 2, GradOptions::default(), spec).unwrap();
+        gg.feature_maps.iter().map(|f| f.live).collect()
+    }
+
+    #[test]
+    fn convs_inside_dead_edges_are_not_live() {
+        // node1 = conv(node0) feeds only `none` edges: the cell's one Conv (3 cells, one per
+        // stage) computes features no later layer sees. The stem and the residual blocks' Convs
+        // stay live.
+        let dead = liveness("|nor_conv_3x3~0|+|none~0|none~1|+|skip_connect~0|none~1|none~2|");
+        assert_eq!(dead.iter().filter(|l| !**l).count(), 3, "{dead:?}");
+        assert!(dead[0], "the stem Conv reaches the logits");
+        // Here node1 reaches the output through node2's Conv: every Conv is live.
+        let live = liveness(
+            "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|",
+        );
+        assert!(live.iter().all(|l| *l), "{live:?}");
+        assert_eq!(live.len(), dead.len() + 3);
+    }
 }

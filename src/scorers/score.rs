@@ -360,8 +360,9 @@ pub fn score_model(
         relu_codes: wants(flag::RELU_CODES),
         input_jacobian: wants(flag::INPUT_JACOBIAN),
         feature_maps: wants(flag::FEATURE_MAPS),
+        feature_covariance: wants(flag::FEATURE_COVARIANCE),
     };
-    if want.relu_codes || want.input_jacobian || want.feature_maps {
+    if want.relu_codes || want.input_jacobian || want.feature_maps || want.feature_covariance {
         match crate::inputs::passes::probe_pass(model, probe, opts, backend, device, want) {
             Ok(p) => {
                 for d in [selected.as_mut(), all_params.as_mut()]
@@ -374,7 +375,10 @@ pub fn score_model(
                 }
             }
             Err(e) => fail(
-                flag::RELU_CODES | flag::INPUT_JACOBIAN | flag::FEATURE_MAPS,
+                flag::RELU_CODES
+                    | flag::INPUT_JACOBIAN
+                    | flag::FEATURE_MAPS
+                    | flag::FEATURE_COVARIANCE,
                 "probe pass",
                 &e,
                 &mut errors,

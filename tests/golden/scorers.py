@@ -185,12 +185,38 @@ def conv_features(model, x):
     return [torch.cat(v) for v in per_layer]
 
 
-def az_layer_expressivity(feats):
+def conv_reaches_logits(model, x):
+    """For each Conv2d (call order): whether d(sum of logits)/d(its output) is non-zero for some
+    probe sample. gradalign decides the same statically (every path from the output multiplied
+    by a constant zero); this is an independent, numerical check of that rule."""
+    live = None
+    for i in range(len(x)):
+        outs = []
+
+        def keep(mod, inp, out):
+            out.retain_grad()
+            outs.append(out)
+
+        hooks = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, nn.Conv2d)]
+        model(torch.from_numpy(x[i:i + 1]).double()).sum().backward()
+        for h in hooks:
+            h.remove()
+        flags = [o.grad is not None and bool((o.grad != 0).any()) for o in outs]
+        live = flags if live is None else [a or b for a, b in zip(live, flags)]
+    model.zero_grad()
+    return live
+
+
+def az_layer_expressivity(feats, live):
     """AZ-NAS (Lee & Ham, CVPR 2024; their compute_az_nas_score.py), on the Conv outputs: the
     entropy of the normalised eigenvalues of each layer's channel covariance over (N, H, W).
-    A layer with constant features (zero covariance) is left out (theirs: NaN, the network -inf)."""
+    Left out, as neither appears among the authors' block outputs: a layer with constant
+    features (zero covariance; theirs: NaN, the network -inf) and a layer whose output cannot
+    reach the logits (`live` false)."""
     scores = []
-    for feat in feats:
+    for feat, alive in zip(feats, live):
+        if not alive:
+            continue
         b, c, h, w = feat.size()
         f = feat.permute(0, 2, 3, 1).contiguous().view(b * h * w, c)
         f = f - f.mean(dim=0, keepdim=True)
@@ -285,7 +311,7 @@ def main():
             off += m.weight.numel()
         codes = relu_codes(model, x)
         feats = conv_features(model, x)
-        az = az_layer_expressivity(feats)
+        az = az_layer_expressivity(feats, conv_reaches_logits(model, x))
         ntk = gw @ gw.T
         ev = np.linalg.eigvalsh(ntk)
         sc = {

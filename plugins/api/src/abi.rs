@@ -21,8 +21,9 @@ use std::ffi::{c_char, c_void};
 
 /// This ABI's version: 3 appended `struct_size`, `user_data`, `init` and `teardown` to the table
 /// and `struct_size`, `user_data` to the inputs; 4 appended the feature maps to the inputs
-/// (`inputs::FEATURE_MAPS`).
-pub const ABI_VERSION: u32 = 4;
+/// (`inputs::FEATURE_MAPS`); 5 appended the per-layer channel covariance
+/// (`inputs::FEATURE_COVARIANCE`) and each feature layer's liveness (`feature_live`).
+pub const ABI_VERSION: u32 = 5;
 /// The oldest plugin ABI this host still loads (version 2 tables are a prefix of version 3).
 pub const OLDEST_ABI_VERSION: u32 = 2;
 /// The generic exported symbol.
@@ -59,12 +60,18 @@ pub mod inputs {
     /// ABI 4: the output of every Conv node (the layers' pre-activation feature maps), f64, per
     /// sample; see `GaInputs::feature_maps`.
     pub const FEATURE_MAPS: u64 = 1 << 12;
+    /// ABI 5: for every Conv output, the C × C covariance of its channels over all samples and
+    /// positions (f64, centred, divided by N · spatial), computed by the host once for every
+    /// scorer that asks; see `GaInputs::feature_covariance`. Far smaller than the maps.
+    pub const FEATURE_COVARIANCE: u64 = 1 << 13;
     /// Every flag this ABI version knows.
-    pub const KNOWN: u64 = (1 << 13) - 1;
+    pub const KNOWN: u64 = (1 << 14) - 1;
     /// The flags a plugin built for ABI `version` may declare.
     pub const fn known_in(version: u32) -> u64 {
-        if version >= 4 {
+        if version >= 5 {
             KNOWN
+        } else if version >= 4 {
+            (1 << 13) - 1
         } else {
             (1 << 12) - 1
         }
@@ -165,9 +172,17 @@ pub struct GaInputs {
     /// ABI 4: N × `n_feature_units` f64, row-major, one row per sample (`inputs::FEATURE_MAPS`).
     pub feature_maps: *const f64,
     pub n_feature_units: u64,
-    /// Where each layer sits in a row, in graph order.
+    /// Where each layer sits in a row, in graph order. Set with `FEATURE_MAPS` or (ABI 5)
+    /// `FEATURE_COVARIANCE`.
     pub feature_layers: *const GaFeatureLayer,
     pub n_feature_layers: u64,
+    /// ABI 5: the layers' channel covariances one after another, layer l's `channels²` values
+    /// (row-major) starting at Σ_{j<l} channels_j² (`inputs::FEATURE_COVARIANCE`).
+    pub feature_covariance: *const f64,
+    /// ABI 5: `n_feature_layers` bytes, 1 where the layer's output can change the logits and 0
+    /// where every path from it ends in a multiplication by a constant zero (set whenever
+    /// `feature_layers` is).
+    pub feature_live: *const u8,
 }
 
 /// Size of [`GaInputs`] up to the end of ABI version 2's fields.
@@ -242,6 +257,7 @@ const _: () = {
     assert!(std::mem::size_of::<GaPluginTable>() == 64);
     assert!(INPUTS_V2_SIZE == 200);
     assert!(std::mem::offset_of!(GaInputs, feature_maps) == 216);
-    assert!(std::mem::size_of::<GaInputs>() == 248);
+    assert!(std::mem::offset_of!(GaInputs, feature_covariance) == 248);
+    assert!(std::mem::size_of::<GaInputs>() == 264);
     assert!(std::mem::size_of::<GaFeatureLayer>() == 32);
 };

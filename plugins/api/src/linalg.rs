@@ -121,6 +121,79 @@ pub fn symmetric_eigenvalues(a: &[f64], n: usize) -> Vec<f64> {
     ev
 }
 
+/// Eigenvalues of a symmetric matrix (ascending): Householder reduction to tridiagonal form
+/// (4/3 n³ flops), then the implicit QL algorithm with Wilkinson shifts (O(n²)). Accurate to
+/// working precision relative to ‖A‖, as LAPACK's `syev` is — enough wherever the eigenvalues
+/// are used relative to their sum or maximum (AZ-NAS's spectrum entropy), and an order of
+/// magnitude faster than [`symmetric_eigenvalues`] at n = 64. Jacobi stays the choice where a
+/// tiny eigenvalue must be accurate relative to itself (a condition number).
+pub fn symmetric_eigenvalues_ql(a: &[f64], n: usize) -> Vec<f64> {
+    assert_eq!(a.len(), n * n);
+    match n {
+        0 => return vec![],
+        1 => return vec![a[0]],
+        _ => {}
+    }
+    let (mut d, sub) = tridiagonal(a, n);
+    // e[i] couples d[i] and d[i + 1]; e[n − 1] = 0.
+    let mut e = sub;
+    e.push(0.0);
+    for l in 0..n {
+        let mut iter = 0;
+        loop {
+            let mut m = l;
+            while m < n - 1 {
+                let dd = d[m].abs() + d[m + 1].abs();
+                if e[m].abs() <= f64::EPSILON * dd {
+                    break;
+                }
+                m += 1;
+            }
+            if m == l {
+                break;
+            }
+            iter += 1;
+            if iter > 100 {
+                // QL converges in a few iterations per eigenvalue on any symmetric matrix; should
+                // it ever not, the slower method gives the answer rather than a partial one.
+                return symmetric_eigenvalues(a, n);
+            }
+            let mut g = (d[l + 1] - d[l]) / (2.0 * e[l]);
+            let mut r = g.hypot(1.0);
+            g = d[m] - d[l] + e[l] / (g + if g >= 0.0 { r } else { -r });
+            let (mut s, mut c, mut p) = (1.0f64, 1.0f64, 0.0f64);
+            let mut deflated = false;
+            for i in (l..m).rev() {
+                let f = s * e[i];
+                let b = c * e[i];
+                r = f.hypot(g);
+                e[i + 1] = r;
+                if r == 0.0 {
+                    d[i + 1] -= p;
+                    e[m] = 0.0;
+                    deflated = true;
+                    break;
+                }
+                s = f / r;
+                c = g / r;
+                g = d[i + 1] - p;
+                r = (d[i] - g) * s + 2.0 * c * b;
+                p = s * r;
+                d[i + 1] = g + p;
+                g = c * r - b;
+            }
+            if deflated {
+                continue;
+            }
+            d[l] -= p;
+            e[l] = g;
+            e[m] = 0.0;
+        }
+    }
+    d.sort_by(f64::total_cmp);
+    d
+}
+
 /// The smallest eigenvalue of a symmetric matrix: Householder reduction to tridiagonal form
 /// (4/3 n³ flops), then bisection on the Sturm sequence count to working precision. Far cheaper
 /// than [`symmetric_eigenvalues`] when only λ_min is wanted (MeCo asks it of every layer).
@@ -767,6 +840,41 @@ mod tests {
                 assert_eq!(x, got[b * r + a], "{what}: not symmetric");
             }
         }
+    }
+
+    #[test]
+    fn ql_eigenvalues_equal_jacobi() {
+        for n in [1, 2, 3, 5, 16, 40, 64, 70] {
+            for seed in 0..3u64 {
+                let r = random(n * n, 57 * n as u64 + seed);
+                let mut a = vec![0.0; n * n];
+                for i in 0..n {
+                    for j in 0..n {
+                        a[i * n + j] = r[i * n + j] + r[j * n + i];
+                    }
+                }
+                let want = symmetric_eigenvalues(&a, n);
+                let got = symmetric_eigenvalues_ql(&a, n);
+                let scale = a.iter().map(|v| v.abs()).fold(1.0, f64::max) * n as f64;
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-12 * scale, "n {n}: {got:?} vs {want:?}");
+                }
+            }
+        }
+        // Repeated and zero eigenvalues: a rank-one covariance (spectrum {‖v‖², 0, 0, 0}), a
+        // diagonal and the zero matrix.
+        let v = [1.0, -2.0, 0.5, 3.0];
+        let outer: Vec<f64> = (0..16).map(|k| v[k / 4] * v[k % 4]).collect();
+        let ev = symmetric_eigenvalues_ql(&outer, 4);
+        assert!(
+            ev[..3].iter().all(|x| x.abs() < 1e-14) && (ev[3] - 14.25).abs() < 1e-13,
+            "{ev:?}"
+        );
+        assert_eq!(
+            symmetric_eigenvalues_ql(&[3.0, 0.0, 0.0, -1.0], 2),
+            vec![-1.0, 3.0]
+        );
+        assert_eq!(symmetric_eigenvalues_ql(&[0.0; 9], 3), vec![0.0; 3]);
     }
 
     #[test]

@@ -51,6 +51,51 @@ pub struct FeatureLayer {
     pub channels: usize,
     pub spatial: usize,
     pub offset: usize,
+    /// ABI 5: false where every path from this output to the logits is multiplied by a
+    /// constant zero (a Conv inside a dead NAS-Bench-201 edge): its features exist but nothing
+    /// downstream sees them.
+    pub live: bool,
+}
+
+/// Each Conv output's channel covariance over all samples and positions (ABI 5): layer l's
+/// `channels × channels` matrix, centred, divided by N · spatial.
+#[derive(Clone, Debug)]
+pub struct FeatureCovariance<'a> {
+    pub data: &'a [f64],
+    pub layers: Vec<FeatureLayer>,
+    starts: Vec<usize>,
+}
+
+impl<'a> FeatureCovariance<'a> {
+    /// Builds the view over `data`, which must hold Σ channels² values.
+    pub fn new(data: &'a [f64], layers: Vec<FeatureLayer>) -> Result<Self, String> {
+        let mut starts = Vec::with_capacity(layers.len());
+        let mut at = 0usize;
+        for l in &layers {
+            starts.push(at);
+            at += l.channels * l.channels;
+        }
+        if at != data.len() {
+            return Err(format!(
+                "feature covariance has {} values, the layers need {at}",
+                data.len()
+            ));
+        }
+        Ok(FeatureCovariance {
+            data,
+            layers,
+            starts,
+        })
+    }
+    /// Layer `l`'s covariance, channels × channels.
+    pub fn layer(&self, l: usize) -> Matrix<'a, f64> {
+        let c = self.layers[l].channels;
+        Matrix {
+            data: &self.data[self.starts[l]..self.starts[l] + c * c],
+            rows: c,
+            cols: c,
+        }
+    }
 }
 
 /// The output of every Conv node, per sample: `maps` is N × units, `layers` say where each
@@ -273,25 +318,32 @@ impl<'a> Inputs<'a> {
             )
         }
     }
-    /// The feature maps (declare `FEATURE_MAPS`).
-    pub fn feature_maps(&self) -> Result<FeatureMaps<'a>, String> {
-        let (rows, cols) = (self.n_samples(), self.raw.n_feature_units as usize);
-        let data = unsafe { slice(self.raw.feature_maps, rows * cols, "feature maps")? };
-        let raw_layers = unsafe {
-            slice(
-                self.raw.feature_layers,
-                self.raw.n_feature_layers as usize,
-                "feature layers",
-            )?
+    fn feature_layers(&self) -> Result<Vec<FeatureLayer>, String> {
+        let k = self.raw.n_feature_layers as usize;
+        let raw_layers = unsafe { slice(self.raw.feature_layers, k, "feature layers")? };
+        let live = if self.raw.feature_live.is_null() {
+            None
+        } else {
+            Some(unsafe { slice(self.raw.feature_live, k, "feature liveness")? })
         };
-        let mut layers = Vec::with_capacity(raw_layers.len());
-        for l in raw_layers {
-            let f = FeatureLayer {
+        Ok(raw_layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| FeatureLayer {
                 node: unsafe { cstr(l.node) },
                 channels: l.channels as usize,
                 spatial: l.spatial as usize,
                 offset: l.offset as usize,
-            };
+                live: live.is_none_or(|v| v[i] != 0),
+            })
+            .collect())
+    }
+    /// The feature maps (declare `FEATURE_MAPS`).
+    pub fn feature_maps(&self) -> Result<FeatureMaps<'a>, String> {
+        let (rows, cols) = (self.n_samples(), self.raw.n_feature_units as usize);
+        let data = unsafe { slice(self.raw.feature_maps, rows * cols, "feature maps")? };
+        let layers = self.feature_layers()?;
+        for f in &layers {
             if f.offset + f.channels * f.spatial > cols {
                 return Err(format!(
                     "feature layer {} ends at {} but rows have {cols} values",
@@ -299,12 +351,18 @@ impl<'a> Inputs<'a> {
                     f.offset + f.channels * f.spatial
                 ));
             }
-            layers.push(f);
         }
         Ok(FeatureMaps {
             maps: Matrix { data, rows, cols },
             layers,
         })
+    }
+    /// Each Conv output's channel covariance (declare `FEATURE_COVARIANCE`).
+    pub fn feature_covariance(&self) -> Result<FeatureCovariance<'a>, String> {
+        let layers = self.feature_layers()?;
+        let len = layers.iter().map(|l| l.channels * l.channels).sum();
+        let data = unsafe { slice(self.raw.feature_covariance, len, "feature covariance")? };
+        FeatureCovariance::new(data, layers)
     }
     pub fn model_params(&self) -> f64 {
         self.raw.model_params

@@ -1,51 +1,39 @@
 //! AZ-NAS's feature-map components (Lee & Ham, CVPR 2024; the authors' `compute_az_nas_score.py`):
-//! expressivity and progressivity, computed on the Conv outputs of every probe sample.
+//! expressivity and progressivity, from the channel covariance of every Conv output over all
+//! probe samples and positions (`FEATURE_COVARIANCE`: the host computes it once, one layer at a
+//! time, for every scorer that asks).
 //!
 //! For one layer, the features of all samples and positions are the rows of an (N·H·W) × C
 //! matrix; its column-centred covariance Σ = FᵀF / (N·H·W) has eigenvalues s, and the layer's
 //! expressivity is the entropy of p = s / Σ s, −Σ p ln(p + 1e-8). Expressivity sums the layers;
 //! progressivity is the smallest increase of that entropy from one layer to the next (graph order).
-//! A layer with constant features (zero covariance) is left out.
+//! The spectrum comes from tridiagonal QL (accurate relative to ‖Σ‖, which is all an entropy of
+//! s / Σ s needs; LAPACK's `eigvalsh` in the reference is the same kind of method).
+//!
+//! Two kinds of layer are left out, because the authors measure block outputs, where neither can
+//! appear: a layer with constant features (zero covariance: a Conv fed only by a path that carries
+//! zeros), and a layer whose output cannot reach the logits (`live` false: every path from it is
+//! multiplied by a constant zero, a Conv inside a dead NAS-Bench-201 edge). Counting the second
+//! kind made progressivity rank networks whose only "progress" happens in dead cells.
 
-use gradalign_plugin_api::linalg::{gram_rows, symmetric_eigenvalues};
-use gradalign_plugin_api::FeatureMaps;
+use gradalign_plugin_api::linalg::symmetric_eigenvalues_ql;
+use gradalign_plugin_api::FeatureCovariance;
 
 /// The entropy of each live layer's normalised covariance spectrum, in graph order.
-pub fn layer_expressivity(f: &FeatureMaps) -> Result<Vec<f64>, String> {
-    let n = f.maps.rows;
-    if n == 0 {
-        return Err("AZ-NAS needs at least one sample".into());
-    }
+pub fn layer_expressivity(f: &FeatureCovariance) -> Result<Vec<f64>, String> {
     if f.layers.is_empty() {
         return Err("the model has no Conv layer: no feature maps for AZ-NAS".into());
     }
     let mut out = Vec::with_capacity(f.layers.len());
     for (l, layer) in f.layers.iter().enumerate() {
-        let (c, hw) = (layer.channels, layer.spatial);
-        let m = (n * hw) as f64;
-        // Channel-major copy of every sample's map: row k holds channel k over (sample, position).
-        let mut x = vec![0.0f64; c * n * hw];
-        for i in 0..n {
-            let s = f.layer(i, l);
-            for k in 0..c {
-                x[k * n * hw + i * hw..k * n * hw + (i + 1) * hw]
-                    .copy_from_slice(&s.data[k * hw..(k + 1) * hw]);
-            }
+        if !layer.live {
+            continue;
         }
-        // Centre first (as the authors do), so the covariance carries no cancellation.
-        for row in x.chunks_mut(n * hw) {
-            let mean = row.iter().sum::<f64>() / m;
-            row.iter_mut().for_each(|v| *v -= mean);
-        }
-        let sigma: Vec<f64> = gram_rows(&x, c, n * hw).iter().map(|v| v / m).collect();
-        let s = symmetric_eigenvalues(&sigma, c);
+        let s = symmetric_eigenvalues_ql(f.layer(l).data, layer.channels);
         let total: f64 = s.iter().sum();
         if !total.is_finite() {
             return Err(format!("layer {} has non-finite features", layer.node));
         }
-        // Features constant over every sample and position (a Conv fed only by a path that
-        // carries zeros) have no spectrum and take no part in the network's function: the layer
-        // is left out, as the authors' block outputs never show a Conv inside a dead path.
         if total <= 0.0 {
             continue;
         }
@@ -59,22 +47,26 @@ pub fn layer_expressivity(f: &FeatureMaps) -> Result<Vec<f64>, String> {
         out.push(h);
     }
     if out.is_empty() {
-        return Err("every Conv output is constant over the probe: no feature spectrum".into());
+        return Err(
+            "every Conv output is constant over the probe or cannot reach the logits: no feature \
+             spectrum"
+                .into(),
+        );
     }
     Ok(out)
 }
 
 /// Σ over layers of the spectrum entropy.
-pub fn expressivity(f: &FeatureMaps) -> Result<f64, String> {
+pub fn expressivity(f: &FeatureCovariance) -> Result<f64, String> {
     Ok(layer_expressivity(f)?.iter().sum())
 }
 
 /// min over consecutive layers of (entropy of layer l+1 − entropy of layer l).
-pub fn progressivity(f: &FeatureMaps) -> Result<f64, String> {
+pub fn progressivity(f: &FeatureCovariance) -> Result<f64, String> {
     let e = layer_expressivity(f)?;
     if e.len() < 2 {
         return Err(
-            "progressivity needs at least two Conv layers with non-constant outputs".into(),
+            "progressivity needs at least two live Conv layers with non-constant outputs".into(),
         );
     }
     Ok(e.windows(2)
@@ -85,41 +77,27 @@ pub fn progressivity(f: &FeatureMaps) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gradalign_plugin_api::{FeatureLayer, Matrix};
+    use gradalign_plugin_api::FeatureLayer;
 
-    fn maps<'a>(data: &'a [f64], n: usize, layers: Vec<FeatureLayer>) -> FeatureMaps<'a> {
-        let cols = data.len() / n;
-        FeatureMaps {
-            maps: Matrix {
-                data,
-                rows: n,
-                cols,
-            },
-            layers,
-        }
-    }
-
-    fn layer(channels: usize, spatial: usize, offset: usize) -> FeatureLayer {
+    fn layer(channels: usize, live: bool) -> FeatureLayer {
         FeatureLayer {
-            node: format!("conv{offset}"),
+            node: format!("conv{channels}{live}"),
             channels,
-            spatial,
-            offset,
+            spatial: 4,
+            offset: 0,
+            live,
         }
     }
 
     #[test]
     fn by_hand_two_channel_layers() {
-        // Layer 0: two channels with identical centred values → covariance [[a, a], [a, a]],
-        // spectrum {2a, 0}, p = {1, 0}: entropy −ln(1 + 1e-8) ≈ −1e-8.
-        // Layer 1: two uncorrelated channels of equal variance → p = {½, ½}: entropy ln 2.
-        // One sample, spatial 4 per channel.
-        let l0 = [1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0];
-        let l1 = [1.0, -1.0, 1.0, -1.0, 1.0, 1.0, -1.0, -1.0];
-        let data: Vec<f64> = l0.iter().chain(l1.iter()).copied().collect();
-        let f = maps(&data, 1, vec![layer(2, 4, 0), layer(2, 4, 8)]);
+        // Layer 0: two identical channels → Σ = [[a, a], [a, a]], spectrum {2a, 0}, p = {1, 0}:
+        // entropy −ln(1 + 1e-8) ≈ −1e-8. Layer 1: two uncorrelated channels of equal variance →
+        // p = {½, ½}: entropy ln 2.
+        let cov = [1.25, 1.25, 1.25, 1.25, 1.0, 0.0, 0.0, 1.0];
+        let f = FeatureCovariance::new(&cov, vec![layer(2, true), layer(2, true)]).unwrap();
         let e = layer_expressivity(&f).unwrap();
-        let want0 = -(1.0f64 + 1e-8).ln() - 0.0 * (1e-8f64).ln();
+        let want0 = -(1.0f64 + 1e-8).ln();
         let want1 = -(0.5f64 + 1e-8).ln();
         assert!((e[0] - want0).abs() < 1e-12, "{e:?}");
         assert!((e[1] - want1).abs() < 1e-12, "{e:?}");
@@ -128,37 +106,31 @@ mod tests {
     }
 
     #[test]
-    fn samples_pool_into_one_covariance() {
-        // The same four positions split over two samples give the same spectrum as one sample.
-        let one = [1.0, -1.0, 2.0, 0.5, 3.0, 1.0, -2.0, 0.0];
-        let f1 = maps(&one, 1, vec![layer(2, 4, 0)]);
-        // Sample 0: positions 0, 1; sample 1: positions 2, 3 (channel-major within a sample).
-        let two = [1.0, -1.0, 3.0, 1.0, 2.0, 0.5, -2.0, 0.0];
-        let f2 = maps(&two, 2, vec![layer(2, 2, 0)]);
-        let (a, b) = (expressivity(&f1).unwrap(), expressivity(&f2).unwrap());
-        assert!((a - b).abs() < 1e-12, "{a} {b}");
-    }
-
-    #[test]
-    fn constant_layers_are_left_out_and_single_layer_is_an_error() {
-        // Layer 0 constant (zero covariance): left out; layer 1 as above, ln 2.
-        let mut d = vec![3.0; 8];
-        d.extend([1.0, -1.0, 1.0, -1.0, 1.0, 1.0, -1.0, -1.0]);
-        let f = maps(&d, 1, vec![layer(2, 4, 0), layer(2, 4, 8)]);
+    fn dead_and_constant_layers_are_left_out() {
+        // Layer 0 constant (zero covariance), layer 1 live with entropy ln 2, layer 2 the same
+        // spectrum but unable to reach the logits: only layer 1 counts.
+        let mut cov = vec![0.0; 4];
+        cov.extend([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]);
+        let f = FeatureCovariance::new(&cov, vec![layer(2, true), layer(2, true), layer(2, false)])
+            .unwrap();
         let ln2 = -(0.5f64 + 1e-8).ln();
         let e = layer_expressivity(&f).unwrap();
         assert!(e.len() == 1 && (e[0] - ln2).abs() < 1e-12, "{e:?}");
-        assert!(progressivity(&f).unwrap_err().contains("two Conv layers"));
-        let z = [0.0; 16];
-        let f = maps(&z, 1, vec![layer(2, 4, 0), layer(2, 4, 8)]);
+        assert!(progressivity(&f)
+            .unwrap_err()
+            .contains("two live Conv layers"));
+        // The same covariances, all live: three layers, progressivity defined.
+        let f = FeatureCovariance::new(&cov, vec![layer(2, true); 3]).unwrap();
+        assert_eq!(layer_expressivity(&f).unwrap().len(), 2);
+        assert!(progressivity(&f).unwrap().abs() < 1e-12);
+        let z = [0.0; 8];
+        let f = FeatureCovariance::new(&z, vec![layer(2, true), layer(2, true)]).unwrap();
         assert!(expressivity(&f)
             .unwrap_err()
             .contains("every Conv output is constant"));
-        let nan = [f64::NAN; 8];
-        let f = maps(&nan, 1, vec![layer(2, 4, 0)]);
-        assert!(expressivity(&f).unwrap_err().contains("conv0"));
-        let one = [1.0, -1.0, 2.0, 0.5, 3.0, 1.0, -2.0, 0.0];
-        let f = maps(&one, 1, vec![layer(2, 4, 0)]);
-        assert!(progressivity(&f).unwrap_err().contains("two Conv layers"));
+        let nan = [f64::NAN; 4];
+        let f = FeatureCovariance::new(&nan, vec![layer(2, true)]).unwrap();
+        assert!(expressivity(&f).unwrap_err().contains("conv2true"));
+        assert!(FeatureCovariance::new(&nan, vec![layer(3, true)]).is_err());
     }
 }

@@ -76,16 +76,16 @@ scorer!(
 scorer!(
     AzExpressivity,
     "az_expressivity",
-    FEATURE_MAPS,
+    FEATURE_COVARIANCE,
     "AZ-NAS expressivity: Σ_Conv layers entropy of the feature covariance spectrum (all samples)",
-    |x| aznas::expressivity(&x.feature_maps()?)
+    |x| aznas::expressivity(&x.feature_covariance()?)
 );
 scorer!(
     AzProgressivity,
     "az_progressivity",
-    FEATURE_MAPS,
+    FEATURE_COVARIANCE,
     "AZ-NAS progressivity: min over consecutive Conv layers of the increase in spectrum entropy",
-    |x| aznas::progressivity(&x.feature_maps()?)
+    |x| aznas::progressivity(&x.feature_covariance()?)
 );
 scorer!(
     JacobCov,

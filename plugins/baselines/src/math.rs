@@ -659,12 +659,14 @@ mod tests {
                     channels: 2,
                     spatial: 4,
                     offset: 0,
+                    live: true,
                 },
                 FeatureLayer {
                     node: "b".into(),
                     channels: 3,
                     spatial: 4,
                     offset: 8,
+                    live: true,
                 },
             ],
         };

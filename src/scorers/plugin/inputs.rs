@@ -41,7 +41,7 @@ pub struct InputData {
     pub model_flops: f64,
     /// Packed signs of the per-sample gradients and of the class-mean gradients.
     pub signs: Option<(PackedSigns, PackedSigns)>,
-    /// Every Conv output per sample (ABI 4).
+    /// Every Conv output per sample (ABI 4) and/or each layer's channel covariance (ABI 5).
     pub feature_maps: Option<FeatureMaps>,
 }
 
@@ -52,6 +52,7 @@ pub struct RawInputs<'a> {
     _strings: Vec<CString>,
     _shapes: Vec<Vec<u64>>,
     _layers: Vec<GaFeatureLayer>,
+    _live: Vec<u8>,
     _data: std::marker::PhantomData<&'a InputData>,
 }
 
@@ -99,6 +100,12 @@ impl InputData {
                 spatial: l.spatial as u64,
                 offset: l.offset as u64,
             })
+            .collect();
+        let live: Vec<u8> = self
+            .feature_maps
+            .iter()
+            .flat_map(|f| &f.layers)
+            .map(|l| u8::from(l.live))
             .collect();
         let (precision, grads, cols) = match &self.grads {
             Some(HostTensor::F32(a)) => (
@@ -172,7 +179,8 @@ impl InputData {
             feature_maps: self
                 .feature_maps
                 .as_ref()
-                .map_or(std::ptr::null(), |f| f.data.as_ptr()),
+                .and_then(|f| f.data.as_ref())
+                .map_or(std::ptr::null(), |d| d.as_ptr()),
             n_feature_units: self.feature_maps.as_ref().map_or(0, |f| f.units as u64),
             feature_layers: if self.feature_maps.is_some() {
                 layers.as_ptr()
@@ -180,6 +188,16 @@ impl InputData {
                 std::ptr::null()
             },
             n_feature_layers: layers.len() as u64,
+            feature_covariance: self
+                .feature_maps
+                .as_ref()
+                .and_then(|f| f.covariance.as_ref())
+                .map_or(std::ptr::null(), |c| c.as_ptr()),
+            feature_live: if self.feature_maps.is_some() {
+                live.as_ptr()
+            } else {
+                std::ptr::null()
+            },
         };
         RawInputs {
             inputs,
@@ -187,6 +205,7 @@ impl InputData {
             _strings: strings,
             _shapes: shapes,
             _layers: layers,
+            _live: live,
             _data: std::marker::PhantomData,
         }
     }
@@ -236,8 +255,14 @@ pub fn masked(raw: &GaInputs, flags: u64) -> GaInputs {
     if !has(FEATURE_MAPS) {
         m.feature_maps = std::ptr::null();
         m.n_feature_units = 0;
+    }
+    if !has(FEATURE_COVARIANCE) {
+        m.feature_covariance = std::ptr::null();
+    }
+    if !has(FEATURE_MAPS) && !has(FEATURE_COVARIANCE) {
         m.feature_layers = std::ptr::null();
         m.n_feature_layers = 0;
+        m.feature_live = std::ptr::null();
     }
     if !has(MODEL_INFO) {
         m.model_params = f64::NAN;

@@ -184,9 +184,10 @@ pub fn encode(d: &InputData, flags: u64) -> Vec<u8> {
         _ => w.u64(0),
     }
     match &d.feature_maps {
-        Some(f) if has(flag::FEATURE_MAPS) => {
+        Some(f) if has(flag::FEATURE_MAPS) || has(flag::FEATURE_COVARIANCE) => {
             w.u64(1);
-            w.f64s(&f.data);
+            w.opt_f64s(&f.data, has(flag::FEATURE_MAPS));
+            w.opt_f64s(&f.covariance, has(flag::FEATURE_COVARIANCE));
             w.u64(f.units as u64);
             w.u64(f.layers.len() as u64);
             for l in &f.layers {
@@ -194,6 +195,7 @@ pub fn encode(d: &InputData, flags: u64) -> Vec<u8> {
                 w.u64(l.channels as u64);
                 w.u64(l.spatial as u64);
                 w.u64(l.offset as u64);
+                w.u64(u64::from(l.live));
             }
         }
         _ => w.u64(0),
@@ -284,14 +286,16 @@ pub fn decode(b: &[u8]) -> Result<InputData> {
         d.signs = Some((planes.pop().unwrap(), c));
     }
     if r.u64()? == 1 {
-        let data = r.f64s()?;
+        let data = r.opt_f64s()?;
+        let covariance = r.opt_f64s()?;
         let units = r.u64()? as usize;
-        let nl = r.len(32)?;
+        let nl = r.len(40)?;
         let mut layers = vec![];
         for _ in 0..nl {
             let node = r.str()?;
             let (channels, spatial, offset) =
                 (r.u64()? as usize, r.u64()? as usize, r.u64()? as usize);
+            let live = r.u64()? != 0;
             if offset.saturating_add(channels.saturating_mul(spatial)) > units {
                 bail!("feature layer {node} outside its row");
             }
@@ -300,15 +304,27 @@ pub fn decode(b: &[u8]) -> Result<InputData> {
                 channels,
                 spatial,
                 offset,
+                live,
             });
         }
-        if data.len() != d.n.saturating_mul(units) {
+        if data
+            .as_ref()
+            .is_some_and(|v| v.len() != d.n.saturating_mul(units))
+        {
             bail!("feature maps of the wrong size");
+        }
+        let cov_len: usize = layers
+            .iter()
+            .map(|l| l.channels.saturating_mul(l.channels))
+            .fold(0, usize::saturating_add);
+        if covariance.as_ref().is_some_and(|v| v.len() != cov_len) {
+            bail!("feature covariance of the wrong size");
         }
         d.feature_maps = Some(FeatureMaps {
             data,
             units,
             layers,
+            covariance,
         });
     }
     Ok(d)
@@ -449,14 +465,16 @@ mod tests {
             labels: vec![0, 2],
             relu_codes: Some((vec![1, 0, 0, 1], 2)),
             feature_maps: Some(FeatureMaps {
-                data: vec![1.0, 2.0, 3.0, -1.0, -2.0, -3.0],
+                data: Some(vec![1.0, 2.0, 3.0, -1.0, -2.0, -3.0]),
                 units: 3,
                 layers: vec![FeatureLayer {
                     node: "conv".into(),
                     channels: 3,
                     spatial: 1,
                     offset: 0,
+                    live: false,
                 }],
+                covariance: Some((0..9).map(f64::from).collect()),
             }),
             model_params: 2.0,
             model_flops: f64::NAN,
@@ -473,6 +491,11 @@ mod tests {
         assert_eq!(e.labels, d.labels);
         assert_eq!(e.relu_codes, d.relu_codes);
         assert_eq!(e.feature_maps, d.feature_maps);
+        // The covariance travels without the maps when only it was declared.
+        let cov = decode(&encode(&d, flag::FEATURE_COVARIANCE)).unwrap();
+        let f = cov.feature_maps.unwrap();
+        assert!(f.data.is_none() && !f.layers[0].live);
+        assert_eq!(f.covariance, d.feature_maps.as_ref().unwrap().covariance);
         assert!(e.model_flops.is_nan());
         // Undeclared inputs are not sent.
         let only_labels = decode(&encode(&d, flag::LABELS)).unwrap();

@@ -71,6 +71,7 @@ pub fn input_names(flags: u64) -> Vec<&'static str> {
         (ALL_PARAMS, "all-params"),
         (SIGNS, "signs"),
         (FEATURE_MAPS, "feature-maps"),
+        (FEATURE_COVARIANCE, "feature-covariance"),
     ];
     all.iter()
         .filter(|(f, _)| flags & f != 0)
