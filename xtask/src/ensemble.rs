@@ -19,6 +19,8 @@ pub struct Options {
     pub reps: usize,
     pub seed: u64,
     pub out: PathBuf,
+    /// How the members were chosen, when not the default set (said in the report's header).
+    pub provenance: Option<String>,
 }
 
 /// The score tables the NB201 benchmark committed, joined by architecture index: the main run
@@ -191,16 +193,24 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
          {} of the 1,000 sampled architectures of [report.md](report.md) (those every member \
          scored), N = 64 shipped CIFAR-10 probe, per-sample BatchNorm, f32. Ensemble: \
          Σ_members ln(rank / M) over these M architectures ([semantics.md](../../semantics.md#ensemble)), \
-         members `{}`, chosen before these tables were read and not fitted to them. τ-b and \
+         members `{}`, {}. τ-b and \
          Spearman ρ against 200-epoch test accuracy; [lo, hi] = bootstrap 95 % interval of τ-b \
          ({} resamples of the architectures, seed {}). Every number is recomputed from the \
-         committed score tables ({}) by `cargo xtask ensemble --reps {} --seed {}`.\n\n\
+         committed score tables ({}) by `cargo xtask ensemble{} --reps {} --seed {}`.\n\n\
          | ranking |",
         idx.len(),
         members.join(","),
+        o.provenance
+            .as_deref()
+            .unwrap_or("chosen before these tables were read and not fitted to them"),
         o.reps,
         o.seed,
         TABLES.map(|t| format!("`{t}`")).join(", "),
+        if o.members == default_members() {
+            String::new()
+        } else {
+            format!(" --members {}", o.members)
+        },
         o.reps,
         o.seed
     );

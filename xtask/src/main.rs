@@ -20,6 +20,7 @@ mod regions;
 mod seeds;
 mod select;
 mod throughput;
+mod tune;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -371,6 +372,14 @@ fn known_flags(cmd: &str, sub: Option<&str>) -> Option<&'static [&'static str]> 
         ],
         ("select", _) => &["--reps", "--seed", "--out"],
         ("ensemble", _) => &["--members", "--reps", "--seed", "--out"],
+        ("ensemble-tune", _) => &[
+            "--candidates",
+            "--max-members",
+            "--min-gain",
+            "--reps",
+            "--seed",
+            "--out",
+        ],
         ("bench", Some("nb101")) => &[
             "--pool",
             "--sample",
@@ -573,6 +582,16 @@ fn main() -> Result<()> {
             reps: get("--reps").map(|v| v.parse()).transpose()?.unwrap_or(1000),
             seed: get("--seed").map(|v| v.parse()).transpose()?.unwrap_or(0),
             out: get("--out").map(PathBuf::from).unwrap_or_else(|| root().join("docs/results/nb201/ensemble.md")),
+            provenance: None,
+        }),
+        Some("ensemble-tune") => tune::run(&root(), &tune::Options {
+            candidates: get("--candidates").unwrap_or_default(),
+            max_members: get("--max-members").map(|v| v.parse()).transpose()?.unwrap_or(6),
+            min_gain: get("--min-gain").map(|v| v.parse()).transpose()?.unwrap_or(0.005),
+            reps: get("--reps").map(|v| v.parse()).transpose()?.unwrap_or(1000),
+            seed: get("--seed").map(|v| v.parse()).transpose()?.unwrap_or(0),
+            out: get("--out").map(PathBuf::from).unwrap_or_else(|| root().join("docs/results/ensemble-tune.md")),
+            nb201_out: root().join("docs/results/nb201/ensemble-tuned.md"),
         }),
         Some("bench") if args.get(1).map(String::as_str) == Some("nb101") => {
             let jobs = jobs_with_threads(get("--jobs").map(|v| v.parse()).transpose()?.unwrap_or(1));
@@ -641,6 +660,6 @@ fn main() -> Result<()> {
                 nb201::run(&root(), &o)
             }
         }
-        _ => bail!("usage: cargo xtask gen-resnet50 [--out FILE] [--input 32] | cargo xtask gen-nb201 --out DIR [--count 40] [--seed 0] [--channels 16] [--cells 5] | cargo xtask gen-nb101 --out DIR (--hash H[,H…] | --sample K) [--seed 0] [--input 32] | cargo xtask fuzz [--execs 1000000] [--seconds 1800] [--seed S] [--jobs J] [--corpus DIR|LIST] [--crashes DIR] | cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] | cargo xtask bench throughput [--count 24] [--seed 0] [--n 64] [--threads T] [--out FILE] | cargo xtask select [--reps 500] [--seed 0] [--out FILE] | cargo xtask ensemble [--members a,b] [--reps 1000] [--seed 0] [--out FILE] | cargo xtask bench nb101 [--pool test|val] [--sample 1000] [--seed 0] [--n 64] [--scorers a,b] [--backend …] [--jobs J] [--max-memory SIZE] [--out DIR] [--report-only] | cargo xtask bench seeds [--sample 200] [--seeds 5] [--probes 3] [--n 64] [--scorers a,b] [--backend …] [--jobs J] [--out DIR] [--report-only] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR] [--report-only]"),
+        _ => bail!("usage: cargo xtask gen-resnet50 [--out FILE] [--input 32] | cargo xtask gen-nb201 --out DIR [--count 40] [--seed 0] [--channels 16] [--cells 5] | cargo xtask gen-nb101 --out DIR (--hash H[,H…] | --sample K) [--seed 0] [--input 32] | cargo xtask fuzz [--execs 1000000] [--seconds 1800] [--seed S] [--jobs J] [--corpus DIR|LIST] [--crashes DIR] | cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] | cargo xtask bench throughput [--count 24] [--seed 0] [--n 64] [--threads T] [--out FILE] | cargo xtask select [--reps 500] [--seed 0] [--out FILE] | cargo xtask ensemble [--members a,b] [--reps 1000] [--seed 0] [--out FILE] | cargo xtask ensemble-tune [--candidates a,b] [--max-members 6] [--min-gain 0.005] [--reps 1000] [--seed 0] [--out FILE] | cargo xtask bench nb101 [--pool test|val] [--sample 1000] [--seed 0] [--n 64] [--scorers a,b] [--backend …] [--jobs J] [--max-memory SIZE] [--out DIR] [--report-only] | cargo xtask bench seeds [--sample 200] [--seeds 5] [--probes 3] [--n 64] [--scorers a,b] [--backend …] [--jobs J] [--out DIR] [--report-only] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR] [--report-only]"),
     }
 }
