@@ -12,7 +12,7 @@ use super::backward::Backward;
 use super::emit::{Emitter, OPSET};
 use super::ops;
 use super::Kind;
-use crate::onnx::{attr, pb, value_info, DType, HostTensor};
+use crate::onnx::{attr, pb, value_info, DType, HostTensor, Node};
 
 pub const INPUT_LABELS: &str = "labels";
 
@@ -65,15 +65,19 @@ pub fn influences_logits(an: &Analysis) -> HashSet<String> {
             .or_else(|| an.param_values.get(t))
             .is_some_and(|v| v.to_f64_vec().iter().all(|&x| x == 0.0))
     };
+    leads_to_logits(an, |node| {
+        !(node.op == "Mul" && node.inputs.iter().any(|i| zero(i)))
+    })
+}
+
+/// Tensors from which the logits can be reached, walking back only through the nodes `passes`
+/// accepts (nodes are in topological order, so one reverse pass suffices).
+fn leads_to_logits(an: &Analysis, passes: impl Fn(&Node) -> bool) -> HashSet<String> {
     let mut leads: HashSet<String> = HashSet::from([an.logits.clone()]);
     for node in an.nodes.iter().rev() {
-        if !node.outputs.iter().any(|o| leads.contains(o)) {
-            continue;
+        if node.outputs.iter().any(|o| leads.contains(o)) && passes(node) {
+            leads.extend(node.inputs.iter().filter(|s| !s.is_empty()).cloned());
         }
-        if node.op == "Mul" && node.inputs.iter().any(|i| zero(i)) {
-            continue;
-        }
-        leads.extend(node.inputs.iter().filter(|s| !s.is_empty()).cloned());
     }
     leads
 }
@@ -158,12 +162,7 @@ impl<'a> GradGraphBuilder<'a> {
             }
         }
         // Restrict to tensors that also lead to the logits.
-        let mut leads: HashSet<String> = HashSet::from([an.logits.clone()]);
-        for node in an.nodes.iter().rev() {
-            if node.outputs.iter().any(|o| leads.contains(o)) {
-                leads.extend(node.inputs.iter().filter(|s| !s.is_empty()).cloned());
-            }
-        }
+        let leads = leads_to_logits(an, |_| true);
         reach.retain(|t| leads.contains(t));
         reach
     }

@@ -81,6 +81,77 @@ impl Options {
     }
 }
 
+/// The score tables of `bench nb101`: the gradient run and the later feature-map run over the
+/// same sampled cells and weights.
+pub const SCORE_TABLES: [&str; 2] = [
+    "docs/results/nb101/scores.csv",
+    "docs/results/nb101/features/scores.csv",
+];
+
+/// The committed NB101 score tables joined by cell hash.
+pub struct Nb101Scores {
+    /// Every scorer column, in the order the tables first name them.
+    pub columns: Vec<String>,
+    /// Cell hashes in the first table's row order.
+    pub order: Vec<String>,
+    /// hash → scorer → value (finite values only; a failed scorer has no entry).
+    pub scores: BTreeMap<String, BTreeMap<String, f64>>,
+    /// hash → (108-epoch validation, test) accuracy.
+    pub acc: BTreeMap<String, (Option<f64>, Option<f64>)>,
+}
+
+/// None when the first (gradient) table does not exist. A line with the wrong number of fields
+/// (the torn last line of a run in progress) is skipped.
+pub fn load_scores(root: &Path) -> Result<Option<Nb101Scores>> {
+    let mut out = Nb101Scores {
+        columns: vec![],
+        order: vec![],
+        scores: BTreeMap::new(),
+        acc: BTreeMap::new(),
+    };
+    for (t, table) in SCORE_TABLES.iter().enumerate() {
+        let path = root.join(table);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            if t == 0 {
+                return Ok(None);
+            }
+            continue;
+        };
+        let mut lines = text.lines();
+        let head: Vec<&str> = lines.next().context("empty table")?.split(',').collect();
+        let k = head.len();
+        if k < 4 || head[0] != "hash" || head[1] != "vertices" || head[k - 1] != "test_acc" {
+            bail!("{table}: expected hash,vertices,<scorers…>,val_acc,test_acc");
+        }
+        let scorers = &head[2..k - 2];
+        for s in scorers {
+            if !out.columns.iter().any(|c| c == s) {
+                out.columns.push(s.to_string());
+            }
+        }
+        for l in lines {
+            let f: Vec<&str> = l.split(',').collect();
+            if f.len() != k {
+                continue;
+            }
+            if t == 0 {
+                out.order.push(f[0].to_string());
+            }
+            let row = out.scores.entry(f[0].to_string()).or_default();
+            for (j, s) in scorers.iter().enumerate() {
+                if let Some(v) = f[j + 2].parse::<f64>().ok().filter(|v| v.is_finite()) {
+                    // The first table to hold a scorer wins.
+                    row.entry(s.to_string()).or_insert(v);
+                }
+            }
+            out.acc
+                .entry(f[0].to_string())
+                .or_insert((f[k - 2].parse().ok(), f[k - 1].parse().ok()));
+        }
+    }
+    Ok(Some(out))
+}
+
 /// The cells a run covers, in sampled order.
 fn pick<'c>(cells: &'c [Cell], o: &Options) -> Result<Vec<&'c Cell>> {
     let pool: Vec<&Cell> = match o.pool.as_str() {

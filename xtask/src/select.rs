@@ -3,7 +3,7 @@
 //! its accuracy; repeat; report mean ± std per scorer beside a random choice from the same draw
 //! and the best architecture in it. Nothing is scored here: every number comes from
 //! the NB201 score tables `cargo xtask ensemble` joins (accuracies from data/nb201_accuracies.csv) and
-//! docs/results/nb101/scores.csv (accuracies in its own columns).
+//! the NB101 score tables `bench nb101` writes (accuracies in their own columns).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,10 +24,6 @@ struct Table {
     scorers: Vec<String>,
     scores: Vec<Vec<Option<f64>>>,
     datasets: Vec<(String, Vec<Option<f64>>)>,
-}
-
-fn parse(v: &str) -> Option<f64> {
-    v.parse::<f64>().ok().filter(|x| x.is_finite())
 }
 
 /// Every committed NB201 score table (the main run and the later runs of added scorers on the
@@ -63,32 +59,31 @@ fn nb201_table(root: &Path) -> Result<Table> {
 }
 
 fn nb101_table(root: &Path) -> Result<Option<Table>> {
-    let path = root.join("docs/results/nb101/scores.csv");
-    let Ok(text) = std::fs::read_to_string(&path) else {
+    let Some(nb) = crate::nb101::load_scores(root)? else {
         return Ok(None);
     };
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().context("empty")?.split(',').collect();
-    let k = header.len();
-    let scorers: Vec<String> = header[2..k - 2].iter().map(|s| s.to_string()).collect();
-    let mut scores = vec![vec![]; scorers.len()];
-    let mut datasets = vec![
-        ("validation".to_string(), vec![]),
-        ("test".to_string(), vec![]),
+    let scores = nb
+        .columns
+        .iter()
+        .map(|c| {
+            nb.order
+                .iter()
+                .map(|h| nb.scores[h].get(c).copied())
+                .collect()
+        })
+        .collect();
+    let datasets = vec![
+        (
+            "validation".to_string(),
+            nb.order.iter().map(|h| nb.acc[h].0).collect(),
+        ),
+        (
+            "test".to_string(),
+            nb.order.iter().map(|h| nb.acc[h].1).collect(),
+        ),
     ];
-    for l in lines {
-        let f: Vec<&str> = l.split(',').collect();
-        if f.len() != k {
-            continue;
-        }
-        for (j, s) in scores.iter_mut().enumerate() {
-            s.push(parse(f[2 + j]));
-        }
-        datasets[0].1.push(parse(f[k - 2]));
-        datasets[1].1.push(parse(f[k - 1]));
-    }
     Ok(Some(Table {
-        scorers,
+        scorers: nb.columns,
         scores,
         datasets,
     }))

@@ -29,67 +29,6 @@ pub struct Options {
     pub nb201_out: PathBuf,
 }
 
-/// The NB101 score tables of `bench nb101`: the gradient run and the later feature-map run
-/// over the same sampled cells and weights, joined by cell hash.
-const NB101_TABLES: [&str; 2] = [
-    "docs/results/nb101/scores.csv",
-    "docs/results/nb101/features/scores.csv",
-];
-
-struct Nb101 {
-    columns: Vec<String>,
-    /// hash → scorer → value, plus the test accuracy.
-    rows: BTreeMap<String, (BTreeMap<String, f64>, Option<f64>)>,
-}
-
-fn load_nb101(root: &Path) -> Result<Nb101> {
-    let mut out = Nb101 {
-        columns: vec![],
-        rows: BTreeMap::new(),
-    };
-    for t in NB101_TABLES {
-        let path = root.join(t);
-        if !path.exists() {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-        let mut lines = text.lines();
-        let head: Vec<&str> = lines.next().context("empty table")?.split(',').collect();
-        let n = head.len();
-        if n < 4 || head[0] != "hash" || head[1] != "vertices" || head[n - 1] != "test_acc" {
-            bail!("{t}: expected hash,vertices,<scorers…>,val_acc,test_acc");
-        }
-        let scorers = &head[2..n - 2];
-        for s in scorers {
-            if !out.columns.iter().any(|c| c == s) {
-                out.columns.push(s.to_string());
-            }
-        }
-        for (i, l) in lines.enumerate() {
-            let f: Vec<&str> = l.split(',').collect();
-            if f.len() != n {
-                bail!("{t} line {}: {} fields, {n} expected", i + 2, f.len());
-            }
-            let row = out.rows.entry(f[0].to_string()).or_default();
-            for (j, s) in scorers.iter().enumerate() {
-                if let Ok(v) = f[j + 2].parse::<f64>() {
-                    row.0.entry(s.to_string()).or_insert(v);
-                }
-            }
-            if let Ok(a) = f[n - 1].parse::<f64>() {
-                row.1 = Some(a);
-            }
-        }
-    }
-    if out.rows.is_empty() {
-        bail!(
-            "no NB101 score table found ({}): run cargo xtask bench nb101 first",
-            NB101_TABLES.join(", ")
-        );
-    }
-    Ok(out)
-}
-
 fn ensemble_tau(members: &[String], cols: &BTreeMap<String, Vec<f64>>, acc: &[f64]) -> Result<f64> {
     let m: Vec<Vec<Option<f64>>> = members
         .iter()
@@ -143,7 +82,12 @@ fn greedy(
 }
 
 pub fn run(root: &Path, o: &Options) -> Result<()> {
-    let nb101 = load_nb101(root)?;
+    let nb101 = crate::nb101::load_scores(root)?.with_context(|| {
+        format!(
+            "no NB101 score table ({}): run cargo xtask bench nb101 first",
+            crate::nb101::SCORE_TABLES[0]
+        )
+    })?;
     let nb201 = ensemble::load_scores(root)?;
     let candidates: Vec<String> = if o.candidates.trim().is_empty() {
         nb101
@@ -169,15 +113,11 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
     }
     // One fixed set of cells for every step: those every candidate scored, with test accuracy.
     let cells: Vec<&String> = nb101
-        .rows
+        .order
         .iter()
-        .filter(|(_, (s, acc))| {
-            acc.is_some()
-                && candidates
-                    .iter()
-                    .all(|c| s.get(c).is_some_and(|v| v.is_finite()))
+        .filter(|h| {
+            nb101.acc[*h].1.is_some() && candidates.iter().all(|c| nb101.scores[*h].contains_key(c))
         })
-        .map(|(h, _)| h)
         .collect();
     if cells.len() < 30 {
         bail!(
@@ -185,13 +125,13 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
             cells.len()
         );
     }
-    let acc: Vec<f64> = cells.iter().map(|h| nb101.rows[*h].1.unwrap()).collect();
+    let acc: Vec<f64> = cells.iter().filter_map(|h| nb101.acc[*h].1).collect();
     let cols: BTreeMap<String, Vec<f64>> = candidates
         .iter()
         .map(|c| {
             (
                 c.clone(),
-                cells.iter().map(|h| nb101.rows[*h].0[c]).collect(),
+                cells.iter().map(|h| nb101.scores[*h][c]).collect(),
             )
         })
         .collect();
@@ -209,7 +149,9 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
          **Chosen: `{}`** (NB101 τ-b {:.3}). Its test on NB201: [nb201/ensemble-tuned.md](nb201/ensemble-tuned.md).\n\n\
          | step | best addition (τ-b of the ensemble with it) | runner-up | third |\n|---|---|---|---|\n",
         cells.len(),
-        NB101_TABLES.map(|t| format!("`{t}`")).join(", "),
+        crate::nb101::SCORE_TABLES
+            .map(|t| format!("`{t}`"))
+            .join(", "),
         o.min_gain,
         o.max_members,
         o.max_members,
@@ -236,8 +178,8 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
     md += "\nEach candidate alone on these cells (τ-b with test accuracy):\n\n| scorer | τ-b |\n|---|---|\n";
     let mut alone: Vec<(String, f64)> = candidates
         .iter()
-        .map(|c| Ok((c.clone(), kendall_tau_b(&cols[c], &acc).unwrap_or(f64::NAN))))
-        .collect::<Result<_>>()?;
+        .map(|c| (c.clone(), kendall_tau_b(&cols[c], &acc).unwrap_or(f64::NAN)))
+        .collect();
     alone.sort_by(|a, b| b.1.total_cmp(&a.1));
     for (c, t) in alone {
         md += &format!("| {c} | {t:.3} |\n");

@@ -855,17 +855,17 @@ mod tests {
         }
     }
 
+    /// R + Rᵀ for a seeded uniform R.
+    fn random_symmetric(n: usize, seed: u64) -> Vec<f64> {
+        let r = random(n * n, seed);
+        (0..n * n).map(|k| r[k] + r[(k % n) * n + k / n]).collect()
+    }
+
     #[test]
     fn ql_eigenvalues_equal_jacobi() {
         for n in [1, 2, 3, 5, 16, 40, 64, 70] {
             for seed in 0..3u64 {
-                let r = random(n * n, 57 * n as u64 + seed);
-                let mut a = vec![0.0; n * n];
-                for i in 0..n {
-                    for j in 0..n {
-                        a[i * n + j] = r[i * n + j] + r[j * n + i];
-                    }
-                }
+                let a = random_symmetric(n, 57 * n as u64 + seed);
                 let want = symmetric_eigenvalues(&a, n);
                 let got = symmetric_eigenvalues_ql(&a, n);
                 let scale = a.iter().map(|v| v.abs()).fold(1.0, f64::max) * n as f64;
@@ -905,13 +905,7 @@ mod tests {
     fn smallest_eigenvalue_equals_jacobi() {
         for n in [1, 2, 3, 5, 16, 40, 64] {
             for seed in 0..3u64 {
-                let r = random(n * n, 31 * n as u64 + seed);
-                let mut a = vec![0.0; n * n];
-                for i in 0..n {
-                    for j in 0..n {
-                        a[i * n + j] = r[i * n + j] + r[j * n + i];
-                    }
-                }
+                let a = random_symmetric(n, 31 * n as u64 + seed);
                 let want = symmetric_eigenvalues(&a, n)[0];
                 let got = smallest_symmetric_eigenvalue(&a, n);
                 let scale = a.iter().map(|v| v.abs()).fold(1.0, f64::max) * n as f64;

@@ -90,23 +90,20 @@ impl InputData {
                 numel: p.numel as u64,
             })
             .collect();
-        let layers: Vec<GaFeatureLayer> = self
+        let (layers, live): (Vec<GaFeatureLayer>, Vec<u8>) = self
             .feature_maps
             .iter()
             .flat_map(|f| &f.layers)
-            .map(|l| GaFeatureLayer {
-                node: keep(&l.node),
-                channels: l.channels as u64,
-                spatial: l.spatial as u64,
-                offset: l.offset as u64,
+            .map(|l| {
+                let layer = GaFeatureLayer {
+                    node: keep(&l.node),
+                    channels: l.channels as u64,
+                    spatial: l.spatial as u64,
+                    offset: l.offset as u64,
+                };
+                (layer, u8::from(l.live))
             })
-            .collect();
-        let live: Vec<u8> = self
-            .feature_maps
-            .iter()
-            .flat_map(|f| &f.layers)
-            .map(|l| u8::from(l.live))
-            .collect();
+            .unzip();
         let (precision, grads, cols) = match &self.grads {
             Some(HostTensor::F32(a)) => (
                 abi::precision::F32,
