@@ -17,7 +17,7 @@ use crate::inputs::engine::LayoutEntry;
 use crate::inputs::memory;
 use crate::inputs::probe::Probe;
 use crate::onnx::{DType, HostTensor, Model};
-use crate::runtime::{self, Backend, Device};
+use crate::runtime::{self, Backend, Device, OutputData, OutputRef};
 
 /// What a streamed run keeps.
 pub struct StreamedGrads {
@@ -201,7 +201,20 @@ pub fn per_sample_signs(
         phases.session += lap();
         let gcols: usize = group.iter().map(|&i| an.params[i].numel()).sum();
         let g0 = offset_of[&group[0]];
-        let mut class_sum = vec![0.0f64; nc * gcols];
+        // Class sums span the sample chunks only when there are several; one chunk's class
+        // sums are formed block by block in a cache-sized buffer instead (the group-wide sums
+        // of an 11 M-weight model are 0.9 GB of f64, re-read once per sample).
+        let chunks = n.div_ceil(chunk);
+        let mut class_sum = vec![0.0f64; if chunks > 1 { nc * gcols } else { 0 }];
+        // The graph outputs in order: the logits, then the gradient of every parameter of the
+        // group that reaches the loss.
+        let targets: Vec<usize> = gg
+            .grads
+            .iter()
+            .zip(group)
+            .filter(|(go, _)| go.output.is_some())
+            .map(|(_, &pi)| pi)
+            .collect();
         for start in (0..n).step_by(chunk) {
             let end = (start + chunk).min(n);
             let idx: Vec<usize> = (start..start + chunk).map(|i| i.min(end - 1)).collect();
@@ -211,55 +224,57 @@ pub fn per_sample_signs(
                 HostTensor::F64(x) => HostTensor::F64(x.select(ndarray::Axis(0), &idx)),
                 _ => bail!("probe images have an unexpected type"),
             };
-            let outs = runner.run(&xs, &ys)?;
-            phases.run += lap();
-            if gi == 0 {
-                let z = outs[0].to_f64_vec();
-                classes = outs[0].shape().get(1).copied().unwrap_or(0);
-                logits.extend_from_slice(&z[..(end - start) * classes]);
-            }
-            let mut out_i = 1;
-            for (go, &pi) in gg.grads.iter().zip(group) {
+            let mut visit = |k: usize, out: OutputRef<'_>| -> Result<()> {
+                if k == 0 {
+                    phases.run += lap();
+                    if gi == 0 {
+                        let z = out.to_f64_vec();
+                        classes = out.shape.get(1).copied().unwrap_or(0);
+                        logits.extend_from_slice(&z[..(end - start) * classes]);
+                    }
+                    return Ok(());
+                }
+                let Some(&pi) = targets.get(k - 1) else {
+                    bail!("the gradient graph has more outputs than gradients")
+                };
                 let numel = an.params[pi].numel();
                 let col = offset_of[&pi];
-                if go.output.is_none() {
-                    continue; // cannot reach the loss: zero, which the planes already hold
-                }
                 let acc = Accumulate {
                     start,
                     rows: end - start,
                     col,
                     numel,
                     class_of: &class_of,
+                    classes: nc,
                     class_off: col - g0,
                     gcols,
                 };
-                match &outs[out_i] {
-                    HostTensor::F32(b) => acc.add(
-                        slice(b)?,
-                        &mut signs,
-                        &mut class_sum,
-                        batch_part(&mut batch),
-                    ),
-                    HostTensor::F64(b) => acc.add(
-                        slice(b)?,
-                        &mut signs,
-                        &mut class_sum,
-                        batch_part(&mut batch),
-                    ),
-                    _ => bail!("gradient output has an unexpected type"),
+                let sinks = Sinks {
+                    signs: &mut signs,
+                    class_signs: &mut class_signs,
+                    class_sum: &mut class_sum,
+                    batch: batch_part(&mut batch),
+                    non_finite: &mut non_finite,
+                };
+                match out.data {
+                    OutputData::F32(b) => acc.add(part(b, chunk, numel)?, sinks),
+                    OutputData::F64(b) => acc.add(part(b, chunk, numel)?, sinks),
+                    OutputData::Bool(_) => bail!("gradient output has an unexpected type"),
                 }
-                out_i += 1;
-            }
+                Ok(())
+            };
+            runner.run_visit(&xs, &ys, &mut visit)?;
             phases.assemble += lap();
         }
-        for c in 0..nc {
-            class_signs.set(c, g0, &class_sum[c * gcols..(c + 1) * gcols]);
+        if chunks > 1 {
+            for c in 0..nc {
+                class_signs.set(c, g0, &class_sum[c * gcols..(c + 1) * gcols]);
+            }
+            // A non-finite value in any sample's gradient makes its class's sum non-finite.
+            non_finite += (0..gcols)
+                .filter(|&k| (0..nc).any(|c| !class_sum[c * gcols + k].is_finite()))
+                .count();
         }
-        // A non-finite value in any sample's gradient makes its class's sum non-finite.
-        non_finite += (0..gcols)
-            .filter(|&k| (0..nc).any(|c| !class_sum[c * gcols + k].is_finite()))
-            .count();
     }
     let mut notes = an.notes.clone();
     let zero = (0..n)
@@ -298,9 +313,25 @@ fn batch_part(batch: &mut [f64]) -> Option<&mut [f64]> {
     (!batch.is_empty()).then_some(batch)
 }
 
-fn slice<T>(a: &ndarray::ArrayD<T>) -> Result<&[T]> {
-    a.as_slice()
-        .ok_or_else(|| anyhow::anyhow!("gradient output is not contiguous"))
+/// The `chunk × numel` gradient block of one output, whatever shape the graph gave it.
+fn part<T>(b: &[T], chunk: usize, numel: usize) -> Result<&[T]> {
+    if b.len() != chunk * numel {
+        bail!(
+            "gradient output holds {} values where {chunk} samples × {numel} were expected",
+            b.len()
+        );
+    }
+    Ok(b)
+}
+
+/// Where one gradient block's values go.
+struct Sinks<'a> {
+    signs: &'a mut PackedSigns,
+    class_signs: &'a mut PackedSigns,
+    /// Group-wide class sums when the probe runs in several chunks (empty otherwise).
+    class_sum: &'a mut [f64],
+    batch: Option<&'a mut [f64]>,
+    non_finite: &'a mut usize,
 }
 
 /// Where one gradient block of a chunk goes: its rows' sign planes, the class sums and the batch
@@ -311,41 +342,65 @@ struct Accumulate<'a> {
     col: usize,
     numel: usize,
     class_of: &'a [usize],
+    classes: usize,
     class_off: usize,
     gcols: usize,
 }
 
+/// Columns summed per class at a time: the classes' partial sums (10 × 2048 f64) stay in cache.
+const BLOCK: usize = 2048;
+
 impl Accumulate<'_> {
-    fn add<T: Copy + Into<f64>>(
-        &self,
-        block: &[T],
-        signs: &mut PackedSigns,
-        class_sum: &mut [f64],
-        mut batch: Option<&mut [f64]>,
-    ) {
-        let numel = self.numel;
-        for r in 0..self.rows {
-            let row = &block[r * numel..(r + 1) * numel];
-            let i = self.start + r;
-            signs.set(i, self.col, row);
-            let cs = &mut class_sum[self.class_of[i] * self.gcols + self.class_off..][..numel];
-            match batch.as_deref_mut() {
-                Some(batch) => {
-                    for ((c, b), &v) in cs
-                        .iter_mut()
-                        .zip(&mut batch[self.col..self.col + numel])
-                        .zip(row)
-                    {
-                        let v: f64 = v.into();
-                        *c += v;
-                        *b += v;
+    fn add<T: Copy + Into<f64>>(&self, block: &[T], sinks: Sinks<'_>) {
+        let Sinks {
+            signs,
+            class_signs,
+            class_sum,
+            mut batch,
+            non_finite,
+        } = sinks;
+        let (numel, nc) = (self.numel, self.classes);
+        let whole = class_sum.is_empty();
+        let mut local = vec![0.0f64; if whole { nc * BLOCK.min(numel) } else { 0 }];
+        for b0 in (0..numel).step_by(BLOCK) {
+            let w = BLOCK.min(numel - b0);
+            // Sums of this block: in `local` (one chunk: complete once the rows are read) or in
+            // the group-wide sums (several chunks).
+            let (sums, stride, base): (&mut [f64], usize, usize) = if whole {
+                local[..nc * w].iter_mut().for_each(|v| *v = 0.0);
+                (&mut local[..], w, 0)
+            } else {
+                (&mut class_sum[..], self.gcols, self.class_off + b0)
+            };
+            for r in 0..self.rows {
+                let row = &block[r * numel + b0..r * numel + b0 + w];
+                let i = self.start + r;
+                signs.set(i, self.col + b0, row);
+                let cs = &mut sums[self.class_of[i] * stride + base..][..w];
+                match batch.as_deref_mut() {
+                    Some(batch) => {
+                        let bs = &mut batch[self.col + b0..self.col + b0 + w];
+                        for ((c, b), &v) in cs.iter_mut().zip(bs).zip(row) {
+                            let v: f64 = v.into();
+                            *c += v;
+                            *b += v;
+                        }
+                    }
+                    None => {
+                        for (c, &v) in cs.iter_mut().zip(row) {
+                            *c += v.into();
+                        }
                     }
                 }
-                None => {
-                    for (c, &v) in cs.iter_mut().zip(row) {
-                        *c += v.into();
-                    }
+            }
+            if whole {
+                for c in 0..nc {
+                    class_signs.set(c, self.col + b0, &local[c * w..(c + 1) * w]);
                 }
+                // A non-finite value in any sample's gradient makes its class's sum non-finite.
+                *non_finite += (0..w)
+                    .filter(|&k| (0..nc).any(|c| !local[c * w + k].is_finite()))
+                    .count();
             }
         }
     }

@@ -9,7 +9,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::Tensor;
 
-use super::{Device, GraphRunner};
+use super::{Device, GraphRunner, OutputData, OutputRef};
 use crate::onnx::{pb, HostTensor};
 
 /// The onnxruntime release whose C API level (24) this build uses.
@@ -184,21 +184,7 @@ impl OrtRunner {
 
 impl GraphRunner for OrtRunner {
     fn run(&self, images: &HostTensor, labels: &Array1<i64>) -> Result<Vec<HostTensor>> {
-        let shape: Vec<i64> = images.shape().iter().map(|&d| d as i64).collect();
-        let img = match images {
-            HostTensor::F32(a) => {
-                Tensor::from_array((shape, a.iter().copied().collect::<Vec<f32>>()))
-                    .map(|t| t.into_dyn())
-            }
-            HostTensor::F64(a) => {
-                Tensor::from_array((shape, a.iter().copied().collect::<Vec<f64>>()))
-                    .map(|t| t.into_dyn())
-            }
-            _ => bail!("images must be float"),
-        }
-        .map_err(|e| anyhow!("{e}"))?;
-        let lab = Tensor::from_array(([labels.len() as i64], labels.to_vec()))
-            .map_err(|e| anyhow!("{e}"))?;
+        let (img, lab) = inputs(images, labels)?;
         let mut session = self.session.lock().unwrap();
         let outs = session
             .run(ort::inputs! { self.input.as_str() => img, self.labels.as_str() => lab })
@@ -229,10 +215,64 @@ impl GraphRunner for OrtRunner {
         }
         Ok(res)
     }
+    fn run_visit(
+        &self,
+        images: &HostTensor,
+        labels: &Array1<i64>,
+        visit: &mut dyn FnMut(usize, OutputRef<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let (img, lab) = inputs(images, labels)?;
+        let mut session = self.session.lock().unwrap();
+        let outs = session
+            .run(ort::inputs! { self.input.as_str() => img, self.labels.as_str() => lab })
+            .map_err(|e| anyhow!("{e}"))
+            .context("ONNX Runtime failed running the gradient graph")?;
+        for (k, (_, v)) in outs.iter().enumerate() {
+            let dims = |s: &ort::value::Shape| s.iter().map(|&x| x as usize).collect();
+            let out = if let Ok((s, d)) = v.try_extract_tensor::<f32>() {
+                OutputRef {
+                    shape: dims(s),
+                    data: OutputData::F32(d),
+                }
+            } else if let Ok((s, d)) = v.try_extract_tensor::<bool>() {
+                OutputRef {
+                    shape: dims(s),
+                    data: OutputData::Bool(d),
+                }
+            } else {
+                let (s, d) = v.try_extract_tensor::<f64>().map_err(|e| anyhow!("{e}"))?;
+                OutputRef {
+                    shape: dims(s),
+                    data: OutputData::F64(d),
+                }
+            };
+            visit(k, out)?;
+        }
+        Ok(())
+    }
     fn name(&self) -> &'static str {
         match self.device {
             Device::Cpu => "ort-cpu",
             Device::Cuda(_) => "ort-cuda",
         }
     }
+}
+
+/// The probe batch and its labels as ONNX Runtime tensors.
+fn inputs(
+    images: &HostTensor,
+    labels: &Array1<i64>,
+) -> Result<(ort::value::DynValue, ort::value::Tensor<i64>)> {
+    let shape: Vec<i64> = images.shape().iter().map(|&d| d as i64).collect();
+    let img = match images {
+        HostTensor::F32(a) => Tensor::from_array((shape, a.iter().copied().collect::<Vec<f32>>()))
+            .map(|t| t.into_dyn()),
+        HostTensor::F64(a) => Tensor::from_array((shape, a.iter().copied().collect::<Vec<f64>>()))
+            .map(|t| t.into_dyn()),
+        _ => bail!("images must be float"),
+    }
+    .map_err(|e| anyhow!("{e}"))?;
+    let lab =
+        Tensor::from_array(([labels.len() as i64], labels.to_vec())).map_err(|e| anyhow!("{e}"))?;
+    Ok((img, lab))
 }
