@@ -117,43 +117,62 @@ pub fn per_sample_signs(
             memory::fmt_bytes(limit)
         );
     }
-    let budget = limit - kept;
-    // The largest sample chunk whose activations leave room for a column group holding the
-    // biggest parameter: each group column costs a gradient value per chunk sample (graph
-    // output and its f64 copy) and a class-mean accumulator per class.
+    // A twentieth of the limit is left for what the plan does not count (allocator rounding,
+    // the runtime's own buffers): --max-memory is a bound on the peak resident memory.
+    let budget = (limit - limit / 20).saturating_sub(kept);
+    // Each parameter group costs a whole forward and backward pass, a sample chunk only its
+    // share of one: so the plan with the fewest groups wins, and among those the largest
+    // chunk. A group column costs one gradient value per chunk sample (the runtime's output,
+    // read in place), plus a class-sum accumulator per class when the probe runs in several
+    // chunks (one chunk's class sums are formed block by block).
     let est = memory::estimate(&an, 0)?;
     let widest = sel.iter().map(|&i| an.params[i].numel()).max().unwrap_or(0) as u64;
     let cols_for = |chunk: usize| -> Option<u64> {
         let act = est.for_batch(chunk)?;
-        let per_col = (elem + 8) * chunk as u64 + 8 * nc as u64;
+        let class_sums = if chunk < n { 8 * nc as u64 } else { 0 };
+        let per_col = elem * chunk as u64 + class_sums;
         let cols = budget.checked_sub(act)? / per_col;
         (cols >= widest.max(1)).then_some(cols)
     };
-    let mut chunk = n;
-    while chunk > 2 && cols_for(chunk).is_none() {
-        chunk = chunk.div_ceil(2);
-    }
+    let group_params = |cols: u64| -> Vec<Vec<usize>> {
+        let mut groups: Vec<Vec<usize>> = vec![];
+        let mut width = 0u64;
+        for &i in &sel {
+            let w = an.params[i].numel() as u64;
+            if groups.is_empty() || width + w > cols {
+                groups.push(vec![]);
+                width = 0;
+            }
+            groups.last_mut().unwrap().push(i);
+            width += w;
+        }
+        groups
+    };
     // Chunks of two or more when they fit: ONNX Runtime's batch-of-one kernels round
     // differently, and chunked results should equal unchunked ones.
-    let (chunk, cols_per_group) = match (cols_for(chunk), cols_for(1)) {
-        (Some(c), _) => (chunk, c),
-        (None, Some(c)) => (1, c),
-        (None, None) => bail!(
+    let mut plan: Option<(usize, Vec<Vec<usize>>)> = None;
+    let mut chunk = n;
+    loop {
+        if let Some(cols) = cols_for(chunk) {
+            let groups = group_params(cols);
+            if plan.as_ref().is_none_or(|(_, g)| groups.len() < g.len()) {
+                plan = Some((chunk, groups));
+            }
+        }
+        if chunk <= 2 {
+            break;
+        }
+        chunk = chunk.div_ceil(2);
+    }
+    if plan.is_none() {
+        plan = cols_for(1).map(|cols| (1, group_params(cols)));
+    }
+    let Some((chunk, groups)) = plan else {
+        bail!(
             "one probe sample with the largest parameter's gradients needs more than --max-memory {}",
             memory::fmt_bytes(limit)
-        ),
+        )
     };
-    let mut groups: Vec<Vec<usize>> = vec![];
-    let mut width = 0u64;
-    for &i in &sel {
-        let w = an.params[i].numel() as u64;
-        if groups.is_empty() || width + w > cols_per_group {
-            groups.push(vec![]);
-            width = 0;
-        }
-        groups.last_mut().unwrap().push(i);
-        width += w;
-    }
 
     let mut layout = vec![];
     let mut offset_of = BTreeMap::new();
