@@ -252,26 +252,37 @@ pub fn per_sample_grads_on(
                 let idx: Vec<usize> = (start..start + chunk).map(|i| i.min(end - 1)).collect();
                 let xs = x.select(ndarray::Axis(0), &idx);
                 let ys = probe.labels.select(ndarray::Axis(0), &idx);
-                let outs = runner.run(&HostTensor::$variant(xs), &ys)?;
-                logits_rows.push(
-                    outs[0]
-                        .to_f64()
-                        .slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..end - start))
-                        .to_owned(),
-                );
-                let mut out_i = 1; // output 0 holds the logits
-                for (g, e) in gg.grads.iter().zip(&layout) {
-                    if g.output.is_none() {
-                        continue; // cannot reach the loss: stays zero
+                // The outputs are read in place: the logits, then the gradient of every selected
+                // parameter that reaches the loss (the others stay zero).
+                let mut blocks = gg
+                    .grads
+                    .iter()
+                    .zip(&layout)
+                    .filter(|(g, _)| g.output.is_some());
+                let mut visit = |k: usize, out: crate::runtime::OutputRef<'_>| -> Result<()> {
+                    if k == 0 {
+                        let z = ndarray::ArrayD::from_shape_vec(
+                            ndarray::IxDyn(&out.shape),
+                            out.to_f64_vec(),
+                        )?;
+                        logits_rows.push(
+                            z.slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..end - start))
+                                .to_owned(),
+                        );
+                        return Ok(());
                     }
-                    let HostTensor::$variant(block) = &outs[out_i] else {
+                    let Some((_, e)) = blocks.next() else {
+                        bail!("the gradient graph has more outputs than gradients")
+                    };
+                    let crate::runtime::OutputData::$variant(block) = out.data else {
                         bail!("gradient output has an unexpected type")
                     };
-                    let block = block.view().into_shape_with_order((chunk, e.numel))?;
+                    let block = ndarray::ArrayView2::from_shape((chunk, e.numel), block)?;
                     all.slice_mut(ndarray::s![start..end, e.offset..e.offset + e.numel])
                         .assign(&block.slice(ndarray::s![..end - start, ..]));
-                    out_i += 1;
-                }
+                    Ok(())
+                };
+                runner.run_visit(&HostTensor::$variant(xs), &ys, &mut visit)?;
             }
             HostTensor::$variant(all.into_dyn())
         }};
