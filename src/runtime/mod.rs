@@ -65,6 +65,22 @@ impl<'a> OutputRef<'a> {
         })
     }
 
+    /// An owned copy.
+    pub fn to_owned(&self) -> Result<HostTensor> {
+        let dims = ndarray::IxDyn(&self.shape);
+        Ok(match self.data {
+            OutputData::F32(d) => {
+                HostTensor::F32(ndarray::ArrayD::from_shape_vec(dims, d.to_vec())?)
+            }
+            OutputData::F64(d) => {
+                HostTensor::F64(ndarray::ArrayD::from_shape_vec(dims, d.to_vec())?)
+            }
+            OutputData::Bool(d) => {
+                HostTensor::Bool(ndarray::ArrayD::from_shape_vec(dims, d.to_vec())?)
+            }
+        })
+    }
+
     /// The elements as f64 (the logits, which are small).
     pub fn to_f64_vec(&self) -> Vec<f64> {
         match self.data {

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ndarray::{Array1, ArrayD, IxDyn};
+use ndarray::Array1;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::Tensor;
@@ -191,35 +191,11 @@ impl OrtRunner {
 
 impl GraphRunner for OrtRunner {
     fn run(&self, images: &HostTensor, labels: &Array1<i64>) -> Result<Vec<HostTensor>> {
-        let (img, lab) = inputs(images, labels)?;
-        let mut session = self.session.lock().unwrap();
-        let outs = session
-            .run(ort::inputs! { self.input.as_str() => img, self.labels.as_str() => lab })
-            .map_err(|e| anyhow!("{e}"))
-            .context("ONNX Runtime failed running the gradient graph")?;
         let mut res = vec![];
-        for (_, v) in outs.iter() {
-            if let Ok((s, d)) = v.try_extract_tensor::<f32>() {
-                let dims: Vec<usize> = s.iter().map(|&x| x as usize).collect();
-                res.push(HostTensor::F32(ArrayD::from_shape_vec(
-                    IxDyn(&dims),
-                    d.to_vec(),
-                )?));
-            } else if let Ok((s, d)) = v.try_extract_tensor::<bool>() {
-                let dims: Vec<usize> = s.iter().map(|&x| x as usize).collect();
-                res.push(HostTensor::Bool(ArrayD::from_shape_vec(
-                    IxDyn(&dims),
-                    d.to_vec(),
-                )?));
-            } else {
-                let (s, d) = v.try_extract_tensor::<f64>().map_err(|e| anyhow!("{e}"))?;
-                let dims: Vec<usize> = s.iter().map(|&x| x as usize).collect();
-                res.push(HostTensor::F64(ArrayD::from_shape_vec(
-                    IxDyn(&dims),
-                    d.to_vec(),
-                )?));
-            }
-        }
+        self.run_visit(images, labels, &mut |_, out| {
+            res.push(out.to_owned()?);
+            Ok(())
+        })?;
         Ok(res)
     }
     fn run_visit(
