@@ -369,15 +369,46 @@ struct Accumulate<'a> {
 /// Columns summed per class at a time: the classes' partial sums (10 × 2048 f64) stay in cache.
 const BLOCK: usize = 2048;
 
+/// Blocks smaller than this are read on one thread (a thread costs more than it saves).
+const SPLIT_MIN: usize = 1 << 20;
+
 impl Accumulate<'_> {
-    fn add<T: Copy + Into<f64>>(&self, block: &[T], sinks: Sinks<'_>) {
+    /// The sign planes and the class sums read the same block but write disjoint state, so on
+    /// a large block they run side by side (when this session has more than one core: under
+    /// `rank --jobs`, the other jobs already use the rest).
+    fn add<T: Copy + Into<f64> + Sync>(&self, block: &[T], sinks: Sinks<'_>) {
         let Sinks {
             signs,
             class_signs,
             class_sum,
-            mut batch,
+            batch,
             non_finite,
         } = sinks;
+        if block.len() >= SPLIT_MIN && runtime::intra_threads() > 1 {
+            std::thread::scope(|s| {
+                s.spawn(|| self.pack_signs(block, signs));
+                self.sum_classes(block, class_signs, class_sum, batch, non_finite);
+            });
+        } else {
+            self.pack_signs(block, signs);
+            self.sum_classes(block, class_signs, class_sum, batch, non_finite);
+        }
+    }
+
+    fn pack_signs<T: Copy + Into<f64>>(&self, block: &[T], signs: &mut PackedSigns) {
+        for (r, row) in block.chunks_exact(self.numel).take(self.rows).enumerate() {
+            signs.set(self.start + r, self.col, row);
+        }
+    }
+
+    fn sum_classes<T: Copy + Into<f64>>(
+        &self,
+        block: &[T],
+        class_signs: &mut PackedSigns,
+        class_sum: &mut [f64],
+        mut batch: Option<&mut [f64]>,
+        non_finite: &mut usize,
+    ) {
         let (numel, nc) = (self.numel, self.classes);
         let whole = class_sum.is_empty();
         let mut local = vec![0.0f64; if whole { nc * BLOCK.min(numel) } else { 0 }];
@@ -394,7 +425,6 @@ impl Accumulate<'_> {
             for r in 0..self.rows {
                 let row = &block[r * numel + b0..r * numel + b0 + w];
                 let i = self.start + r;
-                signs.set(i, self.col + b0, row);
                 let cs = &mut sums[self.class_of[i] * stride + base..][..w];
                 match batch.as_deref_mut() {
                     Some(batch) => {
