@@ -261,10 +261,7 @@ pub fn per_sample_grads_on(
                     .filter(|(g, _)| g.output.is_some());
                 let mut visit = |k: usize, out: crate::runtime::OutputRef<'_>| -> Result<()> {
                     if k == 0 {
-                        let z = ndarray::ArrayD::from_shape_vec(
-                            ndarray::IxDyn(&out.shape),
-                            out.to_f64_vec(),
-                        )?;
+                        let z = out.to_f64_array()?;
                         logits_rows.push(
                             z.slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..end - start))
                                 .to_owned(),

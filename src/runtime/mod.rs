@@ -81,6 +81,14 @@ impl<'a> OutputRef<'a> {
         })
     }
 
+    /// An owned f64 array of the output's shape (for the logits, which are small).
+    pub fn to_f64_array(&self) -> Result<ndarray::ArrayD<f64>> {
+        Ok(ndarray::ArrayD::from_shape_vec(
+            ndarray::IxDyn(&self.shape),
+            self.to_f64_vec(),
+        )?)
+    }
+
     /// The elements as f64 (the logits, which are small).
     pub fn to_f64_vec(&self) -> Vec<f64> {
         match self.data {
