@@ -90,6 +90,9 @@ pub enum Loss {
     CrossEntropy,
     /// The sum of the sample's logits (SynFlow's R, jacob_cov's Jacobian).
     SumLogits,
+    /// The logit of the sample's label, z_{i, y_i}: run once per class with every label set to
+    /// it, its per-sample gradients are the rows of the logits' Jacobian (VKDNW's Fisher).
+    LabelLogit,
 }
 
 /// Which outputs the training graph has besides the logits.
@@ -197,6 +200,15 @@ impl<'a> GradGraphBuilder<'a> {
                 let onehot = em.cast_float(&eq);
                 let probs = em.op("Softmax", &[&an.logits], vec![attr::i("axis", 1)]);
                 em.sub(&probs, &onehot)
+            }
+            // d z_{i, y_i} / d z_i = onehot(y_i).
+            Loss::LabelLogit => {
+                let classes = em.konst(HostTensor::I64(
+                    ArrayD::from_shape_vec(IxDyn(&[1, k]), (0..k as i64).collect()).unwrap(),
+                ));
+                let lab2 = em.reshape(INPUT_LABELS, &[an.n, 1]);
+                let eq = em.op("Equal", &[&lab2, &classes], vec![]);
+                em.cast_float(&eq)
             }
             // d Σ_k z_ik / d z_i = 1. The labels input stays (unused) so every graph has the
             // same two inputs.

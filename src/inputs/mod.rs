@@ -1,9 +1,10 @@
 //! What the scorers consume, computed from a model and the probe batch: the probe itself
 //! ([`probe`], [`npy`]), per-sample gradients and their packed signs ([`engine`], [`stream`]),
 //! the memory plan that bounds them ([`memory`]), and forward-only or extra gradient passes
-//! ([`passes`]).
+//! ([`passes`], [`jacobian`]).
 
 pub mod engine;
+pub mod jacobian;
 pub mod memory;
 pub mod npy;
 pub mod passes;

@@ -416,6 +416,25 @@ pub fn score_model(
             ),
         }
     }
+    if wants(flag::LOGIT_JACOBIAN) {
+        match crate::inputs::jacobian::logit_jacobian(model, probe, opts, backend, device) {
+            Ok(j) => {
+                if runtime == "none" {
+                    runtime = j.runtime.to_string();
+                }
+                for d in [selected.as_mut(), all_params.as_mut()]
+                    .into_iter()
+                    .flatten()
+                {
+                    if d.classes == 0 {
+                        d.classes = j.classes;
+                    }
+                    d.logit_jacobian = Some(j.clone());
+                }
+            }
+            Err(e) => fail(flag::LOGIT_JACOBIAN, "logit-Jacobian pass", &e, &mut errors),
+        }
+    }
     let grad_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let raw_sel = selected.as_ref().map(|d| d.raw());

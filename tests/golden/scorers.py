@@ -291,6 +291,63 @@ def flops(model):
     return float(sum(macs))
 
 
+def logit_jacobian(model, x):
+    """Per sample, the Jacobian of the eval-mode logits with respect to element 0 of every named
+    parameter (N x C x T), by torch.func as VKDNW's authors compute it; and the logits."""
+    from torch.func import functional_call, jacrev, vmap
+    m = copy.deepcopy(model).eval()
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    buffers = {k: v.detach() for k, v in m.named_buffers()}
+    first = {k: v.flatten()[0:1].clone() for k, v in params.items()}
+
+    def one(sample):
+        def pred(sub):
+            full = {}
+            for k, v in params.items():
+                flat = v.flatten().clone()
+                flat[0:1] = sub[k]
+                full[k] = flat.reshape(v.shape)
+            return functional_call(m, (full, buffers), (sample.unsqueeze(0),)).squeeze(0)
+        return jacrev(pred)(first)
+
+    xs = torch.from_numpy(x).double()
+    jd = vmap(one)(xs)
+    jac = torch.cat([torch.flatten(v, start_dim=2) for v in jd.values()], dim=2)
+    with torch.no_grad():
+        out = m(xs)
+    return jac, out
+
+
+def vkdnw(model, x):
+    """VKDNW (Tybl & Neumann, CVPR 2025; ondratybl/VKDNW compute_vkdnw_score.py), written from the
+    authors' code: eval-mode BatchNorm, the Jacobian of the logits with respect to element 0 of
+    every named parameter, their Cholesky factor of the smoothed softmax covariance
+    (alpha = 0.05, held here in float64 rather than their float16), F = mean (L J)^T (L J), the
+    nine deciles of its singular values, their entropy. Returns (entropy, number of tensors)."""
+    jac, out = logit_jacobian(model, x)
+    alpha = 0.05
+    prob = torch.softmax(out, dim=1) * (1 - alpha) + alpha / out.shape[1]
+    q = torch.ones_like(prob) - torch.cumsum(prob, dim=1)
+    q[:, -1] = 0.0
+    q_shift = torch.roll(q, shifts=1, dims=1)
+    q_shift[:, 0] = 1.0
+    d = torch.sqrt(prob * q / q_shift)
+    L = -torch.matmul(prob.unsqueeze(2), 1 / q.unsqueeze(2).transpose(1, 2))
+    L = torch.nan_to_num(L, neginf=0.0)
+    C = L.shape[1]
+    eye = torch.eye(C, dtype=L.dtype).repeat(L.shape[0], 1, 1)
+    L = L * (1 - eye) + eye
+    L = L * (1 - torch.triu(torch.ones(C, C, dtype=L.dtype), diagonal=1).repeat(L.shape[0], 1, 1))
+    L = torch.matmul(L, torch.diag_embed(d))
+    a = torch.matmul(L, jac)
+    fisher = torch.mean(torch.matmul(a.transpose(1, 2), a), dim=0)
+    lambdas = torch.linalg.svdvals(fisher)
+    quantiles = torch.quantile(lambdas, torch.arange(1, 10, dtype=lambdas.dtype) / 10)
+    temp = quantiles / (quantiles.abs().sum() + 1e-10)
+    entropy = float(-(temp * torch.log(temp + 1e-10)).sum())
+    return entropy, jac.shape[2]
+
+
 def main():
     x, y = cifar_probe(N)
     out = {"_meta": {"n": N, "probe": "shipped CIFAR-10 probe, class-balanced", "command": "python3 tests/golden/scorers.py",
@@ -312,6 +369,9 @@ def main():
         codes = relu_codes(model, x)
         feats = conv_features(model, x)
         az = az_layer_expressivity(feats, conv_reaches_logits(model, x))
+        # A fresh copy: the train-mode passes above moved the BatchNorm running statistics,
+        # which VKDNW's eval-mode forward reads.
+        vk_entropy, vk_dim = vkdnw(load_fixture(i, name, arch), x)
         ntk = gw @ gw.T
         ev = np.linalg.eigvalsh(ntk)
         sc = {
@@ -335,6 +395,8 @@ def main():
             "grasp": grasp(model, x, y, blocks),
             "params": float(sum(p.numel() for p in model.parameters())),
             "flops": flops(model),
+            "vkdnw_entropy": vk_entropy,
+            "vkdnw": vk_dim + vk_entropy / 3,
         }
         sc = {k: (v if v is not None and np.isfinite(v) else None) for k, v in sc.items()}
         out[name] = sc

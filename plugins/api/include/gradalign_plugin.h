@@ -1,4 +1,4 @@
-/* gradalign scorer plugin ABI, version 5 — for plugin authors in C, C++ or any language with a
+/* gradalign scorer plugin ABI, version 6 — for plugin authors in C, C++ or any language with a
  * C FFI. Mirrors plugins/api/src/abi.rs; Rust authors use the crate and `export_plugin!` instead.
  *
  * A plugin is a shared library exporting the entry point declared below,
@@ -29,7 +29,7 @@
 extern "C" {
 #endif
 
-#define GA_ABI_VERSION 5u
+#define GA_ABI_VERSION 6u
 #define GA_OLDEST_ABI_VERSION 2u
 
 #if defined(_WIN32)
@@ -54,6 +54,7 @@ extern "C" {
 #define GA_IN_SIGNS                 (1ull << 11) /* packed gradient signs (sign_* fields) */
 #define GA_IN_FEATURE_MAPS          (1ull << 12) /* ABI 4: every Conv output (feature_* fields) */
 #define GA_IN_FEATURE_COVARIANCE    (1ull << 13) /* ABI 5: each Conv output's channel covariance */
+#define GA_IN_LOGIT_JACOBIAN        (1ull << 14) /* ABI 6: d logits / d (element 0 of each tensor) */
 
 #define GA_ROLE_WEIGHT 0u /* Conv / ConvTranspose / Gemm / MatMul weight */
 #define GA_ROLE_BIAS   1u
@@ -129,6 +130,13 @@ typedef struct {
     const uint8_t *feature_live;      /* n_feature_layers: 1 where the layer's output can change
                                          the logits, 0 where every path from it is multiplied
                                          by a constant zero */
+    /* ABI 6 */
+    const double *logit_jacobian;     /* N x n_classes x n_jacobian_tensors f64, row-major:
+                                         d logit_c(x_i) / d theta_t[0] for every trainable
+                                         float initializer (initializer order), BatchNorm at
+                                         its running statistics */
+    uint64_t n_jacobian_tensors;
+    const double *eval_logits;        /* N x n_classes: that forward's logits */
 } GaInputs;
 
 /* Returns 0 and writes *out, or non-zero and a NUL-terminated message (≤ err_len bytes). */
@@ -175,7 +183,8 @@ _Static_assert(sizeof(GaScorer) == 32, "GaScorer layout");
 _Static_assert(offsetof(GaInputs, struct_size) == 200, "GaInputs ABI 2 prefix");
 _Static_assert(offsetof(GaInputs, feature_maps) == 216, "GaInputs ABI 3 prefix");
 _Static_assert(offsetof(GaInputs, feature_covariance) == 248, "GaInputs ABI 4 prefix");
-_Static_assert(sizeof(GaInputs) == 264, "GaInputs layout");
+_Static_assert(offsetof(GaInputs, logit_jacobian) == 264, "GaInputs ABI 5 prefix");
+_Static_assert(sizeof(GaInputs) == 288, "GaInputs layout");
 _Static_assert(sizeof(GaFeatureLayer) == 32, "GaFeatureLayer layout");
 _Static_assert(offsetof(GaPluginTable, struct_size) == 32, "GaPluginTable ABI 2 prefix");
 _Static_assert(sizeof(GaPluginTable) == 64, "GaPluginTable layout");

@@ -22,8 +22,10 @@ use std::ffi::{c_char, c_void};
 /// This ABI's version: 3 appended `struct_size`, `user_data`, `init` and `teardown` to the table
 /// and `struct_size`, `user_data` to the inputs; 4 appended the feature maps to the inputs
 /// (`inputs::FEATURE_MAPS`); 5 appended the per-layer channel covariance
-/// (`inputs::FEATURE_COVARIANCE`) and each feature layer's liveness (`feature_live`).
-pub const ABI_VERSION: u32 = 5;
+/// (`inputs::FEATURE_COVARIANCE`) and each feature layer's liveness (`feature_live`); 6 appended
+/// the logits' Jacobian with respect to one element of every parameter tensor
+/// (`inputs::LOGIT_JACOBIAN`).
+pub const ABI_VERSION: u32 = 6;
 /// The oldest plugin ABI this host still loads (version 2 tables are a prefix of version 3).
 pub const OLDEST_ABI_VERSION: u32 = 2;
 /// The generic exported symbol.
@@ -64,12 +66,18 @@ pub mod inputs {
     /// positions (f64, centred, divided by N · spatial), computed by the host once for every
     /// scorer that asks; see `GaInputs::feature_covariance`. Far smaller than the maps.
     pub const FEATURE_COVARIANCE: u64 = 1 << 13;
+    /// ABI 6: per sample, the Jacobian of the logits with respect to element 0 of every
+    /// trainable parameter tensor, BatchNorm at its running statistics, and that forward's
+    /// logits (f64); see `GaInputs::logit_jacobian`. One gradient run per class.
+    pub const LOGIT_JACOBIAN: u64 = 1 << 14;
     /// Every flag this ABI version knows.
-    pub const KNOWN: u64 = (1 << 14) - 1;
+    pub const KNOWN: u64 = (1 << 15) - 1;
     /// The flags a plugin built for ABI `version` may declare.
     pub const fn known_in(version: u32) -> u64 {
-        if version >= 5 {
+        if version >= 6 {
             KNOWN
+        } else if version >= 5 {
+            (1 << 14) - 1
         } else if version >= 4 {
             (1 << 13) - 1
         } else {
@@ -183,6 +191,13 @@ pub struct GaInputs {
     /// where every path from it ends in a multiplication by a constant zero (set whenever
     /// `feature_layers` is).
     pub feature_live: *const u8,
+    /// ABI 6: N × n_classes × `n_jacobian_tensors` f64, row-major: ∂ logit_c(x_i) / ∂ θ_t[0]
+    /// for every trainable float initializer θ_t (initializer order; zero columns for those that
+    /// cannot reach the logits), BatchNorm at its running statistics (`inputs::LOGIT_JACOBIAN`).
+    pub logit_jacobian: *const f64,
+    pub n_jacobian_tensors: u64,
+    /// ABI 6: N × n_classes, the logits of that same eval-BatchNorm forward.
+    pub eval_logits: *const f64,
 }
 
 /// Size of [`GaInputs`] up to the end of ABI version 2's fields.
@@ -258,6 +273,7 @@ const _: () = {
     assert!(INPUTS_V2_SIZE == 200);
     assert!(std::mem::offset_of!(GaInputs, feature_maps) == 216);
     assert!(std::mem::offset_of!(GaInputs, feature_covariance) == 248);
-    assert!(std::mem::size_of::<GaInputs>() == 264);
+    assert!(std::mem::offset_of!(GaInputs, logit_jacobian) == 264);
+    assert!(std::mem::size_of::<GaInputs>() == 288);
     assert!(std::mem::size_of::<GaFeatureLayer>() == 32);
 };

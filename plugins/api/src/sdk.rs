@@ -98,6 +98,30 @@ impl<'a> FeatureCovariance<'a> {
     }
 }
 
+/// Per sample, the Jacobian of the logits with respect to element 0 of every trainable parameter
+/// tensor (ABI 6), BatchNorm at its running statistics: sample i's `classes × tensors` block
+/// starts at `i · classes · tensors`, row-major; `logits` are that forward's, N × classes.
+#[derive(Clone, Debug)]
+pub struct LogitJacobian<'a> {
+    pub data: &'a [f64],
+    pub logits: Matrix<'a, f64>,
+    pub samples: usize,
+    pub classes: usize,
+    pub tensors: usize,
+}
+
+impl<'a> LogitJacobian<'a> {
+    /// Sample `i`'s Jacobian, classes × tensors.
+    pub fn sample(&self, i: usize) -> Matrix<'a, f64> {
+        let len = self.classes * self.tensors;
+        Matrix {
+            data: &self.data[i * len..(i + 1) * len],
+            rows: self.classes,
+            cols: self.tensors,
+        }
+    }
+}
+
 /// The output of every Conv node, per sample: `maps` is N × units, `layers` say where each
 /// layer's block sits in a row.
 #[derive(Clone, Debug)]
@@ -363,6 +387,31 @@ impl<'a> Inputs<'a> {
         let len = layers.iter().map(|l| l.channels * l.channels).sum();
         let data = unsafe { slice(self.raw.feature_covariance, len, "feature covariance")? };
         FeatureCovariance::new(data, layers)
+    }
+    /// The logits' Jacobian with respect to element 0 of every parameter tensor, with the
+    /// eval-BatchNorm logits of the same forward (declare `LOGIT_JACOBIAN`).
+    pub fn logit_jacobian(&self) -> Result<LogitJacobian<'a>, String> {
+        let (n, classes) = (self.n_samples(), self.n_classes());
+        let tensors = self.raw.n_jacobian_tensors as usize;
+        let data = unsafe {
+            slice(
+                self.raw.logit_jacobian,
+                n * classes * tensors,
+                "logit Jacobian",
+            )?
+        };
+        let logits = unsafe { slice(self.raw.eval_logits, n * classes, "eval-mode logits")? };
+        Ok(LogitJacobian {
+            data,
+            logits: Matrix {
+                data: logits,
+                rows: n,
+                cols: classes,
+            },
+            samples: n,
+            classes,
+            tensors,
+        })
     }
     pub fn model_params(&self) -> f64 {
         self.raw.model_params

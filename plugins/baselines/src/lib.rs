@@ -3,6 +3,7 @@
 
 pub mod aznas;
 pub mod math;
+pub mod vkdnw;
 
 use gradalign_plugin_api::abi::inputs::*;
 use gradalign_plugin_api::{export_plugin, with_grads, Inputs, Scorer};
@@ -144,8 +145,23 @@ scorer!(
     |x| Ok(x.model_flops())
 );
 
+scorer!(
+    VkdnwEntropy,
+    "vkdnw_entropy",
+    LOGIT_JACOBIAN,
+    "VKDNW: entropy of the deciles of the Fisher spectrum over element 0 of every parameter tensor (eval BN)",
+    |x| vkdnw::entropy(&x.logit_jacobian()?)
+);
+scorer!(
+    Vkdnw,
+    "vkdnw",
+    LOGIT_JACOBIAN,
+    "VKDNW_single: number of parameter tensors, then vkdnw_entropy (as T + entropy/3)",
+    |x| vkdnw::single(&x.logit_jacobian()?)
+);
+
 export_plugin!(
     symbol: gradalign_baselines_plugin_table,
     name: "baselines",
-    scorers: [GradNorm, Snip, Synflow, Naswot, LinearRegions, Swap, Meco, AzExpressivity, AzProgressivity, JacobCov, Zico, NtkCond, Fisher, Grasp, Params, Flops],
+    scorers: [GradNorm, Snip, Synflow, Naswot, LinearRegions, Swap, Meco, AzExpressivity, AzProgressivity, JacobCov, Zico, NtkCond, Fisher, Grasp, Params, Flops, VkdnwEntropy, Vkdnw],
 );

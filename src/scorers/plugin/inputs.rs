@@ -5,6 +5,7 @@ use std::ffi::CString;
 use gradalign_plugin_api::abi::{self, GaFeatureLayer, GaInputs, GaParam};
 use gradalign_plugin_api::PackedSigns;
 
+use crate::inputs::jacobian::LogitJacobian;
 use crate::inputs::passes::FeatureMaps;
 use crate::onnx::HostTensor;
 
@@ -43,6 +44,8 @@ pub struct InputData {
     pub signs: Option<(PackedSigns, PackedSigns)>,
     /// Every Conv output per sample (ABI 4) and/or each layer's channel covariance (ABI 5).
     pub feature_maps: Option<FeatureMaps>,
+    /// The logits' Jacobian with respect to element 0 of every parameter tensor (ABI 6).
+    pub logit_jacobian: Option<LogitJacobian>,
 }
 
 /// The C view of an [`InputData`]; owns the strings and arrays the pointers refer to.
@@ -195,6 +198,15 @@ impl InputData {
             } else {
                 std::ptr::null()
             },
+            logit_jacobian: self
+                .logit_jacobian
+                .as_ref()
+                .map_or(std::ptr::null(), |j| j.data.as_ptr()),
+            n_jacobian_tensors: self.logit_jacobian.as_ref().map_or(0, |j| j.tensors as u64),
+            eval_logits: self
+                .logit_jacobian
+                .as_ref()
+                .map_or(std::ptr::null(), |j| j.logits.as_ptr()),
         };
         RawInputs {
             inputs,
@@ -260,6 +272,11 @@ pub fn masked(raw: &GaInputs, flags: u64) -> GaInputs {
         m.feature_layers = std::ptr::null();
         m.n_feature_layers = 0;
         m.feature_live = std::ptr::null();
+    }
+    if !has(LOGIT_JACOBIAN) {
+        m.logit_jacobian = std::ptr::null();
+        m.n_jacobian_tensors = 0;
+        m.eval_logits = std::ptr::null();
     }
     if !has(MODEL_INFO) {
         m.model_params = f64::NAN;

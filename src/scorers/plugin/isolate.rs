@@ -200,6 +200,19 @@ pub fn encode(d: &InputData, flags: u64) -> Vec<u8> {
         }
         _ => w.u64(0),
     }
+    match &d.logit_jacobian {
+        Some(j) if has(flag::LOGIT_JACOBIAN) => {
+            w.u64(1);
+            w.u64(j.classes as u64);
+            w.u64(j.tensors as u64);
+            w.f64s(&j.data);
+            w.f64s(&j.logits);
+            for name in &j.names {
+                w.str(name);
+            }
+        }
+        _ => w.u64(0),
+    }
     w.0
 }
 
@@ -325,6 +338,26 @@ pub fn decode(b: &[u8]) -> Result<InputData> {
             units,
             layers,
             covariance,
+        });
+    }
+    if r.u64()? == 1 {
+        let classes = r.u64()? as usize;
+        let tensors = r.len(8)?;
+        let data = r.f64s()?;
+        let logits = r.f64s()?;
+        let names = (0..tensors).map(|_| r.str()).collect::<Result<Vec<_>>>()?;
+        if data.len() != d.n.saturating_mul(classes).saturating_mul(tensors)
+            || logits.len() != d.n.saturating_mul(classes)
+        {
+            bail!("logit Jacobian of the wrong size");
+        }
+        d.logit_jacobian = Some(crate::inputs::jacobian::LogitJacobian {
+            data,
+            logits,
+            classes,
+            tensors,
+            names,
+            runtime: "",
         });
     }
     Ok(d)
@@ -476,6 +509,14 @@ mod tests {
                 }],
                 covariance: Some((0..9).map(f64::from).collect()),
             }),
+            logit_jacobian: Some(crate::inputs::jacobian::LogitJacobian {
+                data: (0..12).map(f64::from).collect(),
+                logits: vec![0.5; 6],
+                classes: 3,
+                tensors: 2,
+                names: vec!["w".into(), "b".into()],
+                runtime: "",
+            }),
             model_params: 2.0,
             model_flops: f64::NAN,
             ..Default::default()
@@ -491,6 +532,7 @@ mod tests {
         assert_eq!(e.labels, d.labels);
         assert_eq!(e.relu_codes, d.relu_codes);
         assert_eq!(e.feature_maps, d.feature_maps);
+        assert_eq!(e.logit_jacobian, d.logit_jacobian);
         // The covariance travels without the maps when only it was declared.
         let cov = decode(&encode(&d, flag::FEATURE_COVARIANCE)).unwrap();
         let f = cov.feature_maps.unwrap();
@@ -500,6 +542,7 @@ mod tests {
         // Undeclared inputs are not sent.
         let only_labels = decode(&encode(&d, flag::LABELS)).unwrap();
         assert!(only_labels.grads.is_none() && only_labels.param_values.is_none());
+        assert!(only_labels.logit_jacobian.is_none());
         assert!(decode(&encode(&d, all)[..20]).is_err());
     }
 }

@@ -72,6 +72,7 @@ pub fn input_names(flags: u64) -> Vec<&'static str> {
         (SIGNS, "signs"),
         (FEATURE_MAPS, "feature-maps"),
         (FEATURE_COVARIANCE, "feature-covariance"),
+        (LOGIT_JACOBIAN, "logit-jacobian"),
     ];
     all.iter()
         .filter(|(f, _)| flags & f != 0)
