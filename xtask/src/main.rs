@@ -412,6 +412,7 @@ fn known_flags(cmd: &str, sub: Option<&str>) -> Option<&'static [&'static str]> 
             "--backend",
             "--jobs",
             "--out",
+            "--init",
         ],
         _ => return None,
     })
@@ -647,6 +648,11 @@ fn main() -> Result<()> {
                 backend,
                 jobs,
                 out: get("--out").map(PathBuf::from).unwrap_or_else(|| root().join(format!("target/bench-{}", args[1]))),
+                init: match get("--init").as_deref() {
+                    None | Some("pytorch") => gradalign::tools::zoo::Init::PyTorch,
+                    Some("kaiming-normal") => gradalign::tools::zoo::Init::KaimingNormalFanIn,
+                    Some(v) => bail!("--init {v}: expected pytorch or kaiming-normal"),
+                },
                 sample_desc: if args[1] == "naslib-check" {
                     args[2..].join(" ")
                 } else {
@@ -660,6 +666,6 @@ fn main() -> Result<()> {
                 nb201::run(&root(), &o)
             }
         }
-        _ => bail!("usage: cargo xtask gen-resnet50 [--out FILE] [--input 32] | cargo xtask gen-nb201 --out DIR [--count 40] [--seed 0] [--channels 16] [--cells 5] | cargo xtask gen-nb101 --out DIR (--hash H[,H…] | --sample K) [--seed 0] [--input 32] | cargo xtask fuzz [--execs 1000000] [--seconds 1800] [--seed S] [--jobs J] [--corpus DIR|LIST] [--crashes DIR] | cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] | cargo xtask bench throughput [--count 24] [--seed 0] [--n 64] [--threads T] [--out FILE] | cargo xtask select [--reps 500] [--seed 0] [--out FILE] | cargo xtask ensemble [--members a,b] [--reps 1000] [--seed 0] [--out FILE] | cargo xtask ensemble-tune [--candidates a,b] [--max-members 6] [--min-gain 0.005] [--reps 1000] [--seed 0] [--out FILE] | cargo xtask bench nb101 [--pool test|val] [--sample 1000] [--seed 0] [--n 64] [--scorers a,b] [--backend …] [--jobs J] [--max-memory SIZE] [--out DIR] [--report-only] | cargo xtask bench seeds [--sample 200] [--seeds 5] [--probes 3] [--n 64] [--scorers a,b] [--backend …] [--jobs J] [--out DIR] [--report-only] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR] [--report-only]"),
+        _ => bail!("usage: cargo xtask gen-resnet50 [--out FILE] [--input 32] | cargo xtask gen-nb201 --out DIR [--count 40] [--seed 0] [--channels 16] [--cells 5] | cargo xtask gen-nb101 --out DIR (--hash H[,H…] | --sample K) [--seed 0] [--input 32] | cargo xtask fuzz [--execs 1000000] [--seconds 1800] [--seed S] [--jobs J] [--corpus DIR|LIST] [--crashes DIR] | cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] [--init pytorch|kaiming-normal] | cargo xtask bench throughput [--count 24] [--seed 0] [--n 64] [--threads T] [--out FILE] | cargo xtask select [--reps 500] [--seed 0] [--out FILE] | cargo xtask ensemble [--members a,b] [--reps 1000] [--seed 0] [--out FILE] | cargo xtask ensemble-tune [--candidates a,b] [--max-members 6] [--min-gain 0.005] [--reps 1000] [--seed 0] [--out FILE] | cargo xtask bench nb101 [--pool test|val] [--sample 1000] [--seed 0] [--n 64] [--scorers a,b] [--backend …] [--jobs J] [--max-memory SIZE] [--out DIR] [--report-only] | cargo xtask bench seeds [--sample 200] [--seeds 5] [--probes 3] [--n 64] [--scorers a,b] [--backend …] [--jobs J] [--out DIR] [--report-only] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR] [--report-only]"),
     }
 }

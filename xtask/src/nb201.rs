@@ -68,6 +68,8 @@ pub struct Options {
     pub jobs: usize,
     pub out: PathBuf,
     pub sample_desc: String,
+    /// How the generator draws the weights (`--init pytorch|kaiming-normal`).
+    pub init: gradalign::tools::zoo::Init,
 }
 
 /// The progress line: bar, count, seconds per architecture and ETA.
@@ -228,8 +230,13 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         let a = &archs[todo[k]];
         let t = Instant::now();
         let r = (|| -> Result<gradalign::scorers::score::ScoreReport> {
-            let proto =
-                gradalign::tools::zoo::nb201_model(&a.arch, weight_seed(o.seed, a.index), 16, 5)?;
+            let proto = gradalign::tools::zoo::nb201_model_init(
+                &a.arch,
+                weight_seed(o.seed, a.index),
+                16,
+                5,
+                o.init,
+            )?;
             let model = Model::from_proto(&proto, &format!("nb201 #{}", a.index))?;
             gradalign::scorers::score::score_model(
                 &model,
@@ -325,12 +332,17 @@ fn report(root: &Path, o: &Options, archs: &[Arch], peak: Option<f64>) -> Result
          Run: `cargo xtask bench nb201` with {} — {} architectures, N = {} CIFAR-10 probe \
          images (the shipped class-balanced test-set probe; the same CIFAR-10 probe is used for all \
          three datasets' rankings), per-sample BatchNorm, f32, backend `{:?}`, weights: Rust \
-         generator (PyTorch default initialisation distributions) seeded {}. Ground truth: \
+         generator ({}) seeded {}. Ground truth: \
          `data/nb201_accuracies.csv` (200-epoch test accuracy).\n\n",
         o.sample_desc,
         t.rows.len(),
         o.n,
         o.backend,
+        match o.init {
+            gradalign::tools::zoo::Init::PyTorch => "PyTorch default initialisation distributions",
+            gradalign::tools::zoo::Init::KaimingNormalFanIn =>
+                "Kaiming-normal fan-in weights, zero Linear bias: the re-initialisation of VKDNW's and AZ-NAS's code",
+        },
         o.seed
     );
     md += "| scorer | archs | τ-b C10 | ρ C10 | τ-b C100 | ρ C100 | τ-b IN16 | ρ IN16 | top-10 hit (C10) | top-1% hit (C10) |\n|---|---|---|---|---|---|---|---|---|---|\n";
@@ -549,6 +561,7 @@ pub fn naslib_check(root: &Path, o: &Options) -> Result<()> {
         backend: o.backend,
         jobs: o.jobs,
         sample_desc: o.sample_desc.clone(),
+        init: o.init,
     };
     run(root, &run_opts)?;
     let t = read_scores(&o.out.join("scores.csv"))?;

@@ -85,7 +85,31 @@ impl Rng {
     }
 }
 
+/// How the zoo draws Conv and Linear weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Init {
+    /// PyTorch's defaults: Kaiming-uniform a = √5, U(±1/√fan_in), for weights and the Linear
+    /// bias.
+    #[default]
+    PyTorch,
+    /// Kaiming-normal, fan-in, ReLU gain: N(0, 2/fan_in) weights and zero Linear bias, as
+    /// VKDNW's and AZ-NAS's code re-initialise every network before scoring
+    /// (`init_model(..., 'kaiming_norm_fanin')`). BatchNorm stays γ = 1, β = 0.
+    KaimingNormalFanIn,
+}
+
+impl Init {
+    /// A weight of fan-in `fan_in`.
+    fn weight(self, r: &mut Rng, fan_in: usize) -> f32 {
+        match self {
+            Init::PyTorch => r.uniform(1.0 / (fan_in as f64).sqrt()),
+            Init::KaimingNormalFanIn => (r.normal() * (2.0 / fan_in as f64).sqrt()) as f32,
+        }
+    }
+}
+
 struct Gen {
+    init: Init,
     rng: Rng,
     nodes: Vec<pb::NodeProto>,
     inits: Vec<pb::TensorProto>,
@@ -101,6 +125,7 @@ impl Gen {
     /// An empty graph whose weights are drawn from `seed`.
     fn new(seed: u64, bn_momentum: f32) -> Gen {
         Gen {
+            init: Init::PyTorch,
             rng: Rng(seed),
             nodes: vec![],
             inits: vec![],
@@ -142,8 +167,8 @@ impl Gen {
         stride: usize,
         pad: usize,
     ) -> String {
-        let b = 1.0 / ((cin * k * k) as f64).sqrt();
-        let w = self.tensor(name, &[cout, cin, k, k], |r| r.uniform(b));
+        let (init, fan_in) = (self.init, cin * k * k);
+        let w = self.tensor(name, &[cout, cin, k, k], |r| init.weight(r, fan_in));
         let p = pad as i64;
         self.node(
             "Conv",
@@ -228,6 +253,17 @@ impl Gen {
 /// The ONNX model of NB201 cell `arch` with channels `c`, `n` cells per stage, 10 classes, and
 /// weights drawn with `seed`.
 pub fn nb201_model(arch: &str, seed: u64, c: usize, n: usize) -> Result<pb::ModelProto> {
+    nb201_model_init(arch, seed, c, n, Init::PyTorch)
+}
+
+/// [`nb201_model`] with the weights drawn by `init`.
+pub fn nb201_model_init(
+    arch: &str,
+    seed: u64,
+    c: usize,
+    n: usize,
+    init: Init,
+) -> Result<pb::ModelProto> {
     build(
         arch,
         seed,
@@ -237,6 +273,7 @@ pub fn nb201_model(arch: &str, seed: u64, c: usize, n: usize) -> Result<pb::Mode
             stem: true,
             depth: None,
             input: [3, 32, 32],
+            init,
         },
     )
 }
@@ -254,6 +291,7 @@ pub fn nb201_tenas_thin(arch: &str, seed: u64) -> Result<pb::ModelProto> {
             stem: false,
             depth: Some(1),
             input: [1, 3, 3],
+            init: Init::PyTorch,
         },
     )
 }
@@ -265,12 +303,14 @@ struct Layout {
     /// Keep only the first `depth` cells (TE-NAS's `depth`).
     depth: Option<usize>,
     input: [usize; 3],
+    init: Init,
 }
 
 fn build(arch: &str, seed: u64, layout: Layout) -> Result<pb::ModelProto> {
     let Layout { c, n, .. } = layout;
     let cell = parse_arch(arch)?;
     let mut g = Gen::new(seed, 0.9);
+    g.init = layout.init;
     let zero = "ga.zero".to_string();
     let mut x = if layout.stem {
         let stem = g.conv("input", "stem.0.weight", layout.input[0], c, 3, 1, 1);
@@ -359,10 +399,14 @@ impl Gen {
         let pooled = g.node("GlobalAveragePool", &[x], vec![]);
         let flat = g.node("Flatten", &[&pooled], vec![attr::i("axis", 1)]);
         let bound = 1.0 / (c_prev as f64).sqrt();
+        let init = g.init;
         let w = g.tensor("classifier.weight", &[classes, c_prev], |r| {
-            r.uniform(bound)
+            init.weight(r, c_prev)
         });
-        let b = g.tensor("classifier.bias", &[classes], |r| r.uniform(bound));
+        let b = g.tensor("classifier.bias", &[classes], |r| match init {
+            Init::PyTorch => r.uniform(bound),
+            Init::KaimingNormalFanIn => 0.0,
+        });
         g.count += 1;
         g.nodes.push(pb::NodeProto {
             input: vec![flat, w, b],
@@ -477,6 +521,35 @@ mod tests {
         assert!(parse_arch("|conv~0|+|none~0|none~1|+|none~0|none~1|none~2|").is_err());
         assert!(parse_arch("|none~1|+|none~0|none~1|+|none~0|none~1|none~2|").is_err());
         assert!(parse_arch("|none~0|+|none~0|").is_err());
+    }
+
+    #[test]
+    fn kaiming_normal_fan_in_init() {
+        let arch =
+            "|nor_conv_3x3~0|+|none~0|nor_conv_3x3~1|+|skip_connect~0|none~1|skip_connect~2|";
+        let m = nb201_model_init(arch, 7, 16, 5, Init::KaimingNormalFanIn).unwrap();
+        let g = m.graph.as_ref().unwrap();
+        let get = |name: &str| {
+            let t = g.initializer.iter().find(|t| t.name == name).unwrap();
+            let HostTensor::F32(a) = HostTensor::from_proto(t).unwrap() else {
+                panic!()
+            };
+            a
+        };
+        // Conv weights N(0, 2 / fan_in): the first cell's 3×3 conv has 16 · 9 = 144 inputs.
+        let w = get("cells.0.layers.0.op.1.weight");
+        let var = w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        let want = 2.0 / 144.0;
+        assert!((var - want).abs() < 0.1 * want, "{var} vs {want}");
+        assert!(
+            w.iter().any(|v| v.abs() > 1.0 / 144f32.sqrt()),
+            "not the uniform bound"
+        );
+        assert!(get("classifier.bias").iter().all(|&v| v == 0.0));
+        // Same architecture and seed, other init: different weights, same graph.
+        let d = nb201_model(arch, 7, 16, 5).unwrap();
+        assert_eq!(d.graph.as_ref().unwrap().node, g.node);
+        assert_ne!(d, m);
     }
 
     #[test]
