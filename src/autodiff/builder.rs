@@ -82,6 +82,16 @@ fn leads_to_logits(an: &Analysis, passes: impl Fn(&Node) -> bool) -> HashSet<Str
     leads
 }
 
+/// `onehot(labels)` as `[n, k]` floats: the labels input compared with the classes 0..k.
+fn onehot_labels(em: &mut Emitter, n: usize, k: usize) -> String {
+    let classes = em.konst(HostTensor::I64(
+        ArrayD::from_shape_vec(IxDyn(&[1, k]), (0..k as i64).collect()).unwrap(),
+    ));
+    let lab2 = em.reshape(INPUT_LABELS, &[n, 1]);
+    let eq = em.op("Equal", &[&lab2, &classes], vec![]);
+    em.cast_float(&eq)
+}
+
 /// What the differentiated scalar is, per sample.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Loss {
@@ -192,24 +202,12 @@ impl<'a> GradGraphBuilder<'a> {
         let dlogits = match self.spec.loss {
             // d CE(z_i, y_i) / d z_i = softmax(z_i) - onehot(y_i), per sample.
             Loss::CrossEntropy => {
-                let classes = em.konst(HostTensor::I64(
-                    ArrayD::from_shape_vec(IxDyn(&[1, k]), (0..k as i64).collect()).unwrap(),
-                ));
-                let lab2 = em.reshape(INPUT_LABELS, &[an.n, 1]);
-                let eq = em.op("Equal", &[&lab2, &classes], vec![]);
-                let onehot = em.cast_float(&eq);
+                let onehot = onehot_labels(&mut em, an.n, k);
                 let probs = em.op("Softmax", &[&an.logits], vec![attr::i("axis", 1)]);
                 em.sub(&probs, &onehot)
             }
             // d z_{i, y_i} / d z_i = onehot(y_i).
-            Loss::LabelLogit => {
-                let classes = em.konst(HostTensor::I64(
-                    ArrayD::from_shape_vec(IxDyn(&[1, k]), (0..k as i64).collect()).unwrap(),
-                ));
-                let lab2 = em.reshape(INPUT_LABELS, &[an.n, 1]);
-                let eq = em.op("Equal", &[&lab2, &classes], vec![]);
-                em.cast_float(&eq)
-            }
+            Loss::LabelLogit => onehot_labels(&mut em, an.n, k),
             // d Σ_k z_ik / d z_i = 1. The labels input stays (unused) so every graph has the
             // same two inputs.
             Loss::SumLogits => {
