@@ -95,7 +95,7 @@ fn other_abi_version_and_non_plugins_are_refused_clearly() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("ABI version 999") && e.contains("reads versions 2 to 6"),
+        e.contains("ABI version 999") && e.contains("reads versions 2 to 7"),
         "{e}"
     );
     let d = tmpdir("notplugin");

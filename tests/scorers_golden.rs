@@ -24,6 +24,13 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Where the ONNX graph's blocks differ from the PyTorch modules': the exporter computed the
+/// all-`none` cell's shared zero edges once, so each cell's sum becomes `a + a·0`, an extra cut
+/// whose pair is an exact identity (docs/semantics.md, az_trainability). Both values put the
+/// network last (below -1e5); the un-merged zoo graph gives the module blocks
+/// (`block_jacobian::tests`).
+const GRAPH_BLOCKS_DIFFER: &[(&str, &str)] = &[("nb201_all_none", "az_trainability")];
+
 fn check(precision: Precision, tol: f64, skip: &[&str]) {
     let golden: serde_json::Value =
         serde_json::from_slice(&std::fs::read(root().join("tests/golden/scores.json")).unwrap())
@@ -62,6 +69,9 @@ fn check(precision: Precision, tol: f64, skip: &[&str]) {
                 (None, None) => assert!(r.errors.contains_key(name)),
                 (None, Some(v)) => panic!("{fx} {name}: reference undefined, gradalign gave {v}"),
                 (Some(w), None) => panic!("{fx} {name}: want {w}, error {:?}", r.errors.get(name)),
+                (Some(w), Some(v)) if GRAPH_BLOCKS_DIFFER.contains(&(fx, name.as_str())) => {
+                    assert!(w < -1e5 && *v < -1e5, "{fx} {name}: want {w}, got {v}");
+                }
                 (Some(w), Some(v)) => {
                     let d = (w - v).abs();
                     let rel = if w.abs() < 1.0 { d } else { d / w.abs() };

@@ -4,15 +4,15 @@
 
 use std::collections::{HashMap, HashSet};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use ndarray::{ArrayD, IxDyn};
 
 use super::analysis::Analysis;
-use super::backward::Backward;
 use super::emit::{Emitter, OPSET};
 use super::ops;
+use super::sweep::{expose, leads_to_logits, reverse_sweep, Exposed};
 use super::Kind;
-use crate::onnx::{attr, pb, value_info, DType, HostTensor, Node};
+use crate::onnx::{attr, pb, value_info, DType, HostTensor};
 
 pub const INPUT_LABELS: &str = "labels";
 
@@ -39,6 +39,8 @@ pub struct GradGraph {
     pub relu_codes: Vec<(String, usize)>,
     /// Outputs holding every Conv node's output `[N, C·S]`, in graph order.
     pub feature_maps: Vec<FeatureOutput>,
+    /// With `block_vjps`: one output per consecutive pair of block outputs.
+    pub block_vjps: Vec<super::blocks::BlockVjpOutput>,
 }
 
 /// One Conv output of a graph built with `feature_maps`.
@@ -68,18 +70,6 @@ pub fn influences_logits(an: &Analysis) -> HashSet<String> {
     leads_to_logits(an, |node| {
         !(node.op == "Mul" && node.inputs.iter().any(|i| zero(i)))
     })
-}
-
-/// Tensors from which the logits can be reached, walking back only through the nodes `passes`
-/// accepts (nodes are in topological order, so one reverse pass suffices).
-fn leads_to_logits(an: &Analysis, passes: impl Fn(&Node) -> bool) -> HashSet<String> {
-    let mut leads: HashSet<String> = HashSet::from([an.logits.clone()]);
-    for node in an.nodes.iter().rev() {
-        if node.outputs.iter().any(|o| leads.contains(o)) && passes(node) {
-            leads.extend(node.inputs.iter().filter(|s| !s.is_empty()).cloned());
-        }
-    }
-    leads
 }
 
 /// `onehot(labels)` as `[n, k]` floats: the labels input compared with the classes 0..k.
@@ -116,6 +106,8 @@ pub struct GraphSpec {
     pub relu_input_rank: Option<usize>,
     /// Every Conv node's output (the layers' feature maps, before any normalisation).
     pub feature_maps: bool,
+    /// AZ-NAS trainability's vector-Jacobian products between consecutive block outputs.
+    pub block_vjps: bool,
 }
 
 impl Default for GraphSpec {
@@ -127,6 +119,7 @@ impl Default for GraphSpec {
             relu_codes: false,
             relu_input_rank: None,
             feature_maps: false,
+            block_vjps: false,
         }
     }
 }
@@ -225,39 +218,7 @@ impl<'a> GradGraphBuilder<'a> {
         if needs.contains(&an.logits) {
             grads.insert(an.logits.clone(), dlogits);
         }
-        {
-            let mut b = Backward {
-                em: &mut em,
-                infos: &an.infos,
-                needs: &needs,
-                n: an.n,
-            };
-            for node in an.nodes.iter().rev() {
-                let dys: Vec<Option<String>> =
-                    node.outputs.iter().map(|o| grads.get(o).cloned()).collect();
-                if dys.iter().all(|d| d.is_none()) {
-                    continue;
-                }
-                if !node.inputs.iter().any(|i| needs.contains(i)) {
-                    continue;
-                }
-                let dxs = ops::backward(&mut b, node, &dys)
-                    .with_context(|| format!("differentiating {}", node.describe()))?;
-                for (i, dx) in dxs.into_iter().enumerate() {
-                    let (Some(dx), Some(name)) = (dx, node.input(i)) else {
-                        continue;
-                    };
-                    if !needs.contains(name) {
-                        continue;
-                    }
-                    let acc = match grads.remove(name) {
-                        Some(prev) => b.em.add(&prev, &dx),
-                        None => dx,
-                    };
-                    grads.insert(name.to_string(), acc);
-                }
-            }
-        }
+        reverse_sweep(&mut em, an, &needs, &mut grads)?;
 
         // Outputs.
         let mut outputs = vec![value_info(
@@ -370,6 +331,12 @@ impl<'a> GradGraphBuilder<'a> {
             }
         }
 
+        let block_vjps = if self.spec.block_vjps {
+            super::blocks::emit_block_vjps(&mut em, an, &mut outputs)?
+        } else {
+            vec![]
+        };
+
         let graph = pb::GraphProto {
             name: "gradalign_training_graph".into(),
             node: em.nodes,
@@ -401,34 +368,7 @@ impl<'a> GradGraphBuilder<'a> {
             input_grad,
             relu_codes,
             feature_maps,
+            block_vjps,
         })
     }
-}
-
-/// A per-sample graph output: `name`, `[N, units]` of `dtype`, written by an Identity node
-/// named `ga.out.<node>`.
-struct Exposed<'s> {
-    name: &'s str,
-    node: &'s str,
-    dtype: DType,
-    units: usize,
-}
-
-/// Reshapes `value` to `[n, units]` and makes it the graph output `out.name`.
-fn expose(
-    em: &mut Emitter,
-    outputs: &mut Vec<pb::ValueInfoProto>,
-    value: &str,
-    n: usize,
-    out: Exposed,
-) {
-    let flat = em.reshape(value, &[n, out.units]);
-    em.nodes.push(pb::NodeProto {
-        input: vec![flat],
-        output: vec![out.name.to_string()],
-        name: format!("ga.out.{}", out.node),
-        op_type: "Identity".into(),
-        ..Default::default()
-    });
-    outputs.push(value_info(out.name, out.dtype, &[n, out.units]));
 }

@@ -4,12 +4,14 @@
 
 pub mod analysis;
 pub mod backward;
+pub mod blocks;
 pub mod builder;
 pub mod emit;
 pub mod ops;
 pub mod rules;
 pub mod sample_axis;
 pub mod stochastic;
+pub mod sweep;
 
 use crate::onnx::{DType, HostTensor};
 

@@ -149,6 +149,19 @@ impl OrtRunner {
             // Sessions that run side by side must not burn each other's cores busy-waiting.
             .with_intra_op_spinning(super::parallel_jobs() == 1)
             .map_err(|e| anyhow!("{e}"))?;
+        // Expert knob for measuring ORT session options: GRADALIGN_ORT_CONFIG="k=v;k=v" sets
+        // ONNX Runtime session config entries (e.g. session.disable_prepacking=1).
+        let mut session = session;
+        if let Ok(cfg) = std::env::var("GRADALIGN_ORT_CONFIG") {
+            for kv in cfg.split(';').filter(|s| !s.is_empty()) {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("GRADALIGN_ORT_CONFIG: `{kv}` is not key=value"))?;
+                session = session
+                    .with_config_entry(k.trim(), v.trim())
+                    .map_err(|e| anyhow!("GRADALIGN_ORT_CONFIG {k}: {e}"))?;
+            }
+        }
         let session = match device {
             // No arena: a session runs once or a few times, so an arena only adds its growth
             // slack to the peak (ResNet-18 at N = 64: 4.72 -> 4.10 GiB for the whole process,

@@ -435,6 +435,22 @@ pub fn score_model(
             Err(e) => fail(flag::LOGIT_JACOBIAN, "logit-Jacobian pass", &e, &mut errors),
         }
     }
+    if wants(flag::BLOCK_JACOBIAN) {
+        match crate::inputs::block_jacobian::block_jacobian(model, probe, opts, backend, device) {
+            Ok(b) => {
+                if runtime == "none" {
+                    runtime = b.runtime.to_string();
+                }
+                for d in [selected.as_mut(), all_params.as_mut()]
+                    .into_iter()
+                    .flatten()
+                {
+                    d.block_jacobian = Some(b.clone());
+                }
+            }
+            Err(e) => fail(flag::BLOCK_JACOBIAN, "block-Jacobian pass", &e, &mut errors),
+        }
+    }
     let grad_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let raw_sel = selected.as_ref().map(|d| d.raw());

@@ -6,6 +6,7 @@ the parameter-gradient identity gradalign uses, so it checks that identity too.
 
     pip install torch==2.8.0 onnx==1.23.2 numpy
     python3 tests/golden/scorers.py          # writes tests/golden/scores.json (N = 20, shipped probe)
+    python3 tests/golden/scorers.py --only az_trainability   # recomputes that entry alone
 """
 import copy
 import json
@@ -229,6 +230,61 @@ def az_layer_expressivity(feats, live):
     return np.array(scores)
 
 
+def rademacher(seed, n):
+    """SplitMix64 from `seed`, -1 where bit 63 of an output is set, else +1 (gradalign's
+    autodiff::blocks::rademacher, re-implemented in numpy)."""
+    k = np.arange(1, n + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + k * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return np.where(z >> np.uint64(63) == 1, -1.0, 1.0)
+
+
+def az_trainability(model, x):
+    """AZ-NAS trainability (Lee & Ham, CVPR 2024; their compute_az_nas_score.py) on the blocks of
+    their extract_cell_features: the stem and every cell and residual block. For each consecutive
+    pair, g_in = autograd.grad(f_out, f_in, signs), per sample (batch of one: per-sample BN),
+    pixel_unshuffle when the map shrinks, M = g_in^T g_out / (N H W), s = its largest singular
+    value, -s - 1/(s + 1e-6) + 2; mean over pairs. The signs are gradalign's fixed SplitMix64 ones
+    (pair k: seed 0x0A20A5 + k), theirs fresh Bernoulli draws; an identity block (g_in == signs)
+    scores -1e12 where theirs is -inf."""
+    mods = [model.stem] + list(model.cells)
+    n = len(x)
+    g_ins, shapes = None, None
+    for i in range(n):
+        outs = []
+        hooks = [m.register_forward_hook(lambda mod, inp, out: outs.append(out)) for m in mods]
+        model(torch.from_numpy(x[i:i + 1]).double())
+        for h in hooks:
+            h.remove()
+        if shapes is None:
+            shapes = [tuple(o.shape[1:]) for o in outs]
+            g_ins = [[] for _ in range(len(outs) - 1)]
+        for k in range(len(outs) - 1):
+            co, ho, wo = shapes[k + 1]
+            signs = torch.from_numpy(rademacher(0x0A20A5 + k, n * co * ho * wo).reshape(n, co, ho, wo))
+            g, = torch.autograd.grad(outs[k + 1], outs[k], grad_outputs=signs[i:i + 1], retain_graph=True)
+            g_ins[k].append(g.detach())
+    scores = []
+    for k, gs in enumerate(g_ins):
+        g_in = torch.cat(gs)
+        co, ho, wo = shapes[k + 1]
+        g_out = torch.from_numpy(rademacher(0x0A20A5 + k, n * co * ho * wo).reshape(n, co, ho, wo))
+        if g_in.shape == g_out.shape and torch.equal(g_in, g_out):
+            scores.append(-1e12)
+            continue
+        if g_in.shape[2] != ho:
+            g_in = F.pixel_unshuffle(g_in, g_in.shape[2] // ho)
+        a = g_in.permute(0, 2, 3, 1).reshape(-1, g_in.shape[1])
+        b = g_out.permute(0, 2, 3, 1).reshape(-1, co)
+        s = float(torch.linalg.svdvals(a.T @ b / a.shape[0]).max())
+        scores.append(-s - 1 / (s + 1e-6) + 2)
+    model.zero_grad()
+    return float(np.mean(scores))
+
+
 def jacob_cov(model, x):
     rows = []
     for i in range(len(x)):
@@ -348,7 +404,22 @@ def vkdnw(model, x):
     return entropy, jac.shape[2]
 
 
+def only_trainability():
+    """`--only az_trainability`: recompute that one entry of the existing scores.json."""
+    x, _ = cifar_probe(N)
+    path = os.path.join(ROOT, "tests", "golden", "scores.json")
+    with open(path) as f:
+        out = json.load(f)
+    for i, (name, arch) in enumerate(FIXTURES.items()):
+        out[name]["az_trainability"] = az_trainability(load_fixture(i, name, arch), x)
+        print(name, out[name]["az_trainability"])
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+
+
 def main():
+    if sys.argv[1:] == ["--only", "az_trainability"]:
+        return only_trainability()
     x, y = cifar_probe(N)
     out = {"_meta": {"n": N, "probe": "shipped CIFAR-10 probe, class-balanced", "command": "python3 tests/golden/scorers.py",
                      "torch": torch.__version__}}
@@ -390,6 +461,7 @@ def main():
             "meco": meco(feats),
             "az_expressivity": float(np.sum(az)) if len(az) else None,
             "az_progressivity": float(np.min(az[1:] - az[:-1])) if len(az) > 1 else None,
+            "az_trainability": az_trainability(model, x),
             "jacob_cov": jacob_cov(model, x),
             "synflow": synflow(model),
             "grasp": grasp(model, x, y, blocks),

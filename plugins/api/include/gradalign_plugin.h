@@ -1,4 +1,4 @@
-/* gradalign scorer plugin ABI, version 6 — for plugin authors in C, C++ or any language with a
+/* gradalign scorer plugin ABI, version 7 — for plugin authors in C, C++ or any language with a
  * C FFI. Mirrors plugins/api/src/abi.rs; Rust authors use the crate and `export_plugin!` instead.
  *
  * A plugin is a shared library exporting the entry point declared below,
@@ -29,7 +29,7 @@
 extern "C" {
 #endif
 
-#define GA_ABI_VERSION 6u
+#define GA_ABI_VERSION 7u
 #define GA_OLDEST_ABI_VERSION 2u
 
 #if defined(_WIN32)
@@ -55,6 +55,7 @@ extern "C" {
 #define GA_IN_FEATURE_MAPS          (1ull << 12) /* ABI 4: every Conv output (feature_* fields) */
 #define GA_IN_FEATURE_COVARIANCE    (1ull << 13) /* ABI 5: each Conv output's channel covariance */
 #define GA_IN_LOGIT_JACOBIAN        (1ull << 14) /* ABI 6: d logits / d (element 0 of each tensor) */
+#define GA_IN_BLOCK_JACOBIAN        (1ull << 15) /* ABI 7: block-to-block VJP matrices (AZ-NAS) */
 
 #define GA_ROLE_WEIGHT 0u /* Conv / ConvTranspose / Gemm / MatMul weight */
 #define GA_ROLE_BIAS   1u
@@ -83,6 +84,15 @@ typedef struct {
     uint64_t spatial;      /* values per channel (H * W for a 2-D convolution) */
     uint64_t offset;
 } GaFeatureLayer;
+
+/* ABI 7: one pair of consecutive block outputs: a rows x cols row-major matrix at offset in
+   block_jacobian (rows: the earlier output's channels x stride^2; cols: the later one's). */
+typedef struct {
+    uint64_t rows;
+    uint64_t cols;
+    uint64_t offset;
+    uint64_t identity;     /* 1 when the product returned the random signs unchanged */
+} GaBlockPair;
 
 typedef struct {
     uint32_t abi_version;  /* the version of the plugin's own table */
@@ -137,6 +147,10 @@ typedef struct {
                                          its running statistics */
     uint64_t n_jacobian_tensors;
     const double *eval_logits;        /* N x n_classes: that forward's logits */
+    /* ABI 7 */
+    const double *block_jacobian;     /* the pair matrices one after another, row-major */
+    const GaBlockPair *block_pairs;   /* n_block_pairs, graph order */
+    uint64_t n_block_pairs;
 } GaInputs;
 
 /* Returns 0 and writes *out, or non-zero and a NUL-terminated message (≤ err_len bytes). */
@@ -184,7 +198,9 @@ _Static_assert(offsetof(GaInputs, struct_size) == 200, "GaInputs ABI 2 prefix");
 _Static_assert(offsetof(GaInputs, feature_maps) == 216, "GaInputs ABI 3 prefix");
 _Static_assert(offsetof(GaInputs, feature_covariance) == 248, "GaInputs ABI 4 prefix");
 _Static_assert(offsetof(GaInputs, logit_jacobian) == 264, "GaInputs ABI 5 prefix");
-_Static_assert(sizeof(GaInputs) == 288, "GaInputs layout");
+_Static_assert(offsetof(GaInputs, block_jacobian) == 288, "GaInputs ABI 6 prefix");
+_Static_assert(sizeof(GaInputs) == 312, "GaInputs layout");
+_Static_assert(sizeof(GaBlockPair) == 32, "GaBlockPair layout");
 _Static_assert(sizeof(GaFeatureLayer) == 32, "GaFeatureLayer layout");
 _Static_assert(offsetof(GaPluginTable, struct_size) == 32, "GaPluginTable ABI 2 prefix");
 _Static_assert(sizeof(GaPluginTable) == 64, "GaPluginTable layout");

@@ -24,8 +24,9 @@ use std::ffi::{c_char, c_void};
 /// (`inputs::FEATURE_MAPS`); 5 appended the per-layer channel covariance
 /// (`inputs::FEATURE_COVARIANCE`) and each feature layer's liveness (`feature_live`); 6 appended
 /// the logits' Jacobian with respect to one element of every parameter tensor
-/// (`inputs::LOGIT_JACOBIAN`).
-pub const ABI_VERSION: u32 = 6;
+/// (`inputs::LOGIT_JACOBIAN`); 7 appended the block-to-block gradient matrices of AZ-NAS's
+/// trainability (`inputs::BLOCK_JACOBIAN`).
+pub const ABI_VERSION: u32 = 7;
 /// The oldest plugin ABI this host still loads (version 2 tables are a prefix of version 3).
 pub const OLDEST_ABI_VERSION: u32 = 2;
 /// The generic exported symbol.
@@ -70,12 +71,18 @@ pub mod inputs {
     /// trainable parameter tensor, BatchNorm at its running statistics, and that forward's
     /// logits (f64); see `GaInputs::logit_jacobian`. One gradient run per class.
     pub const LOGIT_JACOBIAN: u64 = 1 << 14;
+    /// ABI 7: for each pair of consecutive block outputs (the feature maps every path to the
+    /// logits passes through), the matrix E[g_in g_outᵀ] of a random-sign vector-Jacobian
+    /// product between them; see `GaInputs::block_jacobian`.
+    pub const BLOCK_JACOBIAN: u64 = 1 << 15;
     /// Every flag this ABI version knows.
-    pub const KNOWN: u64 = (1 << 15) - 1;
+    pub const KNOWN: u64 = (1 << 16) - 1;
     /// The flags a plugin built for ABI `version` may declare.
     pub const fn known_in(version: u32) -> u64 {
-        if version >= 6 {
+        if version >= 7 {
             KNOWN
+        } else if version >= 6 {
+            (1 << 15) - 1
         } else if version >= 5 {
             (1 << 14) - 1
         } else if version >= 4 {
@@ -84,6 +91,22 @@ pub mod inputs {
             (1 << 12) - 1
         }
     }
+}
+
+/// One pair of consecutive block outputs (ABI 7): a `rows × cols` row-major f64 matrix starting
+/// at `offset` in `GaInputs::block_jacobian`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GaBlockPair {
+    /// Channels of the earlier block output times the square of the stride between the two
+    /// (its positions are folded into channels when the later output is smaller).
+    pub rows: u64,
+    /// Channels of the later block output.
+    pub cols: u64,
+    pub offset: u64,
+    /// 1 when the vector-Jacobian product returned the random signs unchanged (the block is
+    /// an identity), else 0.
+    pub identity: u64,
 }
 
 /// One layer of the feature maps: columns `offset .. offset + channels · spatial` of each
@@ -198,6 +221,11 @@ pub struct GaInputs {
     pub n_jacobian_tensors: u64,
     /// ABI 6: N × n_classes, the logits of that same eval-BatchNorm forward.
     pub eval_logits: *const f64,
+    /// ABI 7: the pair matrices one after another (`inputs::BLOCK_JACOBIAN`), described by
+    /// `block_pairs` in graph order (earliest pair first).
+    pub block_jacobian: *const f64,
+    pub block_pairs: *const GaBlockPair,
+    pub n_block_pairs: u64,
 }
 
 /// Size of [`GaInputs`] up to the end of ABI version 2's fields.
@@ -274,6 +302,8 @@ const _: () = {
     assert!(std::mem::offset_of!(GaInputs, feature_maps) == 216);
     assert!(std::mem::offset_of!(GaInputs, feature_covariance) == 248);
     assert!(std::mem::offset_of!(GaInputs, logit_jacobian) == 264);
-    assert!(std::mem::size_of::<GaInputs>() == 288);
+    assert!(std::mem::offset_of!(GaInputs, block_jacobian) == 288);
+    assert!(std::mem::size_of::<GaInputs>() == 312);
+    assert!(std::mem::size_of::<GaBlockPair>() == 32);
     assert!(std::mem::size_of::<GaFeatureLayer>() == 32);
 };

@@ -23,7 +23,7 @@ pub mod sdk;
 pub mod signs;
 
 pub use sdk::{
-    trampoline, FeatureCovariance, FeatureLayer, FeatureMaps, Grads, Inputs, LogitJacobian, Matrix,
-    Param, PluginTableHolder, Scorer, ScorerEntry,
+    trampoline, BlockJacobian, FeatureCovariance, FeatureLayer, FeatureMaps, Grads, Inputs,
+    LogitJacobian, Matrix, Param, PluginTableHolder, Scorer, ScorerEntry,
 };
 pub use signs::{PackedSigns, SignPlanes};

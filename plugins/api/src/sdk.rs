@@ -122,6 +122,45 @@ impl<'a> LogitJacobian<'a> {
     }
 }
 
+/// AZ-NAS's trainability input (ABI 7): for each pair of consecutive block outputs, in graph
+/// order, the matrix M = Σ g_in g_outᵀ / (N · positions) of one random-sign vector-Jacobian
+/// product (see docs/semantics.md), with whether the block returned the signs unchanged.
+#[derive(Clone, Debug)]
+pub struct BlockJacobian<'a> {
+    pub data: &'a [f64],
+    pub pairs: Vec<crate::abi::GaBlockPair>,
+}
+
+impl<'a> BlockJacobian<'a> {
+    /// Builds the view, checking that every pair's matrix lies inside `data`.
+    pub fn new(data: &'a [f64], pairs: Vec<crate::abi::GaBlockPair>) -> Result<Self, String> {
+        for (k, p) in pairs.iter().enumerate() {
+            let end =
+                (p.offset as usize).checked_add((p.rows as usize).saturating_mul(p.cols as usize));
+            if end.is_none_or(|e| e > data.len()) {
+                return Err(format!(
+                    "block pair {k}: a {} x {} matrix at {} does not fit in {} values",
+                    p.rows,
+                    p.cols,
+                    p.offset,
+                    data.len()
+                ));
+            }
+        }
+        Ok(BlockJacobian { data, pairs })
+    }
+    /// Pair `k`'s matrix, rows × cols.
+    pub fn pair(&self, k: usize) -> Matrix<'a, f64> {
+        let p = &self.pairs[k];
+        let (o, r, c) = (p.offset as usize, p.rows as usize, p.cols as usize);
+        Matrix {
+            data: &self.data[o..o + r * c],
+            rows: r,
+            cols: c,
+        }
+    }
+}
+
 /// The output of every Conv node, per sample: `maps` is N × units, `layers` say where each
 /// layer's block sits in a row.
 #[derive(Clone, Debug)]
@@ -412,6 +451,18 @@ impl<'a> Inputs<'a> {
             classes,
             tensors,
         })
+    }
+    /// The block-to-block matrices of AZ-NAS's trainability (declare `BLOCK_JACOBIAN`).
+    pub fn block_jacobian(&self) -> Result<BlockJacobian<'a>, String> {
+        let n = self.raw.n_block_pairs as usize;
+        let pairs = unsafe { slice(self.raw.block_pairs, n, "block pairs")? }.to_vec();
+        let len = pairs
+            .iter()
+            .map(|p| p.offset as usize + (p.rows * p.cols) as usize)
+            .max()
+            .unwrap_or(0);
+        let data = unsafe { slice(self.raw.block_jacobian, len, "block Jacobian")? };
+        BlockJacobian::new(data, pairs)
     }
     pub fn model_params(&self) -> f64 {
         self.raw.model_params

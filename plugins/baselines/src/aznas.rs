@@ -17,7 +17,12 @@
 //! kind made progressivity rank networks whose only "progress" happens in dead cells.
 
 use gradalign_plugin_api::linalg::symmetric_eigenvalues_ql;
-use gradalign_plugin_api::FeatureCovariance;
+use gradalign_plugin_api::{BlockJacobian, FeatureCovariance, Matrix};
+
+/// A block whose backward pass returns its input unchanged scores −∞ in the authors' code; a
+/// score must be finite here, so it counts as this (below any real pair's value, which is at
+/// least about −1e6 for a vanishing Jacobian).
+pub const IDENTITY_BLOCK: f64 = -1e12;
 
 /// The entropy of each live layer's normalised covariance spectrum, in graph order.
 pub fn layer_expressivity(f: &FeatureCovariance) -> Result<Vec<f64>, String> {
@@ -74,10 +79,93 @@ pub fn progressivity(f: &FeatureCovariance) -> Result<f64, String> {
         .fold(f64::INFINITY, f64::min))
 }
 
+/// The largest singular value of `m`, from the eigenvalues of its smaller Gram matrix.
+pub fn largest_singular_value(m: &Matrix<f64>) -> f64 {
+    let (r, c) = (m.rows, m.cols);
+    let k = r.min(c);
+    let mut gram = vec![0.0f64; k * k];
+    if c <= r {
+        // MᵀM, c × c.
+        for row in m.data.chunks_exact(c) {
+            for i in 0..c {
+                let v = row[i];
+                if v != 0.0 {
+                    for j in 0..c {
+                        gram[i * c + j] += v * row[j];
+                    }
+                }
+            }
+        }
+    } else {
+        // MMᵀ, r × r.
+        for i in 0..r {
+            for j in 0..r {
+                let (a, b) = (&m.data[i * c..(i + 1) * c], &m.data[j * c..(j + 1) * c]);
+                gram[i * r + j] = a.iter().zip(b).map(|(x, y)| x * y).sum();
+            }
+        }
+    }
+    let top = symmetric_eigenvalues_ql(&gram, k)
+        .into_iter()
+        .fold(0.0f64, f64::max);
+    top.max(0.0).sqrt()
+}
+
+/// AZ-NAS trainability: over consecutive block outputs, the mean of −σ − 1/(σ + 1e-6) + 2, σ the
+/// largest singular value of the pair's E[g_in g_outᵀ] (0 at σ = 1: the block neither shrinks
+/// nor amplifies the backward signal).
+pub fn trainability(b: &BlockJacobian) -> Result<f64, String> {
+    if b.pairs.is_empty() {
+        return Err("no pair of block outputs for AZ-NAS trainability".into());
+    }
+    let mut sum = 0.0;
+    for (k, p) in b.pairs.iter().enumerate() {
+        sum += if p.identity != 0 {
+            IDENTITY_BLOCK
+        } else {
+            let s = largest_singular_value(&b.pair(k));
+            if !s.is_finite() {
+                return Err(format!("block pair {k} has non-finite gradients"));
+            }
+            -s - 1.0 / (s + 1e-6) + 2.0
+        };
+    }
+    Ok(sum / b.pairs.len() as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gradalign_plugin_api::abi::GaBlockPair;
     use gradalign_plugin_api::FeatureLayer;
+
+    #[test]
+    fn trainability_by_hand() {
+        // Pair 0: diag(3, 1) → σ = 3, score −3 − 1/3 + 2 (to 1e-6). Pair 1: a 3 × 2 rank-one
+        // matrix u vᵀ with |u| = 2, |v| = 1 → σ = 2. Pair 2: an identity block.
+        let data = [3.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let pair = |rows, cols, offset, identity| GaBlockPair {
+            rows,
+            cols,
+            offset,
+            identity,
+        };
+        let two = BlockJacobian::new(&data, vec![pair(2, 2, 0, 0), pair(3, 2, 4, 0)]).unwrap();
+        let want0 = -3.0 - 1.0 / (3.0 + 1e-6) + 2.0;
+        let want1 = -2.0 - 1.0 / (2.0 + 1e-6) + 2.0;
+        let got = trainability(&two).unwrap();
+        assert!((got - (want0 + want1) / 2.0).abs() < 1e-12, "{got}");
+        // The wide orientation (2 × 3, MMᵀ) gives the same σ.
+        let wide = [0.0, 2.0, 0.0, 0.0, 0.0, 0.0];
+        let w = BlockJacobian::new(&wide, vec![pair(2, 3, 0, 0)]).unwrap();
+        assert!((largest_singular_value(&w.pair(0)) - 2.0).abs() < 1e-12);
+        let with_id = BlockJacobian::new(&data, vec![pair(2, 2, 0, 0), pair(2, 2, 0, 1)]).unwrap();
+        assert_eq!(
+            trainability(&with_id).unwrap(),
+            (want0 + IDENTITY_BLOCK) / 2.0
+        );
+        assert!(BlockJacobian::new(&data, vec![pair(3, 3, 4, 0)]).is_err());
+    }
 
     fn layer(channels: usize, live: bool) -> FeatureLayer {
         FeatureLayer {

@@ -89,6 +89,13 @@ scorer!(
     |x| aznas::progressivity(&x.feature_covariance()?)
 );
 scorer!(
+    AzTrainability,
+    "az_trainability",
+    BLOCK_JACOBIAN,
+    "AZ-NAS trainability: mean over consecutive block outputs of -s - 1/s + 2, s the spectral norm of the random-sign backward map between them",
+    |x| aznas::trainability(&x.block_jacobian()?)
+);
+scorer!(
     JacobCov,
     "jacob_cov",
     INPUT_JACOBIAN,
@@ -163,5 +170,5 @@ scorer!(
 export_plugin!(
     symbol: gradalign_baselines_plugin_table,
     name: "baselines",
-    scorers: [GradNorm, Snip, Synflow, Naswot, LinearRegions, Swap, Meco, AzExpressivity, AzProgressivity, JacobCov, Zico, NtkCond, Fisher, Grasp, Params, Flops, VkdnwEntropy, Vkdnw],
+    scorers: [GradNorm, Snip, Synflow, Naswot, LinearRegions, Swap, Meco, AzExpressivity, AzProgressivity, AzTrainability, JacobCov, Zico, NtkCond, Fisher, Grasp, Params, Flops, VkdnwEntropy, Vkdnw],
 );

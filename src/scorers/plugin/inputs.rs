@@ -46,6 +46,8 @@ pub struct InputData {
     pub feature_maps: Option<FeatureMaps>,
     /// The logits' Jacobian with respect to element 0 of every parameter tensor (ABI 6).
     pub logit_jacobian: Option<LogitJacobian>,
+    /// AZ-NAS trainability's block-to-block matrices (ABI 7).
+    pub block_jacobian: Option<crate::inputs::block_jacobian::BlockJacobian>,
 }
 
 /// The C view of an [`InputData`]; owns the strings and arrays the pointers refer to.
@@ -207,6 +209,18 @@ impl InputData {
                 .logit_jacobian
                 .as_ref()
                 .map_or(std::ptr::null(), |j| j.logits.as_ptr()),
+            block_jacobian: self
+                .block_jacobian
+                .as_ref()
+                .map_or(std::ptr::null(), |b| b.data.as_ptr()),
+            block_pairs: self
+                .block_jacobian
+                .as_ref()
+                .map_or(std::ptr::null(), |b| b.pairs.as_ptr()),
+            n_block_pairs: self
+                .block_jacobian
+                .as_ref()
+                .map_or(0, |b| b.pairs.len() as u64),
         };
         RawInputs {
             inputs,
@@ -277,6 +291,11 @@ pub fn masked(raw: &GaInputs, flags: u64) -> GaInputs {
         m.logit_jacobian = std::ptr::null();
         m.n_jacobian_tensors = 0;
         m.eval_logits = std::ptr::null();
+    }
+    if !has(BLOCK_JACOBIAN) {
+        m.block_jacobian = std::ptr::null();
+        m.block_pairs = std::ptr::null();
+        m.n_block_pairs = 0;
     }
     if !has(MODEL_INFO) {
         m.model_params = f64::NAN;

@@ -213,6 +213,19 @@ pub fn encode(d: &InputData, flags: u64) -> Vec<u8> {
         }
         _ => w.u64(0),
     }
+    match &d.block_jacobian {
+        Some(b) if has(flag::BLOCK_JACOBIAN) => {
+            w.u64(1);
+            w.f64s(&b.data);
+            w.u64(b.pairs.len() as u64);
+            for (p, (from, to)) in b.pairs.iter().zip(&b.names) {
+                w.u64s(&[p.rows, p.cols, p.offset, p.identity]);
+                w.str(from);
+                w.str(to);
+            }
+        }
+        _ => w.u64(0),
+    }
     w.0
 }
 
@@ -359,6 +372,32 @@ pub fn decode(b: &[u8]) -> Result<InputData> {
             names,
             runtime: "",
         });
+    }
+    if r.u64()? == 1 {
+        let data = r.f64s()?;
+        let count = r.len(32)?;
+        let mut b = crate::inputs::block_jacobian::BlockJacobian {
+            data,
+            ..Default::default()
+        };
+        for _ in 0..count {
+            let v = r.u64s()?;
+            let &[rows, cols, offset, identity] = v.as_slice() else {
+                bail!("block pair of {} fields", v.len());
+            };
+            let end = offset.saturating_add(rows.saturating_mul(cols));
+            if end > b.data.len() as u64 {
+                bail!("block pair outside the block Jacobian data");
+            }
+            b.pairs.push(crate::inputs::block_jacobian::BlockPair {
+                rows,
+                cols,
+                offset,
+                identity,
+            });
+            b.names.push((r.str()?, r.str()?));
+        }
+        d.block_jacobian = Some(b);
     }
     Ok(d)
 }
@@ -517,6 +556,17 @@ mod tests {
                 names: vec!["w".into(), "b".into()],
                 runtime: "",
             }),
+            block_jacobian: Some(crate::inputs::block_jacobian::BlockJacobian {
+                data: (0..8).map(f64::from).collect(),
+                pairs: vec![crate::inputs::block_jacobian::BlockPair {
+                    rows: 4,
+                    cols: 2,
+                    offset: 0,
+                    identity: 1,
+                }],
+                names: vec![("a".into(), "b".into())],
+                runtime: "",
+            }),
             model_params: 2.0,
             model_flops: f64::NAN,
             ..Default::default()
@@ -533,6 +583,7 @@ mod tests {
         assert_eq!(e.relu_codes, d.relu_codes);
         assert_eq!(e.feature_maps, d.feature_maps);
         assert_eq!(e.logit_jacobian, d.logit_jacobian);
+        assert_eq!(e.block_jacobian, d.block_jacobian);
         // The covariance travels without the maps when only it was declared.
         let cov = decode(&encode(&d, flag::FEATURE_COVARIANCE)).unwrap();
         let f = cov.feature_maps.unwrap();
@@ -543,6 +594,7 @@ mod tests {
         let only_labels = decode(&encode(&d, flag::LABELS)).unwrap();
         assert!(only_labels.grads.is_none() && only_labels.param_values.is_none());
         assert!(only_labels.logit_jacobian.is_none());
+        assert!(only_labels.block_jacobian.is_none());
         assert!(decode(&encode(&d, all)[..20]).is_err());
     }
 }

@@ -73,6 +73,7 @@ pub fn input_names(flags: u64) -> Vec<&'static str> {
         (FEATURE_MAPS, "feature-maps"),
         (FEATURE_COVARIANCE, "feature-covariance"),
         (LOGIT_JACOBIAN, "logit-jacobian"),
+        (BLOCK_JACOBIAN, "block-jacobian"),
     ];
     all.iter()
         .filter(|(f, _)| flags & f != 0)
