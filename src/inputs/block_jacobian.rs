@@ -10,10 +10,10 @@ use anyhow::{bail, Result};
 use crate::autodiff::blocks::{rademacher, BlockVjpOutput};
 use crate::autodiff::builder::{GraphSpec, Loss};
 use crate::autodiff::GradOptions;
-use crate::inputs::engine::build_graph_with;
+use crate::inputs::engine::load_probe_graph;
 use crate::inputs::probe::Probe;
 use crate::onnx::Model;
-use crate::runtime::{self, Backend, Device};
+use crate::runtime::{Backend, Device};
 
 pub use gradalign_plugin_api::abi::GaBlockPair as BlockPair;
 
@@ -41,13 +41,7 @@ pub fn block_jacobian(
         block_vjps: true,
         ..Default::default()
     };
-    let (an, gg) = build_graph_with(model, probe.sample_shape(), probe.len(), opts, spec)?;
-    let runner = runtime::load(
-        &gg.model,
-        backend,
-        device,
-        an.float == crate::onnx::DType::F64,
-    )?;
+    let (an, gg, runner) = load_probe_graph(model, probe, opts, spec, backend, device)?;
     let images = probe.images_tensor().cast(an.float);
     let mut out = BlockJacobian {
         runtime: runner.name(),

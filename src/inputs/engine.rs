@@ -118,6 +118,26 @@ pub fn build_graph_with(
     Ok((an, gg))
 }
 
+/// The graph `spec` asks for on the probe's shape, loaded on `backend`/`device`: what every extra
+/// input pass starts from.
+pub fn load_probe_graph(
+    model: &Model,
+    probe: &Probe,
+    opts: GradOptions,
+    spec: GraphSpec,
+    backend: Backend,
+    device: Device,
+) -> Result<(Analysis, GradGraph, Box<dyn runtime::GraphRunner>)> {
+    let (an, gg) = build_graph_with(model, probe.sample_shape(), probe.len(), opts, spec)?;
+    let runner = runtime::load(
+        &gg.model,
+        backend,
+        device,
+        an.float == crate::onnx::DType::F64,
+    )?;
+    Ok((an, gg, runner))
+}
+
 /// The gradient graph of an analysed model, refused when its estimate exceeds `--max-memory`.
 fn build_from(an: &Analysis, spec: GraphSpec) -> Result<GradGraph> {
     let (n, opts) = (an.n, an.opts);

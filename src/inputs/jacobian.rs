@@ -10,10 +10,10 @@ use ndarray::Array1;
 
 use crate::autodiff::builder::{GraphSpec, Loss};
 use crate::autodiff::{BnMode, GradOptions, ParamSelect};
-use crate::inputs::engine::build_graph_with;
+use crate::inputs::engine::load_probe_graph;
 use crate::inputs::probe::Probe;
 use crate::onnx::Model;
-use crate::runtime::{self, Backend, Device, OutputData};
+use crate::runtime::{Backend, Device, OutputData};
 
 /// `data[(i · classes + c) · tensors + t]` = ∂ logit_c(x_i) / ∂ θ_t[0], where θ_t is the t-th
 /// trainable float initializer in the model's initializer order (a parameter that cannot reach
@@ -47,13 +47,7 @@ pub fn logit_jacobian(
         ..Default::default()
     };
     let n = probe.len();
-    let (an, gg) = build_graph_with(model, probe.sample_shape(), n, opts, spec)?;
-    let runner = runtime::load(
-        &gg.model,
-        backend,
-        device,
-        an.float == crate::onnx::DType::F64,
-    )?;
+    let (an, gg, runner) = load_probe_graph(model, probe, opts, spec, backend, device)?;
     let images = probe.images_tensor().cast(an.float);
     let classes = an.num_classes;
     // Output k ≥ 1 is the gradient block of the (k-1)-th reachable parameter.

@@ -10,7 +10,7 @@ use ndarray::{ArrayD, IxDyn};
 
 use crate::autodiff::builder::{GradGraph, GraphSpec, Loss};
 use crate::autodiff::{GradOptions, ParamSelect, Precision};
-use crate::inputs::engine::build_graph_with;
+use crate::inputs::engine::{build_graph_with, load_probe_graph};
 use crate::inputs::probe::Probe;
 use crate::onnx::{HostTensor, Model};
 use crate::runtime::{self, Backend, Device};
@@ -63,13 +63,7 @@ pub fn probe_pass(
         feature_maps: want.feature_maps || want.feature_covariance,
         ..Default::default()
     };
-    let (an, gg) = build_graph_with(model, probe.sample_shape(), probe.len(), opts, spec)?;
-    let runner = runtime::load(
-        &gg.model,
-        backend,
-        device,
-        an.float == crate::onnx::DType::F64,
-    )?;
+    let (an, gg, runner) = load_probe_graph(model, probe, opts, spec, backend, device)?;
     let outs = runner.run(&probe.images_tensor().cast(an.float), &probe.labels)?;
     let n = probe.len();
     let mut next = 1; // output 0: logits

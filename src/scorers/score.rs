@@ -422,6 +422,11 @@ pub fn score_model(
                 if runtime == "none" {
                     runtime = j.runtime.to_string();
                 }
+                // The pass's cost grows with the classes: say what was paid.
+                notes.push(format!(
+                    "logit-Jacobian pass (vkdnw): {} gradient runs, one per class",
+                    j.classes
+                ));
                 for d in [selected.as_mut(), all_params.as_mut()]
                     .into_iter()
                     .flatten()

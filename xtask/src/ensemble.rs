@@ -25,11 +25,12 @@ pub struct Options {
 
 /// The score tables the NB201 benchmark committed, joined by architecture index: the main run
 /// and the later runs of added scorers on the same architectures and weights.
-const TABLES: [&str; 4] = [
+const TABLES: [&str; 5] = [
     "docs/results/nb201/scores.csv",
     "docs/results/nb201/swap/scores.csv",
     "docs/results/nb201/features/scores.csv",
     "docs/results/nb201/vkdnw/scores.csv",
+    "docs/results/nb201/trainability/scores.csv",
 ];
 
 /// index → scorer → value (None where the scorer failed).
