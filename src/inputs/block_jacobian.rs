@@ -6,6 +6,7 @@
 //! graph run computes every pair.
 
 use anyhow::{bail, Result};
+use ndarray::Array2;
 
 use crate::autodiff::blocks::{rademacher, BlockVjpOutput};
 use crate::autodiff::builder::{GraphSpec, Loss};
@@ -98,37 +99,33 @@ pub fn pair_matrix(b: &BlockVjpOutput, g: &[f64]) -> Result<(Vec<f64>, BlockPair
     }
     let signs = rademacher(b.seed, n * co * ho * wo);
     let identity = b.from_shape == b.to_shape && g == signs.as_slice();
-    // Signs as [n, ho, wo, co], so the inner loop runs over contiguous columns.
-    let mut s = vec![0.0; signs.len()];
-    for i in 0..n {
-        for c in 0..co {
-            for p in 0..ho * wo {
-                s[(i * ho * wo + p) * co + c] = signs[(i * co + c) * ho * wo + p];
-            }
-        }
-    }
-    let rows = ci * st * st;
-    let mut m = vec![0.0f64; rows * co];
+    // Rows (sample, output position), columns channels: the folded g_in and the signs; then
+    // M = Aᵀ S as one matrix product (ndarray's GEMM: a layer of NB101 is ~1 G multiply-adds).
+    let (positions, rows) = (n * ho * wo, ci * st * st);
+    let mut a = Array2::<f64>::zeros((positions, rows));
     for i in 0..n {
         for c in 0..ci {
             for y in 0..hi {
                 for x in 0..wi {
-                    let v = g[((i * ci + c) * hi + y) * wi + x];
-                    if v == 0.0 {
-                        continue;
-                    }
                     let row = c * st * st + (y % st) * st + x % st;
-                    let at = (i * ho * wo + (y / st) * wo + x / st) * co;
-                    let dst = &mut m[row * co..(row + 1) * co];
-                    for (d, &sv) in dst.iter_mut().zip(&s[at..at + co]) {
-                        *d += v * sv;
-                    }
+                    let at = i * ho * wo + (y / st) * wo + x / st;
+                    a[[at, row]] = g[((i * ci + c) * hi + y) * wi + x];
                 }
             }
         }
     }
+    let mut s = Array2::<f64>::zeros((positions, co));
+    for i in 0..n {
+        for c in 0..co {
+            for p in 0..ho * wo {
+                s[[i * ho * wo + p, c]] = signs[(i * co + c) * ho * wo + p];
+            }
+        }
+    }
+    let m = a.t().dot(&s);
+    let m: Vec<f64> = m.iter().copied().collect();
     let scale = 1.0 / (n * ho * wo) as f64;
-    m.iter_mut().for_each(|v| *v *= scale);
+    let m: Vec<f64> = m.into_iter().map(|v| v * scale).collect();
     let pair = BlockPair {
         rows: rows as u64,
         cols: co as u64,
