@@ -8,9 +8,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// The data flow, first to last; `tools` sits beside it and may use all of it.
+/// The data flow, first to last (`rng` under everything); `tools` sits beside it and may use
+/// all of it.
 const LAYERS: &[&str] = &[
-    "onnx", "autodiff", "runtime", "inputs", "scorers", "results", "tools",
+    "rng", "onnx", "autodiff", "runtime", "inputs", "scorers", "results", "tools",
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -19,6 +19,7 @@ pub mod autodiff;
 pub mod inputs;
 pub mod onnx;
 pub mod results;
+pub mod rng;
 pub mod runtime;
 pub mod scorers;
 pub mod tools;

@@ -43,21 +43,8 @@ pub struct BlockVjpOutput {
 
 /// `len` values ±1 from SplitMix64 started at `seed`: bit 63 of each output set means −1.
 pub fn rademacher(seed: u64, len: usize) -> Vec<f64> {
-    let mut state = seed;
-    (0..len)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            if z >> 63 == 1 {
-                -1.0
-            } else {
-                1.0
-            }
-        })
-        .collect()
+    let mut rng = crate::rng::Rng(seed);
+    (0..len).map(|_| rng.sign()).collect()
 }
 
 /// The seed of pair `k`'s signs.

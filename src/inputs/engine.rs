@@ -129,13 +129,23 @@ pub fn load_probe_graph(
     device: Device,
 ) -> Result<(Analysis, GradGraph, Box<dyn runtime::GraphRunner>)> {
     let (an, gg) = build_graph_with(model, probe.sample_shape(), probe.len(), opts, spec)?;
-    let runner = runtime::load(
+    let runner = load_runner(&an, &gg, backend, device)?;
+    Ok((an, gg, runner))
+}
+
+/// A built gradient graph loaded on `backend`/`device`, in the analysis' float type.
+fn load_runner(
+    an: &Analysis,
+    gg: &GradGraph,
+    backend: Backend,
+    device: Device,
+) -> Result<Box<dyn runtime::GraphRunner>> {
+    runtime::load(
         &gg.model,
         backend,
         device,
         an.float == crate::onnx::DType::F64,
-    )?;
-    Ok((an, gg, runner))
+    )
 }
 
 /// The gradient graph of an analysed model, refused when its estimate exceeds `--max-memory`.
@@ -233,12 +243,9 @@ pub fn per_sample_grads_on(
         check_classes(an.num_classes)?;
     }
     probe.check_labels(an.num_classes)?;
-    let runner = runtime::load(
-        &gg.model,
-        backend,
-        device,
-        an.float == crate::onnx::DType::F64,
-    )?;
+    // Not `load_probe_graph`: the analysis of the whole probe is reused when it runs at once,
+    // and the class and label checks come before the (slow) session creation.
+    let runner = load_runner(&an, &gg, backend, device)?;
     let build_seconds = t0.elapsed().as_secs_f64();
 
     let mut layout = vec![];

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use gradalign::results::ensemble::{log_rank_sum, EnsembleScore, DEFAULT_MEMBERS};
+use gradalign::rng::Rng;
 use gradalign::tools::stats::{kendall_tau_b, spearman};
 
 use crate::nb201::load_archs;
@@ -84,18 +85,6 @@ pub fn load_scores(root: &Path) -> Result<NbScores> {
     Ok(out)
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
 /// τ-b with its bootstrap 95 % interval (percentiles of `reps` resamples of the architectures).
 fn tau_ci(score: &[f64], acc: &[f64], reps: usize, seed: u64) -> Option<(f64, f64, f64)> {
     let tau = kendall_tau_b(score, acc)?;
@@ -103,7 +92,9 @@ fn tau_ci(score: &[f64], acc: &[f64], reps: usize, seed: u64) -> Option<(f64, f6
     let n = score.len();
     let mut taus: Vec<f64> = (0..reps)
         .filter_map(|_| {
-            let idx: Vec<usize> = (0..n).map(|_| (rng.next() % n as u64) as usize).collect();
+            let idx: Vec<usize> = (0..n)
+                .map(|_| (rng.next_u64() % n as u64) as usize)
+                .collect();
             let s: Vec<f64> = idx.iter().map(|&i| score[i]).collect();
             let a: Vec<f64> = idx.iter().map(|&i| acc[i]).collect();
             kendall_tau_b(&s, &a)

@@ -3,8 +3,10 @@
 //! Gradients:
 //! - input: `ConvTranspose(dY, W)` with the same strides/pads/dilations/groups, zero-padded at
 //!   the end for rows the forward stride skipped;
-//! - weight, per sample: im2col with one strided `Slice` of the padded input per kernel offset,
-//!   stacked to `[N, g, Cin/g·K, P]`, then one batched `MatMul` with `dY` as `[N, g, Cout/g, P]`;
+//! - weight, per sample: im2col as one convolution of every input channel with one one-hot
+//!   kernel per offset, `[N, g, Cin/g·K, P]`, then one batched `MatMul` with `dY` as
+//!   `[N, g, Cout/g, P]` (a samples-as-groups convolution, `Conv(Xᵀ, dY, group = N)`, measured
+//!   no faster on ORT's CPU kernels, so it is not used);
 //! - bias, per sample: `ReduceSum(dY)` over the spatial axes.
 
 use anyhow::{bail, Result};

@@ -51,39 +51,7 @@ pub fn parse_arch(arch: &str) -> Result<Vec<Vec<(String, usize)>>> {
     Ok(nodes)
 }
 
-/// SplitMix64: a tiny, fully specified generator so that a seed means the same weights on
-/// every platform and version.
-/// SplitMix64: the seeded generator of the zoo, the perturbations and the fuzzer.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-b, b).
-    fn uniform(&mut self, b: f64) -> f32 {
-        let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        ((2.0 * u - 1.0) * b) as f32
-    }
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Uniform in 0..n.
-    pub fn below(&mut self, n: usize) -> usize {
-        ((self.unit() * n as f64) as usize).min(n - 1)
-    }
-    /// Standard normal (Box–Muller, one draw per call).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.unit(); // (0, 1]: ln is finite
-        let u2 = self.unit();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
-}
+pub use crate::rng::Rng;
 
 /// How the zoo draws Conv and Linear weights.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
