@@ -2,9 +2,10 @@
 //!
 //! Gradients scatter `dY` back with a `ConvTranspose` whose kernel is all ones (average: after
 //! dividing by the host-computed count of each window; at stride and dilation 1 a depthwise
-//! all-ones `Conv` over the mirrored window does the same sum faster) or one-hot per kernel offset (max: the
-//! first maximal position of each window, as PyTorch picks it, found with strided `Slice` +
-//! `Equal`). tract has no `MaxUnpool`, so this stays in standard ops.
+//! all-ones `Conv` over the mirrored window does the same sum faster) or one-hot per kernel
+//! offset (max: the first maximal position of each window, as PyTorch picks it: every window's
+//! values from one one-hot `Conv`, `Equal` to the output, the first equal offset by `CumSum`).
+//! tract has no `MaxUnpool`, so this stays in standard ops.
 
 use anyhow::{bail, Result};
 use ndarray::{ArrayD, IxDyn};
@@ -267,26 +268,47 @@ pub fn backward(
         f32::MIN as f64
     };
     let xp = b.em.pad(&x, &pads, lowest);
-    let y = node.outputs[0].clone();
-    let axes: Vec<i64> = (2..2 + d as i64).collect();
-    let steps: Vec<i64> = g.strides.iter().map(|&s| s as i64).collect();
-    let mut remaining = b.em.scalar(1.0);
-    let mut parts = vec![];
-    for off in kernel_offsets(&g.kernel) {
-        let starts: Vec<i64> = (0..d).map(|i| (off[i] * g.dilations[i]) as i64).collect();
-        let ends: Vec<i64> = (0..d)
-            .map(|i| starts[i] + ((out[i] - 1) * g.strides[i]) as i64 + 1)
-            .collect();
-        let s = b.em.slice(&xp, &starts, &ends, &axes, &steps);
-        let eq = b.em.op("Equal", &[&s, &y], vec![]);
-        let eqf = b.em.cast_float(&eq);
-        let m = b.em.mul(&eqf, &remaining);
-        remaining = b.em.sub(&remaining, &m);
-        let routed = b.em.mul(&m, &dy);
-        parts.push(b.em.reshape(&routed, &flat));
+    // Every window's values side by side, [N·C, K, out...], in one convolution of each channel
+    // with a one-hot kernel per offset (exact: one product by 1, the rest by 0).
+    let mut padded = vec![n * c, 1];
+    padded
+        .extend((0..d).map(|i| ix.shape[2 + i] + pads[2 + i] as usize + pads[d + 4 + i] as usize));
+    let xr = b.em.reshape(&xp, &padded);
+    let offsets = kernel_offsets(&g.kernel);
+    let k = offsets.len();
+    let mut wshape = vec![k, 1];
+    wshape.extend(&g.kernel);
+    let mut onehot = ArrayD::<f64>::zeros(IxDyn(&wshape));
+    for (j, off) in offsets.iter().enumerate() {
+        let mut idx = vec![j, 0];
+        idx.extend(off);
+        onehot[IxDyn(&idx)] = 1.0;
     }
-    let k = parts.len();
-    let stacked = b.em.concat(&parts, 1);
+    let wk = b.em.floats(onehot);
+    let v = |x: &[usize]| x.iter().map(|&d| d as i64).collect::<Vec<_>>();
+    let windows = b.em.op(
+        "Conv",
+        &[&xr, &wk],
+        vec![
+            attr::ints("kernel_shape", &v(&g.kernel)),
+            attr::ints("strides", &v(&g.strides)),
+            attr::ints("dilations", &v(&g.dilations)),
+        ],
+    );
+    // The first maximal offset of each window: equal to the output, and the first such one in
+    // offset order (its running count of equal offsets is 1).
+    let yr = b.em.reshape(&node.outputs[0], &flat);
+    let eq = b.em.op("Equal", &[&windows, &yr], vec![]);
+    let eqf = b.em.cast_float(&eq);
+    let axis =
+        b.em.konst(crate::onnx::HostTensor::I64(ndarray::arr0(1i64).into_dyn()));
+    let count = b.em.op("CumSum", &[&eqf, &axis], vec![]);
+    let one = b.em.scalar(1.0);
+    let first = b.em.op("Equal", &[&count, &one], vec![]);
+    let firstf = b.em.cast_float(&first);
+    let mask = b.em.mul(&eqf, &firstf);
+    let dyr = b.em.reshape(&dy, &flat);
+    let stacked = b.em.mul(&mask, &dyr);
     Ok(vec![Some(scatter(
         b, &g, &stacked, k, false, &ix.shape, &out,
     ))])
