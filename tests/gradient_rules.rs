@@ -744,3 +744,64 @@ fn reduce_max_and_min() {
     let z = head(&mut g, &cat, 3 * 4 * 4 + 4 * 4, 3);
     check(&g, &z, 3, BnMode::Sample, ParamSelect::All);
 }
+
+/// Finite differences cannot see ties, so this pins the rule PyTorch uses: a window whose
+/// maximum is taken at several positions passes its whole gradient to the first of them in
+/// row-major order. Two input channels meet in a 1×1 Conv with weights (1, 1), so tied outputs
+/// come from different channels and the Conv weight gradient says which position was chosen.
+#[test]
+fn max_pool_ties_route_to_the_first_maximum() {
+    use gradalign::inputs::engine::per_sample_grads_with;
+    use gradalign::inputs::probe::Probe;
+    use gradalign::runtime::Backend;
+    let mut g = GraphSpec::new(&[2, 2, 2], 3);
+    let w = g.tensor(
+        "c.w",
+        HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[1, 2, 1, 1]), vec![1.0, 1.0]).unwrap()),
+    );
+    let c = g.node("Conv", &["x", &w], vec![]);
+    let p = g.node(
+        "MaxPool",
+        &[&c],
+        vec![a_ints("kernel_shape", &[2, 2]), a_ints("strides", &[2, 2])],
+    );
+    let z = head(&mut g, &p, 1, 2);
+    let model = g.model(&z);
+    // Sample 0: the maximum 1 at (0, 0) from channel 0 and at (0, 1) from channel 1.
+    // Sample 1: the maximum 2 at (1, 0) from channel 1 and at (1, 1) from channel 0.
+    let images = ArrayD::from_shape_vec(
+        IxDyn(&[2, 2, 2, 2]),
+        vec![
+            1.0, 0.0, 0.0, 0.0, // sample 0, channel 0
+            0.0, 1.0, 0.0, 0.0, // sample 0, channel 1
+            0.0, 0.0, 0.0, 2.0, // sample 1, channel 0
+            0.0, 0.0, 2.0, 0.0, // sample 1, channel 1
+        ],
+    )
+    .unwrap();
+    let probe = Probe {
+        images,
+        labels: ndarray::Array1::from(vec![0i64, 1]),
+        source: "ties".into(),
+    };
+    let mut backends = vec![Backend::Tract];
+    if gradalign::runtime::ort::unavailable_reason().is_none() {
+        backends.push(Backend::Ort);
+    }
+    for backend in backends {
+        let mut o = opts(BnMode::Sample, ParamSelect::Weights);
+        if backend == Backend::Ort {
+            // ONNX Runtime's CPU Conv is float32 only.
+            o.precision = gradalign::autodiff::Precision::F32;
+        }
+        let r = per_sample_grads_with(&model, &probe, o, false, backend).unwrap();
+        let e = r.layout.iter().find(|e| e.name == "c.w").unwrap();
+        let a = r.grads.to_f64();
+        let row = |s: usize| [a[[s, e.offset]], a[[s, e.offset + 1]]];
+        // dL/dw_c = dL/dy at the chosen position · x_c there: only the first tied position's
+        // channel may get a gradient.
+        let (s0, s1) = (row(0), row(1));
+        assert!(s0[0] != 0.0 && s0[1] == 0.0, "{backend:?}: sample 0 {s0:?}");
+        assert!(s1[1] != 0.0 && s1[0] == 0.0, "{backend:?}: sample 1 {s1:?}");
+    }
+}
