@@ -16,6 +16,10 @@ pub struct Backward<'a> {
     pub needs: &'a HashSet<String>,
     /// Probe batch size.
     pub n: usize,
+    /// Only element 0 of each parameter's gradient will be read (`GraphSpec::first_element_grads`):
+    /// a rule may return a gradient whose element 0 is right and which broadcasts against the
+    /// full shape instead of the full gradient, where that is much cheaper (Conv weights).
+    pub first_element: bool,
 }
 
 impl<'a> Backward<'a> {

@@ -179,7 +179,7 @@ pub(super) fn emit_block_vjps(
         let signs = rademacher(seed, to_shape.iter().product());
         let signs = em.floats(ArrayD::from_shape_vec(IxDyn(&to_shape), signs)?);
         let mut grads = HashMap::from([(to.clone(), signs)]);
-        reverse_sweep(em, an, &reach, &mut grads)?;
+        reverse_sweep(em, an, &reach, &mut grads, false)?;
         let Some(g) = grads.get(from) else {
             bail!("block output '{to}' does not depend on the earlier block output '{from}'");
         };

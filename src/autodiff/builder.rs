@@ -108,6 +108,9 @@ pub struct GraphSpec {
     pub feature_maps: bool,
     /// AZ-NAS trainability's vector-Jacobian products between consecutive block outputs.
     pub block_vjps: bool,
+    /// Every `grad:<param>` output holds element 0 of the parameter's gradient only, `[N, 1]`
+    /// (VKDNW's logit Jacobian), which spares the per-sample weight gradients of Conv layers.
+    pub first_element_grads: bool,
 }
 
 impl Default for GraphSpec {
@@ -120,6 +123,7 @@ impl Default for GraphSpec {
             relu_input_rank: None,
             feature_maps: false,
             block_vjps: false,
+            first_element_grads: false,
         }
     }
 }
@@ -218,7 +222,13 @@ impl<'a> GradGraphBuilder<'a> {
         if needs.contains(&an.logits) {
             grads.insert(an.logits.clone(), dlogits);
         }
-        reverse_sweep(&mut em, an, &needs, &mut grads)?;
+        reverse_sweep(
+            &mut em,
+            an,
+            &needs,
+            &mut grads,
+            self.spec.first_element_grads,
+        )?;
 
         // Outputs.
         let mut outputs = vec![value_info(
@@ -237,13 +247,20 @@ impl<'a> GradGraphBuilder<'a> {
             let output = match grads.get(&p.name) {
                 Some(g) => {
                     let name = format!("grad:{}", p.name);
+                    let (g, units) = if self.spec.first_element_grads {
+                        let shape = em.i64s(&[an.n as i64, -1]);
+                        let flat = em.op("Reshape", &[g, &shape], vec![]);
+                        (em.slice(&flat, &[0], &[1], &[1], &[1]), 1)
+                    } else {
+                        (g.clone(), p.numel())
+                    };
                     let out = Exposed {
                         name: &name,
                         node: &p.name,
                         dtype: an.float,
-                        units: p.numel(),
+                        units,
                     };
-                    expose(&mut em, &mut outputs, g, an.n, out);
+                    expose(&mut em, &mut outputs, &g, an.n, out);
                     Some(name)
                 }
                 None => None,

@@ -30,12 +30,14 @@ pub fn reverse_sweep(
     an: &Analysis,
     needs: &HashSet<String>,
     grads: &mut HashMap<String, String>,
+    first_element: bool,
 ) -> Result<()> {
     let mut b = Backward {
         em,
         infos: &an.infos,
         needs,
         n: an.n,
+        first_element,
     };
     for node in an.nodes.iter().rev() {
         let dys: Vec<Option<String>> = node.outputs.iter().map(|o| grads.get(o).cloned()).collect();

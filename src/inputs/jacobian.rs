@@ -3,7 +3,8 @@
 //! information (docs/semantics.md, Scorers). One graph whose differentiated scalar is the logit
 //! of the sample's label ([`Loss::LabelLogit`]) is built once and run once per class with every
 //! label set to that class: run c's per-sample gradients are row c of every sample's Jacobian.
-//! Only column 0 of each parameter's gradient block is kept, read in place.
+//! Only element 0 of each parameter's gradient is output (`first_element_grads`), and Conv
+//! weights compute just that element instead of their whole per-sample gradient.
 
 use anyhow::{bail, Result};
 use ndarray::Array1;
@@ -44,6 +45,7 @@ pub fn logit_jacobian(
     };
     let spec = GraphSpec {
         loss: Loss::LabelLogit,
+        first_element_grads: true,
         ..Default::default()
     };
     let n = probe.len();
@@ -54,7 +56,8 @@ pub fn logit_jacobian(
     let mut column_of_output = vec![];
     for (t, g) in gg.grads.iter().enumerate() {
         if g.output.is_some() {
-            column_of_output.push((t, an.params[g.param].numel()));
+            // Element 0 of the parameter's gradient only (`first_element_grads`).
+            column_of_output.push((t, 1));
         }
     }
     let tensors = gg.grads.len();

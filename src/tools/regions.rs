@@ -166,8 +166,7 @@ pub fn relu_codes(
         input_grad: false,
         relu_codes: true,
         relu_input_rank: inputs.relu_input_rank,
-        feature_maps: false,
-        block_vjps: false,
+        ..Default::default()
     };
     let n = first.shape()[0];
     let (an, gg) = build_graph_with(model, &first.shape()[1..], n, opts, spec)?;

@@ -202,7 +202,9 @@ pub fn backward(
     if b.needs_input(node, 0) {
         dx[0] = Some(input_grad(b, &g, &dy, &w, &iw.shape, &ix.shape, &y_shape));
     }
-    if b.needs_input(node, 1) {
+    if b.needs_input(node, 1) && b.first_element {
+        dx[1] = Some(first_weight_grad(b, &g, &x, &dy, &y_shape));
+    } else if b.needs_input(node, 1) {
         let cin = ix.shape[1];
         let cout = iw.shape[0];
         let p: usize = y_shape[2..].iter().product();
@@ -240,4 +242,37 @@ pub fn backward(
         dx[2] = Some(b.em.reduce_sum(&dy, &axes, false));
     }
     Ok(dx)
+}
+
+/// Element 0 of the per-sample weight gradient, shaped `[N, 1, 1, ...]` (weight rank + 1) so
+/// that it broadcasts against a full gradient: `Σ_q dY[n, 0, q] · Xpad[n, 0, q·s]`, output
+/// channel 0 against input channel 0 at kernel offset 0 (group 0 holds both).
+fn first_weight_grad(
+    b: &mut Backward,
+    g: &ConvGeom,
+    x: &str,
+    dy: &str,
+    yshape: &[usize],
+) -> String {
+    let d = g.spatial();
+    let x0 = b.em.slice(x, &[0], &[1], &[1], &[1]);
+    let mut pads = vec![0i64; 2 * (d + 2)];
+    for i in 0..d {
+        pads[2 + i] = g.pads[i] as i64;
+        pads[d + 4 + i] = g.pads[i + d] as i64;
+    }
+    let xp = b.em.pad(&x0, &pads, 0.0);
+    let axes: Vec<i64> = (2..2 + d as i64).collect();
+    let ends: Vec<i64> = (0..d)
+        .map(|i| ((yshape[2 + i] - 1) * g.strides[i]) as i64 + 1)
+        .collect();
+    let steps: Vec<i64> = g.strides.iter().map(|&s| s as i64).collect();
+    let xs = b.em.slice(&xp, &vec![0; d], &ends, &axes, &steps);
+    let dy0 = b.em.slice(dy, &[0], &[1], &[1], &[1]);
+    let prod = b.em.mul(&dy0, &xs);
+    let all: Vec<usize> = (1..2 + d).collect();
+    let s = b.em.reduce_sum(&prod, &all, false);
+    let mut shape = vec![b.n];
+    shape.extend(std::iter::repeat_n(1, d + 2));
+    b.em.reshape(&s, &shape)
 }
