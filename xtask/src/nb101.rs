@@ -81,6 +81,10 @@ impl Options {
     }
 }
 
+/// The cell columns of a score table after its hash: the vertex count, the adjacency matrix
+/// (row-major bits) and the ops (`|`-separated), as in `data/nb101_accuracies.csv`.
+pub const ARCH_COLUMNS: &str = "vertices,adjacency,ops";
+
 /// The score tables of `bench nb101`: the gradient run and the later feature-map run over the
 /// same sampled cells and weights.
 pub const SCORE_TABLES: [&str; 2] = [
@@ -120,10 +124,11 @@ pub fn load_scores(root: &Path) -> Result<Option<Nb101Scores>> {
         let mut lines = text.lines();
         let head: Vec<&str> = lines.next().context("empty table")?.split(',').collect();
         let k = head.len();
-        if k < 4 || head[0] != "hash" || head[1] != "vertices" || head[k - 1] != "test_acc" {
-            bail!("{table}: expected hash,vertices,<scorers…>,val_acc,test_acc");
+        let first = 1 + ARCH_COLUMNS.split(',').count();
+        if k < first + 2 || head[1..first].join(",") != ARCH_COLUMNS || head[k - 1] != "test_acc" {
+            bail!("{table}: expected hash,{ARCH_COLUMNS},<scorers…>,val_acc,test_acc");
         }
-        let scorers = &head[2..k - 2];
+        let scorers = &head[first..k - 2];
         for s in scorers {
             if !out.columns.iter().any(|c| c == s) {
                 out.columns.push(s.to_string());
@@ -139,7 +144,7 @@ pub fn load_scores(root: &Path) -> Result<Option<Nb101Scores>> {
             }
             let row = out.scores.entry(f[0].to_string()).or_default();
             for (j, s) in scorers.iter().enumerate() {
-                if let Some(v) = f[j + 2].parse::<f64>().ok().filter(|v| v.is_finite()) {
+                if let Some(v) = f[j + first].parse::<f64>().ok().filter(|v| v.is_finite()) {
                     // The first table to hold a scorer wins.
                     row.entry(s.to_string()).or_insert(v);
                 }
@@ -172,7 +177,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         std::fs::write(o.out.join("command.txt"), format!("{}\n", o.command()))?;
     }
     let names: Vec<String> = o.scorers.split(',').map(|s| s.trim().to_string()).collect();
-    let header = format!("hash,vertices,{},val_acc,test_acc", names.join(","));
+    let header = format!("hash,{ARCH_COLUMNS},{},val_acc,test_acc", names.join(","));
     let scores_path = o.out.join("scores.csv");
     if !o.report_only {
         let done: HashSet<String> = resume_rows(&scores_path, &header)?
@@ -260,9 +265,11 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
             let opt = |x: Option<f64>| x.map(|a| a.to_string()).unwrap_or_default();
             Ok((
                 format!(
-                    "{},{},{},{},{}\n",
+                    "{},{},{},{},{},{},{}\n",
                     c.hash,
                     c.vertices,
+                    c.adjacency,
+                    c.ops,
                     vals.join(","),
                     opt(c.val),
                     opt(c.test)
@@ -300,7 +307,8 @@ fn report(o: &Options, names: &[String]) -> Result<()> {
             .and_then(|v| v.parse::<f64>().ok())
             .filter(|x| x.is_finite())
     };
-    let (val_j, test_j) = (2 + names.len(), 3 + names.len());
+    let first = 1 + ARCH_COLUMNS.split(',').count();
+    let (val_j, test_j) = (first + names.len(), first + 1 + names.len());
     // The command that produced the scores (written by the last scoring run).
     let command = std::fs::read_to_string(o.out.join("command.txt"))
         .map(|c| c.trim().to_string())
@@ -323,7 +331,7 @@ fn report(o: &Options, names: &[String]) -> Result<()> {
         for acc_j in [val_j, test_j] {
             let pts: Vec<(f64, f64)> = rows
                 .iter()
-                .filter_map(|r| Some((col(r, 2 + j)?, col(r, acc_j)?)))
+                .filter_map(|r| Some((col(r, first + j)?, col(r, acc_j)?)))
                 .collect();
             let (s, a): (Vec<f64>, Vec<f64>) = pts.iter().copied().unzip();
             cells.push(s.len().to_string());
