@@ -182,6 +182,29 @@ fn max_pool_strided_padded() {
     check(&g, &z, 3, BnMode::Sample, ParamSelect::Weights);
 }
 
+#[test]
+fn max_pool_ceil_mode_and_dilation() {
+    let mut g = GraphSpec::new(&[2, 8, 9], 7);
+    let w1 = g.param("c1.w", &[3, 2, 3, 3], 0.5);
+    let c1 = g.node("Conv", &["x", &w1], vec![a_ints("pads", &[1, 1, 1, 1])]);
+    // [8, 9], kernel 3×3 dilated (1, 2), stride 2, pads (1, 0, 0, 1), ceil mode:
+    // rows ceil((8 + 1 - 3) / 2) + 1 = 4, columns ceil((9 + 1 - 5) / 2) + 1 = 4 (the last
+    // window of each reaches past the padded input).
+    let p1 = g.node(
+        "MaxPool",
+        &[&c1],
+        vec![
+            a_ints("kernel_shape", &[3, 3]),
+            a_ints("strides", &[2, 2]),
+            a_ints("dilations", &[1, 2]),
+            a_ints("pads", &[1, 0, 0, 1]),
+            a_i("ceil_mode", 1),
+        ],
+    );
+    let z = head(&mut g, &p1, 3 * 4 * 4, 3);
+    check(&g, &z, 3, BnMode::Sample, ParamSelect::Weights);
+}
+
 fn bn_graph(seed: u64) -> (GraphSpec, String) {
     let mut g = GraphSpec::new(&[2, 5, 5], seed);
     let w1 = g.param("c1.w", &[3, 2, 3, 3], 0.5);
