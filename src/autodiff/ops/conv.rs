@@ -11,7 +11,7 @@
 
 use anyhow::{bail, Result};
 
-use super::window::{geom_attrs, geometry, kernel_offsets, ConvGeom};
+use super::window::{geom_attrs, geometry, kernel_offsets, windows, ConvGeom};
 use super::{input_info, Shapes};
 use crate::autodiff::backward::Backward;
 use crate::autodiff::rules::Lowering;
@@ -219,16 +219,7 @@ pub fn backward(
             let mut flat = vec![n * cin, 1];
             flat.extend(&ix.shape[2..]);
             let xr = b.em.reshape(&x, &flat);
-            let mut wshape = vec![k, 1];
-            wshape.extend(&g.kernel);
-            let mut onehot = ndarray::ArrayD::<f64>::zeros(ndarray::IxDyn(&wshape));
-            for (j, off) in offsets.iter().enumerate() {
-                let mut idx = vec![j, 0];
-                idx.extend(off);
-                onehot[ndarray::IxDyn(&idx)] = 1.0;
-            }
-            let wk = b.em.floats(onehot);
-            let patches = b.em.op("Conv", &[&xr, &wk], geom_attrs(&g));
+            let patches = windows(b, &xr, &g);
             b.em.reshape(&patches, &[n, g.group, cin / g.group * k, p])
         };
         let colst = b.em.transpose(&cols, &[0, 1, 3, 2]);

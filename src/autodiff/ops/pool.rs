@@ -10,7 +10,7 @@
 use anyhow::{bail, Result};
 use ndarray::{ArrayD, IxDyn};
 
-use super::window::{fit_scatter, geom_attrs, geometry, kernel_offsets, ConvGeom};
+use super::window::{fit_scatter, geom_attrs, geometry, kernel_offsets, windows, ConvGeom};
 use super::{input_info, Shapes};
 use crate::autodiff::backward::Backward;
 use crate::autodiff::rules::Lowering;
@@ -268,37 +268,22 @@ pub fn backward(
         f32::MIN as f64
     };
     let xp = b.em.pad(&x, &pads, lowest);
-    // Every window's values side by side, [N·C, K, out...], in one convolution of each channel
-    // with a one-hot kernel per offset (exact: one product by 1, the rest by 0).
+    // Every window's values side by side, [N·C, K, out...], over the input padded with the
+    // lowest value (a window may not pick padding).
     let mut padded = vec![n * c, 1];
     padded
         .extend((0..d).map(|i| ix.shape[2 + i] + pads[2 + i] as usize + pads[d + 4 + i] as usize));
     let xr = b.em.reshape(&xp, &padded);
-    let offsets = kernel_offsets(&g.kernel);
-    let k = offsets.len();
-    let mut wshape = vec![k, 1];
-    wshape.extend(&g.kernel);
-    let mut onehot = ArrayD::<f64>::zeros(IxDyn(&wshape));
-    for (j, off) in offsets.iter().enumerate() {
-        let mut idx = vec![j, 0];
-        idx.extend(off);
-        onehot[IxDyn(&idx)] = 1.0;
-    }
-    let wk = b.em.floats(onehot);
-    let v = |x: &[usize]| x.iter().map(|&d| d as i64).collect::<Vec<_>>();
-    let windows = b.em.op(
-        "Conv",
-        &[&xr, &wk],
-        vec![
-            attr::ints("kernel_shape", &v(&g.kernel)),
-            attr::ints("strides", &v(&g.strides)),
-            attr::ints("dilations", &v(&g.dilations)),
-        ],
-    );
+    let k = kernel_offsets(&g.kernel).len();
+    let unpadded = ConvGeom {
+        pads: vec![0; 2 * d],
+        ..g.clone()
+    };
+    let values = windows(b, &xr, &unpadded);
     // The first maximal offset of each window: equal to the output, and the first such one in
     // offset order (its running count of equal offsets is 1).
     let yr = b.em.reshape(&node.outputs[0], &flat);
-    let eq = b.em.op("Equal", &[&windows, &yr], vec![]);
+    let eq = b.em.op("Equal", &[&values, &yr], vec![]);
     let eqf = b.em.cast_float(&eq);
     let axis =
         b.em.konst(crate::onnx::HostTensor::I64(ndarray::arr0(1i64).into_dyn()));

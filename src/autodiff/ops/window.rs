@@ -122,6 +122,24 @@ pub fn geom_attrs(g: &ConvGeom) -> Vec<crate::onnx::pb::AttributeProto> {
     ]
 }
 
+/// Every window of every row side by side: `x` as `[M, 1, spatial...]`, convolved under `g`'s
+/// strides, dilations and pads with one one-hot kernel per offset (in [`kernel_offsets`]
+/// order), gives `[M, K, out...]`. Each value is copied exactly: one product by 1, the rest
+/// by 0. im2col for the per-sample Conv weight gradient and the windows of MaxPool's backward.
+pub fn windows(b: &mut crate::autodiff::backward::Backward, x: &str, g: &ConvGeom) -> String {
+    let offsets = kernel_offsets(&g.kernel);
+    let mut wshape = vec![offsets.len(), 1];
+    wshape.extend(&g.kernel);
+    let mut onehot = ndarray::ArrayD::<f64>::zeros(ndarray::IxDyn(&wshape));
+    for (j, off) in offsets.iter().enumerate() {
+        let mut idx = vec![j, 0];
+        idx.extend(off);
+        onehot[ndarray::IxDyn(&idx)] = 1.0;
+    }
+    let wk = b.em.floats(onehot);
+    b.em.op("Conv", &[x, &wk], geom_attrs(g))
+}
+
 /// All kernel offsets in row-major order.
 pub fn kernel_offsets(kernel: &[usize]) -> Vec<Vec<usize>> {
     let mut out = vec![vec![]];
