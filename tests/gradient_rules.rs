@@ -205,6 +205,29 @@ fn max_pool_ceil_mode_and_dilation() {
     check(&g, &z, 3, BnMode::Sample, ParamSelect::Weights);
 }
 
+/// Some exporters pad with −∞ before a MaxPool instead of using its pads. Every window still
+/// holds a finite maximum, so the gradient is finite and must reach it.
+#[test]
+fn max_pool_after_minus_infinity_padding() {
+    let mut g = GraphSpec::new(&[2, 6, 6], 11);
+    let w1 = g.param("c1.w", &[3, 2, 3, 3], 0.5);
+    let c1 = g.node("Conv", &["x", &w1], vec![a_ints("pads", &[1, 1, 1, 1])]);
+    let pads = g.ints(&[0, 0, 1, 1, 0, 0, 1, 1]);
+    let ninf = g.tensor(
+        "ninf",
+        HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), f32::NEG_INFINITY)),
+    );
+    let padded = g.node("Pad", &[&c1, &pads, &ninf], vec![]);
+    // [8, 8] → (8 − 3) / 2 + 1 = 3
+    let p1 = g.node(
+        "MaxPool",
+        &[&padded],
+        vec![a_ints("kernel_shape", &[3, 3]), a_ints("strides", &[2, 2])],
+    );
+    let z = head(&mut g, &p1, 3 * 3 * 3, 3);
+    check(&g, &z, 3, BnMode::Sample, ParamSelect::Weights);
+}
+
 fn bn_graph(seed: u64) -> (GraphSpec, String) {
     let mut g = GraphSpec::new(&[2, 5, 5], seed);
     let w1 = g.param("c1.w", &[3, 2, 3, 3], 0.5);

@@ -269,7 +269,12 @@ pub fn backward(
     };
     let xp = b.em.pad(&x, &pads, lowest);
     // Every window's values side by side, [N·C, K, out...], over the input padded with the
-    // lowest value (a window may not pick padding).
+    // lowest value (a window may not pick padding). The window Conv multiplies every value by
+    // 0 or 1, and 0 · ±∞ is NaN, which would hide a whole window's maximum: infinities (e.g. an
+    // exporter's −∞ padding) are clipped to the finite extremes first. A window whose maximum
+    // is ±∞ itself makes the forward non-finite, which the gradient warnings report.
+    let (lo, hi) = (b.em.scalar(lowest), b.em.scalar(-lowest));
+    let xp = b.em.op("Clip", &[&xp, &lo, &hi], vec![]);
     let mut padded = vec![n * c, 1];
     padded
         .extend((0..d).map(|i| ix.shape[2 + i] + pads[2 + i] as usize + pads[d + 4 + i] as usize));
