@@ -309,10 +309,12 @@ fn export(model: &Path, out: &Path, n: usize, grad: &GradArgs) -> Result<()> {
             model.display()
         ),
     };
-    let (_, gg) = engine::build_graph(&m, &sample, n, grad.options())?;
+    let (an, gg) = engine::build_graph(&m, &sample, n, grad.options())?;
+    // Standard ONNX only: the fused kernels exist inside gradalign's own sessions.
+    let graph = gradalign::autodiff::fused::to_standard_ops(&gg.model, an.float)?;
     use prost::Message;
     let tmp = out.with_extension("onnx.partial");
-    std::fs::write(&tmp, gg.model.encode_to_vec())
+    std::fs::write(&tmp, graph.encode_to_vec())
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, out)?;
     eprintln!(

@@ -376,6 +376,10 @@ impl<'a> GradGraphBuilder<'a> {
             graph: Some(graph),
             ..Default::default()
         };
+        let mut model = model;
+        if super::fused::uses_fused(&model) {
+            model.opset_import.push(super::fused::opset_import());
+        }
         Ok(GradGraph {
             model,
             input: an.input.clone(),

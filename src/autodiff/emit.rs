@@ -10,6 +10,9 @@ use crate::onnx::{attr, pb, DType, HostTensor, Node};
 /// Opset of every graph we write.
 pub const OPSET: i64 = 17;
 
+/// The ONNX operator domain of gradalign's fused kernels (see the `fused` module).
+pub const FUSED_DOMAIN: &str = "ai.gradalign";
+
 pub struct Emitter {
     pub nodes: Vec<pb::NodeProto>,
     pub initializers: Vec<pb::TensorProto>,
@@ -17,6 +20,9 @@ pub struct Emitter {
     pub float: DType,
     counter: usize,
     const_cache: HashMap<(DType, Vec<usize>, Vec<u64>), String>,
+    /// Start of every fresh name: `ga` in the builder, another one when a finished graph is
+    /// rewritten (see the `fused` module) so that new names never meet the graph's own.
+    prefix: &'static str,
 }
 
 impl Emitter {
@@ -27,12 +33,21 @@ impl Emitter {
             float,
             counter: 0,
             const_cache: HashMap::new(),
+            prefix: "ga",
+        }
+    }
+
+    /// An emitter whose fresh names start with `prefix` instead of `ga`.
+    pub fn with_prefix(float: DType, prefix: &'static str) -> Emitter {
+        Emitter {
+            prefix,
+            ..Emitter::new(float)
         }
     }
 
     pub fn fresh(&mut self, hint: &str) -> String {
         self.counter += 1;
-        format!("ga.{hint}.{}", self.counter)
+        format!("{}.{hint}.{}", self.prefix, self.counter)
     }
 
     /// Emit one node with a single fresh output.
@@ -53,11 +68,26 @@ impl Emitter {
         self.nodes.push(pb::NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
             output: outs.clone(),
-            name: format!("ga.{op}.{}", self.counter),
+            name: format!("{}.{op}.{}", self.prefix, self.counter),
             op_type: op.to_string(),
             attribute: attrs,
             ..Default::default()
         });
+        outs
+    }
+
+    /// One node of gradalign's fused-kernel domain (the `fused` module) with `n` fresh outputs.
+    pub fn fused(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<pb::AttributeProto>,
+        n: usize,
+    ) -> Vec<String> {
+        let outs = self.op_n(op, inputs, attrs, n);
+        if let Some(node) = self.nodes.last_mut() {
+            node.domain = FUSED_DOMAIN.into();
+        }
         outs
     }
 

@@ -7,6 +7,7 @@ pub mod backward;
 pub mod blocks;
 pub mod builder;
 pub mod emit;
+pub mod fused;
 pub mod ops;
 pub mod rules;
 pub mod sample_axis;

@@ -1,6 +1,7 @@
 //! Runtimes that execute a gradient graph: tract (pure Rust, always available) and ONNX Runtime
 //! (loaded from the PyPI wheel's shared library when present; much faster).
 
+pub mod kernels;
 pub mod ort;
 pub mod tract;
 
@@ -9,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::{bail, Result};
 use ndarray::Array1;
 
-use crate::onnx::{pb, HostTensor};
+use crate::onnx::{pb, DType, HostTensor};
 
 /// Executes one built gradient graph on probe batches of the shape it was built for.
 pub trait GraphRunner {
@@ -157,26 +158,41 @@ pub fn intra_threads() -> usize {
         })
 }
 
+/// Whether ONNX Runtime sessions on the CPU run the fused kernels: yes unless
+/// GRADALIGN_FUSED=0, which runs their standard-op form instead (for comparison, or to rule
+/// the kernels out when a result looks wrong).
+pub fn fused_kernels() -> bool {
+    std::env::var("GRADALIGN_FUSED").map_or(true, |v| v != "0")
+}
+
 pub fn load(
     model: &pb::ModelProto,
     backend: Backend,
     device: Device,
     f64_graph: bool,
 ) -> Result<Box<dyn GraphRunner>> {
+    // Only ONNX Runtime on the CPU has the fused kernels; everything else runs their
+    // standard-op form.
+    let standard = || {
+        let float = if f64_graph { DType::F64 } else { DType::F32 };
+        crate::autodiff::fused::to_standard_ops(model, float)
+    };
     if device != Device::Cpu {
         if backend == Backend::Tract {
             bail!("--device cuda needs --backend ort (tract runs on the CPU only)");
         }
-        return Ok(Box::new(ort::OrtRunner::new(model, device)?));
+        return Ok(Box::new(ort::OrtRunner::new(&standard()?, device)?));
     }
     match backend {
-        Backend::Tract => Ok(Box::new(tract::TractRunner::new(model)?)),
-        Backend::Ort => Ok(Box::new(ort::OrtRunner::new(model, device)?)),
+        Backend::Tract => Ok(Box::new(tract::TractRunner::new(&standard()?)?)),
+        Backend::Ort if fused_kernels() => Ok(Box::new(ort::OrtRunner::new(model, device)?)),
+        Backend::Ort => Ok(Box::new(ort::OrtRunner::new(&standard()?, device)?)),
         Backend::Auto => {
             if !f64_graph && ort::available() {
-                Ok(Box::new(ort::OrtRunner::new(model, device)?))
+                let graph = if fused_kernels() { model } else { &standard()? };
+                Ok(Box::new(ort::OrtRunner::new(graph, device)?))
             } else {
-                Ok(Box::new(tract::TractRunner::new(model)?))
+                Ok(Box::new(tract::TractRunner::new(&standard()?)?))
             }
         }
     }

@@ -183,6 +183,15 @@ impl OrtRunner {
                     )
                 })?,
         };
+        // The fused kernels run on the CPU only: a CUDA session gets the standard-op graph
+        // (`runtime::load`) and no domain, so nothing silently shuttles tensors to the host.
+        let session = if device == Device::Cpu && crate::autodiff::fused::uses_fused(model) {
+            session
+                .with_operators(super::kernels::domain().map_err(|e| anyhow!("{e}"))?)
+                .map_err(|e| anyhow!("{e}"))?
+        } else {
+            session
+        };
         let mut session = match std::env::var_os("GRADALIGN_ORT_PROFILE") {
             Some(p) => session
                 .with_profiling(PathBuf::from(p))

@@ -39,6 +39,19 @@ const PIECEWISE: OpDef = OpDef {
     ..OP
 };
 
+/// Fused kernel: Relu's input gradient `dY · [x > 0]` from `x` and `dY`, in one pass.
+pub const RELU_GRAD: &str = "GaReluGrad";
+
+/// `GaReluGrad` in standard ops: dY times the {0, 1} mask of x > 0. The same numbers as
+/// Where(x > 0, dY, 0) for finite dY and markedly cheaper in ONNX Runtime; a non-finite dY
+/// stays non-finite instead of being masked, and is reported as such.
+pub fn expand_relu_grad(em: &mut crate::autodiff::emit::Emitter, x: &str, dy: &str) -> String {
+    let z = em.scalar(0.0);
+    let m = em.op("Greater", &[x, &z], vec![]);
+    let mf = em.cast_float(&m);
+    em.mul(dy, &mf)
+}
+
 pub const OPS: &[OpDef] = &[
     OpDef { name: "Add", ..BIN },
     OpDef { name: "Sub", ..BIN },
@@ -635,13 +648,9 @@ pub fn backward(
         _ if n0 => {
             let g = match op {
                 "Relu" => {
-                    // dY times the {0, 1} mask of x > 0: the same numbers as Where(x > 0, dY, 0)
-                    // for finite dY and markedly cheaper in ONNX Runtime; a non-finite dY stays
-                    // non-finite instead of being masked, and is reported as such.
-                    let z = b.em.scalar(0.0);
-                    let m = b.em.op("Greater", &[&x, &z], vec![]);
-                    let mf = b.em.cast_float(&m);
-                    b.em.mul(&dy, &mf)
+                    b.em.fused(RELU_GRAD, &[&x, &dy], vec![], 1)
+                        .pop()
+                        .expect("one output")
                 }
                 "LeakyRelu" => {
                     let alpha = node.attr_f("alpha").unwrap_or(0.01) as f64;

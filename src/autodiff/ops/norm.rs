@@ -53,6 +53,10 @@ impl Seq<'_, '_> {
     /// is the fused formula (see [`backward`]).
     fn standardise(&mut self, x: &str, axes: &[usize], eps: f64) -> Result<String> {
         let a: Vec<i64> = axes.iter().map(|&v| v as i64).collect();
+        // The fused kernels take one contiguous row per statistic: the axes must be the last
+        // ones (every per-sample form is; batch statistics, over axis 0, are not).
+        let rank = self.lw.info(x)?.shape.len();
+        let trailing = !axes.is_empty() && axes.iter().copied().eq(rank - axes.len()..rank);
         let inv = self.lw.fresh("inv_std");
         let xh = self.lw.fresh("xhat");
         // The fresh output name keeps the node name unique even if model node names repeat.
@@ -64,7 +68,8 @@ impl Seq<'_, '_> {
         );
         n = n
             .with_attr(attr::ints("axes", &a))
-            .with_attr(attr::f("epsilon", eps as f32));
+            .with_attr(attr::f("epsilon", eps as f32))
+            .with_attr(attr::i("trailing", trailing as i64));
         self.lw.add(n)?;
         Ok(xh)
     }
@@ -73,6 +78,9 @@ impl Seq<'_, '_> {
 /// Internal op: standardisation over `axes` with per-(sample, channel) statistics. Outputs
 /// `x̂` and `1/σ` (kept dims). Never read from a user model.
 pub const STANDARDIZE: &str = "GaStandardize";
+
+/// Fused kernel: `GaStandardize`'s input gradient from `dx̂`, `x̂` and `1/σ` (see [`backward`]).
+pub const STANDARDIZE_GRAD: &str = "GaStandardizeGrad";
 
 pub const OPS: &[OpDef] = &[
     OpDef {
@@ -141,23 +149,58 @@ pub fn infer(node: &Node, ins: &[Option<&crate::autodiff::Info>]) -> Result<supe
     Ok(vec![(x.shape.clone(), x.dtype), (kept, x.dtype)])
 }
 
-/// Forward of `GaStandardize` in standard ops: two-pass mean and biased variance.
+fn trailing(node: &Node) -> bool {
+    node.attr_i("trailing") == Some(1)
+}
+
+/// Forward of `GaStandardize`: the fused kernel where its axes are the trailing ones, else
+/// standard ops.
 pub fn emit_forward(em: &mut Emitter, node: &Node) {
-    let axes = std_axes(node);
     let eps = node.attr_f("epsilon").unwrap_or(1e-5) as f64;
-    let x = &node.inputs[0];
-    let mean = em.reduce_mean(x, &axes, true);
+    if trailing(node) {
+        let axes: Vec<i64> = std_axes(node).iter().map(|&a| a as i64).collect();
+        em.fused(
+            STANDARDIZE,
+            &[&node.inputs[0]],
+            vec![attr::ints("axes", &axes), attr::f("epsilon", eps as f32)],
+            0,
+        );
+        let fused = em.nodes.last_mut().expect("just emitted");
+        fused.output = node.outputs.clone();
+        fused.name = node.name.clone();
+        return;
+    }
+    expand_forward(
+        em,
+        &node.name,
+        &node.inputs[0],
+        &node.outputs,
+        &std_axes(node),
+        eps,
+    );
+}
+
+/// `GaStandardize` in standard ops: two-pass mean and biased variance, outputs `x̂` and `1/σ`.
+pub fn expand_forward(
+    em: &mut Emitter,
+    name: &str,
+    x: &str,
+    outputs: &[String],
+    axes: &[usize],
+    eps: f64,
+) {
+    let mean = em.reduce_mean(x, axes, true);
     let xc = em.sub(x, &mean);
     let var = if em.float == DType::F64 {
         // tract rewrites mean(x·x) into a mean-of-squares reduction that it evaluates in f32;
         // -mean(x·(-x)) is the same number and stays in f64.
         let neg = em.neg(&xc);
         let sq = em.mul(&xc, &neg);
-        let m = em.reduce_mean(&sq, &axes, true);
+        let m = em.reduce_mean(&sq, axes, true);
         em.neg(&m)
     } else {
         let sq = em.mul(&xc, &xc);
-        em.reduce_mean(&sq, &axes, true)
+        em.reduce_mean(&sq, axes, true)
     };
     let e = em.scalar(eps);
     let ve = em.add(&var, &e);
@@ -166,15 +209,15 @@ pub fn emit_forward(em: &mut Emitter, node: &Node) {
     let inv = em.div(&one, &sd);
     em.nodes.push(crate::onnx::pb::NodeProto {
         input: vec![inv.clone()],
-        output: vec![node.outputs[1].clone()],
-        name: format!("{}/inv", node.name),
+        output: vec![outputs[1].clone()],
+        name: format!("{name}/inv"),
         op_type: "Identity".into(),
         ..Default::default()
     });
     em.nodes.push(crate::onnx::pb::NodeProto {
         input: vec![xc, inv],
-        output: vec![node.outputs[0].clone()],
-        name: format!("{}/xhat", node.name),
+        output: vec![outputs[0].clone()],
+        name: format!("{name}/xhat"),
         op_type: "Mul".into(),
         ..Default::default()
     });
@@ -201,13 +244,28 @@ pub fn backward(
     }
     let axes = std_axes(node);
     let (xh, inv) = (node.outputs[0].clone(), node.outputs[1].clone());
-    let m1 = b.em.reduce_mean(&dxh, &axes, true);
-    let p = b.em.mul(&dxh, &xh);
-    let m2 = b.em.reduce_mean(&p, &axes, true);
-    let t = b.em.mul(&xh, &m2);
-    let u = b.em.sub(&dxh, &m1);
-    let v = b.em.sub(&u, &t);
-    Ok(vec![Some(b.em.mul(&v, &inv))])
+    if trailing(node) {
+        let a: Vec<i64> = axes.iter().map(|&v| v as i64).collect();
+        let dx = b.em.fused(
+            STANDARDIZE_GRAD,
+            &[&dxh, &xh, &inv],
+            vec![attr::ints("axes", &a)],
+            1,
+        );
+        return Ok(vec![dx.into_iter().next()]);
+    }
+    Ok(vec![Some(expand_backward(b.em, &dxh, &xh, &inv, &axes))])
+}
+
+/// The gradient of `GaStandardize` in standard ops (see [`backward`]).
+pub fn expand_backward(em: &mut Emitter, dxh: &str, xh: &str, inv: &str, axes: &[usize]) -> String {
+    let m1 = em.reduce_mean(dxh, axes, true);
+    let p = em.mul(dxh, xh);
+    let m2 = em.reduce_mean(&p, axes, true);
+    let t = em.mul(xh, &m2);
+    let u = em.sub(dxh, &m1);
+    let v = em.sub(&u, &t);
+    em.mul(&v, inv)
 }
 
 pub fn lower_batch_norm(lw: &mut Lowering, node: Node) -> Result<()> {

@@ -1,0 +1,436 @@
+//! ONNX Runtime kernels for the fused nodes of [`crate::autodiff::fused`], registered from Rust
+//! as the custom-op domain `ai.gradalign` on every CPU session.
+//!
+//! Each kernel is one or two passes over memory where the standard form makes five to ten, and
+//! its sums accumulate in f64 (eight independent lanes, so that they vectorise). Rows are
+//! independent and spread over the session's intra-op threads.
+
+use ort::operator::{
+    BoxedKernel, ComputeContext, KernelContext, Operator, OperatorDomain, OperatorInput,
+    OperatorOutput, ShapeInferenceContext,
+};
+use ort::value::{
+    PrimitiveTensorElementType, Shape, SymbolicDimensions, TensorElementType, ValueType,
+};
+
+use crate::autodiff::fused::DOMAIN;
+use crate::autodiff::ops::{elementwise::RELU_GRAD, norm::STANDARDIZE, norm::STANDARDIZE_GRAD};
+
+/// The float types the kernels run in.
+pub trait Float: Copy + Send + Sync + PartialOrd + 'static {
+    const TYPE: TensorElementType;
+    const ZERO: Self;
+    const ONE: Self;
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
+    fn sub(self, o: Self) -> Self;
+    fn mul(self, o: Self) -> Self;
+}
+
+impl Float for f32 {
+    const TYPE: TensorElementType = TensorElementType::Float32;
+    const ZERO: f32 = 0.0;
+    const ONE: f32 = 1.0;
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(v: f64) -> f32 {
+        v as f32
+    }
+    fn sub(self, o: f32) -> f32 {
+        self - o
+    }
+    fn mul(self, o: f32) -> f32 {
+        self * o
+    }
+}
+
+impl Float for f64 {
+    const TYPE: TensorElementType = TensorElementType::Float64;
+    const ZERO: f64 = 0.0;
+    const ONE: f64 = 1.0;
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(v: f64) -> f64 {
+        v
+    }
+    fn sub(self, o: f64) -> f64 {
+        self - o
+    }
+    fn mul(self, o: f64) -> f64 {
+        self * o
+    }
+}
+
+const LANES: usize = 8;
+
+/// Σ f(i) over `0..n` in f64, in eight interleaved partial sums.
+#[inline(always)]
+fn sum_f64(n: usize, f: impl Fn(usize) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let full = n / LANES * LANES;
+    let mut i = 0;
+    while i < full {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(i + l);
+        }
+        i += LANES;
+    }
+    let mut tail = 0.0;
+    for j in full..n {
+        tail += f(j);
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+/// One row of `GaStandardize`: writes `x̂` and returns `1/σ`. Mean and biased variance in f64
+/// (two passes); `x̂ = (x − mean)·(1/σ)` in the row's type, as the standard form computes it.
+pub fn standardize_row<T: Float>(x: &[T], eps: f64, xh: &mut [T]) -> T {
+    let n = x.len();
+    let mean = sum_f64(n, |i| x[i].to_f64()) / n as f64;
+    let var = sum_f64(n, |i| {
+        let d = x[i].to_f64() - mean;
+        d * d
+    }) / n as f64;
+    let inv = T::from_f64(1.0 / (var + eps).sqrt());
+    let m = T::from_f64(mean);
+    for (o, &v) in xh.iter_mut().zip(x) {
+        *o = v.sub(m).mul(inv);
+    }
+    inv
+}
+
+/// One row of `GaStandardizeGrad`: `dx = (1/σ)·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))`.
+pub fn standardize_grad_row<T: Float>(dxh: &[T], xh: &[T], inv: T, dx: &mut [T]) {
+    let n = dxh.len();
+    let m1 = T::from_f64(sum_f64(n, |i| dxh[i].to_f64()) / n as f64);
+    let m2 = T::from_f64(sum_f64(n, |i| dxh[i].to_f64() * xh[i].to_f64()) / n as f64);
+    for ((o, &g), &h) in dx.iter_mut().zip(dxh).zip(xh) {
+        *o = g.sub(m1).sub(h.mul(m2)).mul(inv);
+    }
+}
+
+/// `GaReluGrad` on a stretch: `dY · [x > 0]` (a product, so a non-finite dY stays non-finite).
+pub fn relu_grad<T: Float>(x: &[T], dy: &[T], out: &mut [T]) {
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(dy) {
+        *o = g.mul(if v > T::ZERO { T::ONE } else { T::ZERO });
+    }
+}
+
+/// A pointer that kernel rows write through from several threads, each to its own rows.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// # Safety
+    /// `start..start + len` lies inside the buffer and no other thread touches it meanwhile.
+    unsafe fn rows(self, start: usize, len: usize) -> &'static mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+}
+
+fn err(node: &str, what: impl std::fmt::Display) -> ort::Error {
+    ort::Error::new(format!("{DOMAIN}.{node}: {what}"))
+}
+
+/// `(rows, row length)` of a tensor whose statistics run over its last `axes.len()` axes.
+fn row_split(shape: &[i64], axes: &[i64], node: &str) -> ort::Result<(usize, usize)> {
+    let r = shape.len();
+    let k = axes.len();
+    let trailing = k > 0
+        && k <= r
+        && axes
+            .iter()
+            .enumerate()
+            .all(|(i, &a)| a == (r - k + i) as i64 || a == (i as i64 - k as i64));
+    if !trailing {
+        return Err(err(
+            node,
+            format!("axes {axes:?} are not the trailing axes of a rank-{r} input"),
+        ));
+    }
+    let inner: usize = shape[r - k..].iter().map(|&d| d as usize).product();
+    let outer: usize = shape[..r - k].iter().map(|&d| d as usize).product();
+    Ok((outer, inner))
+}
+
+fn input<'c, T: Float + PrimitiveTensorElementType>(
+    ctx: &'c ComputeContext,
+    i: usize,
+    node: &str,
+) -> ort::Result<(Vec<i64>, &'c [T])> {
+    let v = ctx
+        .input(i)?
+        .ok_or_else(|| err(node, format!("input {i} missing")))?;
+    let (shape, data) = v.try_extract_tensor::<T>()?;
+    let shape = shape.to_vec();
+    // The value borrows the context's input, which outlives this compute call.
+    let data: &'c [T] = unsafe { std::slice::from_raw_parts(data.as_ptr(), data.len()) };
+    Ok((shape, data))
+}
+
+fn output<T: Float + PrimitiveTensorElementType>(
+    ctx: &ComputeContext,
+    i: usize,
+    shape: Vec<i64>,
+    node: &str,
+) -> ort::Result<Shared<T>> {
+    let mut v = ctx
+        .output(i, shape)?
+        .ok_or_else(|| err(node, format!("output {i} missing")))?;
+    let (_, data) = v.try_extract_tensor_mut::<T>()?;
+    Ok(Shared(data.as_mut_ptr()))
+}
+
+/// Rows per parallel task: a few thousand elements each, so that small tensors stay on one
+/// thread.
+fn batches(rows: usize, row_len: usize) -> usize {
+    let per = (16_384 / row_len.max(1)).max(1);
+    rows.div_ceil(per).max(1)
+}
+
+/// Output `out` has input 0's type and shape. Declared shapes let ONNX Runtime's memory planner
+/// reuse dead buffers for these outputs and everything downstream of them; without them every
+/// output is a fresh allocation (twice the page faults, measured on NB201).
+fn same_as_input(ctx: &mut ShapeInferenceContext, out: usize) -> ort::Result<()> {
+    let ins = ctx.inputs();
+    let x = ins
+        .first()
+        .ok_or_else(|| ort::Error::new("shape inference without inputs"))?;
+    ctx.set_output(out, x)
+}
+
+/// `GaStandardize`'s 1/σ: input 0's shape with the normalised (trailing) axes kept as 1.
+fn kept_dims(ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
+    let axes: Vec<i64> = ctx.attr("axes")?;
+    let ins = ctx.inputs();
+    if let Some(ValueType::Tensor {
+        ty,
+        shape,
+        dimension_symbols,
+    }) = ins.first()
+    {
+        let r = shape.len();
+        let k = axes.len().min(r);
+        let dims: Vec<i64> = (0..r)
+            .map(|i| if i >= r - k { 1 } else { shape[i] })
+            .collect();
+        let symbols = (0..r).map(|i| match dimension_symbols.get(i) {
+            Some(s) if i < r - k => s.clone(),
+            _ => String::new(),
+        });
+        let kept = ValueType::Tensor {
+            ty: *ty,
+            shape: Shape::new(dims),
+            dimension_symbols: SymbolicDimensions::new(symbols),
+        };
+        ctx.set_output(1, &kept)?;
+    }
+    Ok(())
+}
+
+struct Standardize<T>(std::marker::PhantomData<T>);
+struct StandardizeGrad<T>(std::marker::PhantomData<T>);
+struct ReluGrad<T>(std::marker::PhantomData<T>);
+
+impl<T: Float + PrimitiveTensorElementType> Operator for Standardize<T> {
+    type Kernel<'a> = BoxedKernel<'a>;
+    fn name(&self) -> &str {
+        STANDARDIZE
+    }
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [OperatorInput::required(T::TYPE)]
+    }
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [
+            OperatorOutput::required(T::TYPE),
+            OperatorOutput::required(T::TYPE),
+        ]
+    }
+    fn infer_shape(&self, ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
+        same_as_input(ctx, 0)?;
+        kept_dims(ctx)
+    }
+    fn create_kernel<'a>(&self, kctx: &KernelContext<'a>) -> ort::Result<BoxedKernel<'a>> {
+        let axes: Vec<i64> = kctx
+            .get("axes")
+            .ok_or_else(|| err(STANDARDIZE, "no axes"))?;
+        let eps = kctx.get::<f32>("epsilon").unwrap_or(1e-5) as f64;
+        Ok(Box::new(move |ctx: &ComputeContext| {
+            let (shape, x) = input::<T>(ctx, 0, STANDARDIZE)?;
+            let (rows, len) = row_split(&shape, &axes, STANDARDIZE)?;
+            let kept: Vec<i64> = shape
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| if i < shape.len() - axes.len() { d } else { 1 })
+                .collect();
+            let xh = output::<T>(ctx, 0, shape.clone(), STANDARDIZE)?;
+            let inv = output::<T>(ctx, 1, kept, STANDARDIZE)?;
+            let tasks = batches(rows, len);
+            let per = rows.div_ceil(tasks);
+            ctx.par_for(tasks, tasks, |t| {
+                for r in t * per..((t + 1) * per).min(rows) {
+                    // SAFETY: row r of x̂ and entry r of 1/σ belong to this task alone.
+                    let (o, s) = unsafe { (xh.rows(r * len, len), inv.rows(r, 1)) };
+                    s[0] = standardize_row(&x[r * len..(r + 1) * len], eps, o);
+                }
+            })
+        }))
+    }
+}
+
+impl<T: Float + PrimitiveTensorElementType> Operator for StandardizeGrad<T> {
+    type Kernel<'a> = BoxedKernel<'a>;
+    fn name(&self) -> &str {
+        STANDARDIZE_GRAD
+    }
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [
+            OperatorInput::required(T::TYPE),
+            OperatorInput::required(T::TYPE),
+            OperatorInput::required(T::TYPE),
+        ]
+    }
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(T::TYPE)]
+    }
+    fn infer_shape(&self, ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
+        same_as_input(ctx, 0)
+    }
+    fn create_kernel<'a>(&self, kctx: &KernelContext<'a>) -> ort::Result<BoxedKernel<'a>> {
+        let axes: Vec<i64> = kctx
+            .get("axes")
+            .ok_or_else(|| err(STANDARDIZE_GRAD, "no axes"))?;
+        Ok(Box::new(move |ctx: &ComputeContext| {
+            let (shape, dxh) = input::<T>(ctx, 0, STANDARDIZE_GRAD)?;
+            let (xshape, xh) = input::<T>(ctx, 1, STANDARDIZE_GRAD)?;
+            let (_, inv) = input::<T>(ctx, 2, STANDARDIZE_GRAD)?;
+            let (rows, len) = row_split(&shape, &axes, STANDARDIZE_GRAD)?;
+            if xshape != shape || inv.len() != rows {
+                return Err(err(
+                    STANDARDIZE_GRAD,
+                    format!("dx̂ {shape:?}, x̂ {xshape:?} and {} σ⁻¹ disagree", inv.len()),
+                ));
+            }
+            let dx = output::<T>(ctx, 0, shape.clone(), STANDARDIZE_GRAD)?;
+            let tasks = batches(rows, len);
+            let per = rows.div_ceil(tasks);
+            ctx.par_for(tasks, tasks, |t| {
+                for r in t * per..((t + 1) * per).min(rows) {
+                    let s = r * len..(r + 1) * len;
+                    // SAFETY: row r of dx belongs to this task alone.
+                    let o = unsafe { dx.rows(r * len, len) };
+                    standardize_grad_row(&dxh[s.clone()], &xh[s], inv[r], o);
+                }
+            })
+        }))
+    }
+}
+
+impl<T: Float + PrimitiveTensorElementType> Operator for ReluGrad<T> {
+    type Kernel<'a> = BoxedKernel<'a>;
+    fn name(&self) -> &str {
+        RELU_GRAD
+    }
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [
+            OperatorInput::required(T::TYPE),
+            OperatorInput::required(T::TYPE),
+        ]
+    }
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(T::TYPE)]
+    }
+    fn infer_shape(&self, ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
+        same_as_input(ctx, 0)
+    }
+    fn create_kernel<'a>(&self, _: &KernelContext<'a>) -> ort::Result<BoxedKernel<'a>> {
+        Ok(Box::new(move |ctx: &ComputeContext| {
+            let (shape, x) = input::<T>(ctx, 0, RELU_GRAD)?;
+            let (dshape, dy) = input::<T>(ctx, 1, RELU_GRAD)?;
+            if dshape != shape {
+                return Err(err(
+                    RELU_GRAD,
+                    format!("x {shape:?} and dY {dshape:?} differ"),
+                ));
+            }
+            let out = output::<T>(ctx, 0, shape, RELU_GRAD)?;
+            const CHUNK: usize = 16_384;
+            let n = x.len();
+            let tasks = n.div_ceil(CHUNK).max(1);
+            ctx.par_for(tasks, tasks, |t| {
+                let s = (t * CHUNK).min(n)..((t + 1) * CHUNK).min(n);
+                // SAFETY: this stretch of the output belongs to this task alone.
+                let o = unsafe { out.rows(s.start, s.len()) };
+                relu_grad(&x[s.clone()], &dy[s], o);
+            })
+        }))
+    }
+}
+
+/// The `ai.gradalign` domain with every kernel in f32 and f64.
+pub fn domain() -> ort::Result<OperatorDomain> {
+    OperatorDomain::new(DOMAIN)?
+        .add(Standardize::<f32>(Default::default()))?
+        .add(Standardize::<f64>(Default::default()))?
+        .add(StandardizeGrad::<f32>(Default::default()))?
+        .add(StandardizeGrad::<f64>(Default::default()))?
+        .add(ReluGrad::<f32>(Default::default()))?
+        .add(ReluGrad::<f64>(Default::default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standardize_row_matches_the_definition() {
+        let x: Vec<f64> = (0..19).map(|i| ((i * 7) % 11) as f64 * 0.3 - 1.0).collect();
+        let mut xh = vec![0.0; x.len()];
+        let inv = standardize_row(&x, 1e-5, &mut xh);
+        let n = x.len() as f64;
+        let mean = x.iter().sum::<f64>() / n;
+        let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+        assert!((inv - 1.0 / (var + 1e-5).sqrt()).abs() < 1e-12);
+        for (a, v) in xh.iter().zip(&x) {
+            assert!((a - (v - mean) * inv).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn standardize_grad_row_is_the_vjp_of_standardize() {
+        // Finite differences of Σ w·x̂(x) against the kernel's dx for dx̂ = w.
+        let x: Vec<f64> = (0..13).map(|i| ((i * 5) % 7) as f64 * 0.4 - 0.9).collect();
+        let w: Vec<f64> = (0..13).map(|i| ((i * 3) % 5) as f64 - 2.0).collect();
+        let f = |x: &[f64]| {
+            let mut xh = vec![0.0; x.len()];
+            standardize_row(x, 1e-5, &mut xh);
+            xh.iter().zip(&w).map(|(a, b)| a * b).sum::<f64>()
+        };
+        let mut xh = vec![0.0; x.len()];
+        let inv = standardize_row(&x, 1e-5, &mut xh);
+        let mut dx = vec![0.0; x.len()];
+        standardize_grad_row(&w, &xh, inv, &mut dx);
+        for i in 0..x.len() {
+            let (mut p, mut m) = (x.clone(), x.clone());
+            p[i] += 1e-6;
+            m[i] -= 1e-6;
+            let fd = (f(&p) - f(&m)) / 2e-6;
+            assert!((fd - dx[i]).abs() < 1e-6, "x[{i}]: {fd} vs {}", dx[i]);
+        }
+    }
+
+    #[test]
+    fn relu_grad_masks_by_the_input_and_keeps_non_finite_gradients() {
+        let x = [1.0f32, 0.0, -2.0, 3.0];
+        let dy = [0.5f32, 0.5, f32::INFINITY, f32::NAN];
+        let mut out = [9.0f32; 4];
+        relu_grad(&x, &dy, &mut out);
+        assert_eq!(&out[..2], &[0.5, 0.0]);
+        assert!(out[2].is_nan(), "∞·0 must stay visible as NaN");
+        assert!(out[3].is_nan());
+    }
+}
