@@ -224,6 +224,7 @@ pub fn rank(
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let jobs = jobs.unwrap_or(cores.min(8)).max(1).min(todo.len().max(1));
     gradalign::runtime::set_parallel_jobs(jobs);
+    gradalign::runtime::set_shared_arena(grad.max_memory.is_none() && todo.len() > 1);
     let mut grad = grad.clone();
     if grad.max_memory.is_none() && jobs > 1 {
         grad.max_memory = Some(gradalign::inputs::memory::default_limit() / jobs as u64);

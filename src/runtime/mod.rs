@@ -5,7 +5,7 @@ pub mod kernels;
 pub mod ort;
 pub mod tract;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use anyhow::{bail, Result};
 use ndarray::Array1;
@@ -143,6 +143,27 @@ pub fn set_parallel_jobs(jobs: usize) {
 
 pub fn parallel_jobs() -> usize {
     JOBS.load(Ordering::Relaxed)
+}
+
+/// Whether CPU sessions of ONNX Runtime draw from one arena shared by the whole process.
+static SHARED_ARENA: AtomicBool = AtomicBool::new(false);
+
+/// `rank` turns the shared arena on when it scores several models without a user memory bound:
+/// each session then reuses the pages its predecessors faulted in (10 NB201 models, one job:
+/// 600k -> 132k page faults, 5.7-6.4 -> 5.4-5.5 s). A single model gains nothing from it, and
+/// the arena keeps its peak (ResNet-18 at N = 64 went 4.1 -> 5.0 GiB, past --max-memory 4G),
+/// so `score` and any run with --max-memory give each session its own non-arena allocator.
+pub fn set_shared_arena(on: bool) {
+    SHARED_ARENA.store(on, Ordering::Relaxed);
+}
+
+/// As set by [`set_shared_arena`]; GRADALIGN_ORT_ARENA=shared|own overrides it (to measure).
+pub fn shared_arena() -> bool {
+    match std::env::var("GRADALIGN_ORT_ARENA").as_deref() {
+        Ok("shared") => true,
+        Ok("own") => false,
+        _ => SHARED_ARENA.load(Ordering::Relaxed),
+    }
 }
 
 /// Intra-op threads per session: `GRADALIGN_THREADS` when set, else the cores divided among

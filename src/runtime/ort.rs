@@ -68,6 +68,66 @@ fn load(lib: &Path) -> Result<ort::environment::Environment> {
         .map_err(|e| anyhow!("cannot start ONNX Runtime from {}: {e}", lib.display()))
 }
 
+/// Calls one ONNX Runtime C API function, turning its status into an error.
+unsafe fn check(status: ort::sys::OrtStatusPtr, what: &str) -> Result<()> {
+    if status.0.is_null() {
+        return Ok(());
+    }
+    let api = ort::api();
+    let msg = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0))
+        .to_string_lossy()
+        .into_owned();
+    (api.ReleaseStatus)(status.0);
+    bail!("{what}: {msg}")
+}
+
+/// One CPU arena for every session of this process (ORT's "environment allocator"). Sessions
+/// run one after another in `rank`: with an allocator of their own each one faults its
+/// activations in afresh, with the shared arena a model reuses the pages its predecessors
+/// touched. Extends by exactly the request, so the arena's peak is the largest model's need.
+fn shared_arena(env: &ort::environment::Environment) -> Result<()> {
+    use ort::sys::{OrtAllocatorType, OrtMemType};
+    use ort::AsPointer;
+    let api = ort::api();
+    unsafe {
+        let mut info = std::ptr::null_mut();
+        check(
+            (api.CreateCpuMemoryInfo)(
+                OrtAllocatorType::OrtArenaAllocator,
+                OrtMemType::OrtMemTypeDefault,
+                &mut info,
+            ),
+            "CreateCpuMemoryInfo",
+        )?;
+        let keys = [c"arena_extend_strategy".as_ptr()];
+        let values = [1usize]; // kSameAsRequested
+        let mut cfg = std::ptr::null_mut();
+        let made = check(
+            (api.CreateArenaCfgV2)(keys.as_ptr(), values.as_ptr(), keys.len(), &mut cfg),
+            "CreateArenaCfgV2",
+        );
+        let registered = made.and_then(|_| {
+            check(
+                (api.CreateAndRegisterAllocator)(env.ptr().cast_mut(), info, cfg),
+                "CreateAndRegisterAllocator",
+            )
+        });
+        if !cfg.is_null() {
+            (api.ReleaseArenaCfg)(cfg);
+        }
+        (api.ReleaseMemoryInfo)(info);
+        registered
+    }
+}
+
+/// Registers [`shared_arena`] once per process, on the first session that asks for it.
+fn ensure_shared_arena(env: &ort::environment::Environment) -> Result<()> {
+    static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| shared_arena(env).map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!("cannot create ONNX Runtime's shared CPU arena: {e}"))
+}
+
 /// Whether ONNX Runtime can be used (for `--backend auto`).
 pub fn available() -> bool {
     environment().is_ok()
@@ -163,9 +223,13 @@ impl OrtRunner {
             }
         }
         let session = match device {
-            // No arena: a session runs once or a few times, so an arena only adds its growth
+            // Else no arena: a session runs once or a few times, so an arena only adds its growth
             // slack to the peak (ResNet-18 at N = 64: 4.72 -> 4.10 GiB for the whole process,
             // same run time; `rank` over 24 NB201 cells no slower) and breaks --max-memory.
+            Device::Cpu if super::shared_arena() => {
+                ensure_shared_arena(env)?;
+                session.with_env_allocators().map_err(|e| anyhow!("{e}"))?
+            }
             Device::Cpu => session
                 .with_execution_providers([ort::ep::CPU::default()
                     .with_arena_allocator(false)
@@ -198,10 +262,24 @@ impl OrtRunner {
                 .map_err(|e| anyhow!("{e}"))?,
             None => session,
         };
+        // ONNX Runtime adds a custom domain to its process-wide schema registry when the first
+        // session using it is created, check-then-insert: two first sessions side by side
+        // (`rank --jobs 2`) both insert and one fails ("domain is already exist"). The first
+        // one is created alone; later ones find the domain and run side by side.
+        static FIRST_FUSED: Mutex<bool> = Mutex::new(false);
+        let first = if crate::autodiff::fused::uses_fused(model) && device == Device::Cpu {
+            let guard = FIRST_FUSED.lock().unwrap_or_else(|p| p.into_inner());
+            (!*guard).then_some(guard)
+        } else {
+            None
+        };
         let session = session
             .commit_from_memory(&bytes)
             .map_err(|e| anyhow!("{e}"))
             .context("ONNX Runtime could not load the gradient graph")?;
+        if let Some(mut done) = first {
+            *done = true;
+        }
         Ok(OrtRunner {
             session: Mutex::new(session),
             input: graph.input[0].name.clone(),
