@@ -57,6 +57,7 @@ pub fn pair_seed(k: usize) -> u64 {
 const NORMALISATION: &[&str] = &[
     "BatchNormalization",
     super::ops::norm::STANDARDIZE,
+    super::ops::norm_affine::NORM_AFFINE,
     "Mul",
     "Add",
     "Sub",

@@ -6,6 +6,8 @@
 //! |---|---|---|
 //! | `GaStandardize` (axes, epsilon) | x → x̂, 1/σ | ReduceMean, Sub, Mul, ReduceMean, Add, Sqrt, Div, Mul |
 //! | `GaStandardizeGrad` (axes) | dx̂, x̂, 1/σ → dx | ReduceMean ×2, Mul ×3, Sub ×2 |
+//! | `GaNormAffine` (axes, epsilon) | x, γ, β → y, mean, 1/σ | as `GaStandardize`, then Mul, Add |
+//! | `GaNormAffineGrad` (axes) | dY, x, mean, 1/σ, γ → dx | Sub, Mul (x̂), Mul (dY·γ), then as `GaStandardizeGrad` |
 //! | `GaReluGrad` | x, dY → dY·[x > 0] | Greater, Cast, Mul |
 //!
 //! The builder always writes the fused form (statistics over trailing axes only, one
@@ -18,7 +20,7 @@
 use anyhow::{anyhow, bail, Result};
 
 use super::emit::Emitter;
-use super::ops::{elementwise, norm};
+use super::ops::{elementwise, norm, norm_affine, standardize};
 use crate::onnx::{pb, DType};
 
 /// The ONNX operator domain of the fused kernels.
@@ -80,12 +82,46 @@ pub fn to_standard_ops(model: &pb::ModelProto, float: DType) -> Result<pb::Model
                     .find(|a| a.name == "epsilon")
                     .map_or(1e-5, |a| a.f as f64);
                 let axes = ints(&node, "axes")?;
-                norm::expand_forward(&mut em, &node.name, input(0)?, &node.output, &axes, eps);
+                standardize::expand_forward(
+                    &mut em,
+                    &node.name,
+                    input(0)?,
+                    &node.output,
+                    &axes,
+                    eps,
+                );
                 continue;
+            }
+            norm_affine::NORM_AFFINE => {
+                let eps = node
+                    .attribute
+                    .iter()
+                    .find(|a| a.name == "epsilon")
+                    .map_or(1e-5, |a| a.f as f64);
+                let axes = ints(&node, "axes")?;
+                if node.input.len() != 3 || node.output.len() != 3 {
+                    bail!("fused node '{}' needs 3 inputs and 3 outputs", node.name);
+                }
+                norm_affine::expand_forward_affine(
+                    &mut em,
+                    &node.name,
+                    &node.input,
+                    &node.output,
+                    &axes,
+                    eps,
+                );
+                continue;
+            }
+            norm_affine::NORM_AFFINE_GRAD => {
+                let axes = ints(&node, "axes")?;
+                if node.input.len() != 5 {
+                    bail!("fused node '{}' needs 5 inputs", node.name);
+                }
+                norm_affine::expand_backward_affine(&mut em, &node.input, &axes)
             }
             norm::STANDARDIZE_GRAD => {
                 let axes = ints(&node, "axes")?;
-                norm::expand_backward(&mut em, input(0)?, input(1)?, input(2)?, &axes)
+                standardize::expand_backward(&mut em, input(0)?, input(1)?, input(2)?, &axes)
             }
             elementwise::RELU_GRAD => elementwise::expand_relu_grad(&mut em, input(0)?, input(1)?),
             other => bail!("unknown fused node {DOMAIN}.{other} ('{}')", node.name),

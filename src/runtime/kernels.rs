@@ -14,6 +14,7 @@ use ort::value::{
 };
 
 use crate::autodiff::fused::DOMAIN;
+use crate::autodiff::ops::norm_affine::{NORM_AFFINE, NORM_AFFINE_GRAD};
 use crate::autodiff::ops::{elementwise::RELU_GRAD, norm::STANDARDIZE, norm::STANDARDIZE_GRAD};
 
 /// The float types the kernels run in.
@@ -25,6 +26,7 @@ pub trait Float: Copy + Send + Sync + PartialOrd + 'static {
     fn from_f64(v: f64) -> Self;
     fn sub(self, o: Self) -> Self;
     fn mul(self, o: Self) -> Self;
+    fn add(self, o: Self) -> Self;
 }
 
 impl Float for f32 {
@@ -43,6 +45,9 @@ impl Float for f32 {
     fn mul(self, o: f32) -> f32 {
         self * o
     }
+    fn add(self, o: f32) -> f32 {
+        self + o
+    }
 }
 
 impl Float for f64 {
@@ -60,6 +65,9 @@ impl Float for f64 {
     }
     fn mul(self, o: f64) -> f64 {
         self * o
+    }
+    fn add(self, o: f64) -> f64 {
+        self + o
     }
 }
 
@@ -87,14 +95,7 @@ fn sum_f64(n: usize, f: impl Fn(usize) -> f64) -> f64 {
 /// One row of `GaStandardize`: writes `x̂` and returns `1/σ`. Mean and biased variance in f64
 /// (two passes); `x̂ = (x − mean)·(1/σ)` in the row's type, as the standard form computes it.
 pub fn standardize_row<T: Float>(x: &[T], eps: f64, xh: &mut [T]) -> T {
-    let n = x.len();
-    let mean = sum_f64(n, |i| x[i].to_f64()) / n as f64;
-    let var = sum_f64(n, |i| {
-        let d = x[i].to_f64() - mean;
-        d * d
-    }) / n as f64;
-    let inv = T::from_f64(1.0 / (var + eps).sqrt());
-    let m = T::from_f64(mean);
+    let (m, inv) = row_stats(x, eps);
     for (o, &v) in xh.iter_mut().zip(x) {
         *o = v.sub(m).mul(inv);
     }
@@ -108,6 +109,39 @@ pub fn standardize_grad_row<T: Float>(dxh: &[T], xh: &[T], inv: T, dx: &mut [T])
     let m2 = T::from_f64(sum_f64(n, |i| dxh[i].to_f64() * xh[i].to_f64()) / n as f64);
     for ((o, &g), &h) in dx.iter_mut().zip(dxh).zip(xh) {
         *o = g.sub(m1).sub(h.mul(m2)).mul(inv);
+    }
+}
+
+/// Mean and `1/σ` of a row in f64 (two passes, biased variance), returned in the row's type.
+fn row_stats<T: Float>(x: &[T], eps: f64) -> (T, T) {
+    let n = x.len();
+    let mean = sum_f64(n, |i| x[i].to_f64()) / n as f64;
+    let var = sum_f64(n, |i| {
+        let d = x[i].to_f64() - mean;
+        d * d
+    }) / n as f64;
+    (T::from_f64(mean), T::from_f64(1.0 / (var + eps).sqrt()))
+}
+
+/// One row of `GaNormAffine`: `y = ((x − mean)·(1/σ))·γ + β`; returns `(mean, 1/σ)`.
+pub fn norm_affine_row<T: Float>(x: &[T], eps: f64, g: T, b: T, y: &mut [T]) -> (T, T) {
+    let (m, inv) = row_stats(x, eps);
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = v.sub(m).mul(inv).mul(g).add(b);
+    }
+    (m, inv)
+}
+
+/// One row of `GaNormAffineGrad`: with `dx̂ = dY·γ` and `x̂ = (x − mean)·(1/σ)` recomputed,
+/// `dx = (1/σ)·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))`.
+pub fn norm_affine_grad_row<T: Float>(dy: &[T], x: &[T], m: T, inv: T, g: T, dx: &mut [T]) {
+    let n = dy.len();
+    let dxh = |i: usize| dy[i].mul(g);
+    let xh = |i: usize| x[i].sub(m).mul(inv);
+    let m1 = T::from_f64(sum_f64(n, |i| dxh(i).to_f64()) / n as f64);
+    let m2 = T::from_f64(sum_f64(n, |i| dxh(i).to_f64() * xh(i).to_f64()) / n as f64);
+    for (i, o) in dx.iter_mut().enumerate() {
+        *o = dxh(i).sub(m1).sub(xh(i).mul(m2)).mul(inv);
     }
 }
 
@@ -185,6 +219,14 @@ fn output<T: Float + PrimitiveTensorElementType>(
     Ok(Shared(data.as_mut_ptr()))
 }
 
+/// `shape` with its last `k` axes set to 1.
+fn kept_shape(shape: &[i64], k: usize) -> Vec<i64> {
+    let r = shape.len();
+    (0..r)
+        .map(|i| if i + k < r { shape[i] } else { 1 })
+        .collect()
+}
+
 /// Rows per parallel task: a few thousand elements each, so that small tensors stay on one
 /// thread.
 fn batches(rows: usize, row_len: usize) -> usize {
@@ -203,8 +245,8 @@ fn same_as_input(ctx: &mut ShapeInferenceContext, out: usize) -> ort::Result<()>
     ctx.set_output(out, x)
 }
 
-/// `GaStandardize`'s 1/σ: input 0's shape with the normalised (trailing) axes kept as 1.
-fn kept_dims(ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
+/// A statistic's shape: input 0's shape with the normalised (trailing) axes kept as 1.
+fn kept_dims(ctx: &mut ShapeInferenceContext, out: usize) -> ort::Result<()> {
     let axes: Vec<i64> = ctx.attr("axes")?;
     let ins = ctx.inputs();
     if let Some(ValueType::Tensor {
@@ -227,7 +269,7 @@ fn kept_dims(ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
             shape: Shape::new(dims),
             dimension_symbols: SymbolicDimensions::new(symbols),
         };
-        ctx.set_output(1, &kept)?;
+        ctx.set_output(out, &kept)?;
     }
     Ok(())
 }
@@ -252,7 +294,7 @@ impl<T: Float + PrimitiveTensorElementType> Operator for Standardize<T> {
     }
     fn infer_shape(&self, ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
         same_as_input(ctx, 0)?;
-        kept_dims(ctx)
+        kept_dims(ctx, 1)
     }
     fn create_kernel<'a>(&self, kctx: &KernelContext<'a>) -> ort::Result<BoxedKernel<'a>> {
         let axes: Vec<i64> = kctx
@@ -262,11 +304,7 @@ impl<T: Float + PrimitiveTensorElementType> Operator for Standardize<T> {
         Ok(Box::new(move |ctx: &ComputeContext| {
             let (shape, x) = input::<T>(ctx, 0, STANDARDIZE)?;
             let (rows, len) = row_split(&shape, &axes, STANDARDIZE)?;
-            let kept: Vec<i64> = shape
-                .iter()
-                .enumerate()
-                .map(|(i, &d)| if i < shape.len() - axes.len() { d } else { 1 })
-                .collect();
+            let kept = kept_shape(&shape, axes.len());
             let xh = output::<T>(ctx, 0, shape.clone(), STANDARDIZE)?;
             let inv = output::<T>(ctx, 1, kept, STANDARDIZE)?;
             let tasks = batches(rows, len);
@@ -371,6 +409,126 @@ impl<T: Float + PrimitiveTensorElementType> Operator for ReluGrad<T> {
     }
 }
 
+struct NormAffine<T>(std::marker::PhantomData<T>);
+struct NormAffineGrad<T>(std::marker::PhantomData<T>);
+
+/// Per-channel γ and β of rows `(sample, channel)`: row r is channel `r % C`.
+fn channels(rows: usize, scale: usize, bias: usize, node: &str) -> ort::Result<usize> {
+    if scale == 0 || rows % scale != 0 || bias != scale {
+        return Err(err(
+            node,
+            format!("{rows} rows do not split into channels of γ ({scale}) and β ({bias})"),
+        ));
+    }
+    Ok(scale)
+}
+
+impl<T: Float + PrimitiveTensorElementType> Operator for NormAffine<T> {
+    type Kernel<'a> = BoxedKernel<'a>;
+    fn name(&self) -> &str {
+        NORM_AFFINE
+    }
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [
+            OperatorInput::required(T::TYPE),
+            OperatorInput::required(T::TYPE),
+            OperatorInput::required(T::TYPE),
+        ]
+    }
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [
+            OperatorOutput::required(T::TYPE),
+            OperatorOutput::required(T::TYPE),
+            OperatorOutput::required(T::TYPE),
+        ]
+    }
+    fn infer_shape(&self, ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
+        same_as_input(ctx, 0)?;
+        kept_dims(ctx, 1)?;
+        kept_dims(ctx, 2)
+    }
+    fn create_kernel<'a>(&self, kctx: &KernelContext<'a>) -> ort::Result<BoxedKernel<'a>> {
+        let axes: Vec<i64> = kctx
+            .get("axes")
+            .ok_or_else(|| err(NORM_AFFINE, "no axes"))?;
+        let eps = kctx.get::<f32>("epsilon").unwrap_or(1e-5) as f64;
+        Ok(Box::new(move |ctx: &ComputeContext| {
+            let (shape, x) = input::<T>(ctx, 0, NORM_AFFINE)?;
+            let (_, gamma) = input::<T>(ctx, 1, NORM_AFFINE)?;
+            let (_, beta) = input::<T>(ctx, 2, NORM_AFFINE)?;
+            let (rows, len) = row_split(&shape, &axes, NORM_AFFINE)?;
+            let c = channels(rows, gamma.len(), beta.len(), NORM_AFFINE)?;
+            let kept = kept_shape(&shape, axes.len());
+            let y = output::<T>(ctx, 0, shape.clone(), NORM_AFFINE)?;
+            let mean = output::<T>(ctx, 1, kept.clone(), NORM_AFFINE)?;
+            let inv = output::<T>(ctx, 2, kept, NORM_AFFINE)?;
+            let tasks = batches(rows, len);
+            let per = rows.div_ceil(tasks);
+            ctx.par_for(tasks, tasks, |t| {
+                for r in t * per..((t + 1) * per).min(rows) {
+                    // SAFETY: row r of y and entry r of the statistics belong to this task.
+                    let (o, m, s) =
+                        unsafe { (y.rows(r * len, len), mean.rows(r, 1), inv.rows(r, 1)) };
+                    let row = &x[r * len..(r + 1) * len];
+                    (m[0], s[0]) = norm_affine_row(row, eps, gamma[r % c], beta[r % c], o);
+                }
+            })
+        }))
+    }
+}
+
+impl<T: Float + PrimitiveTensorElementType> Operator for NormAffineGrad<T> {
+    type Kernel<'a> = BoxedKernel<'a>;
+    fn name(&self) -> &str {
+        NORM_AFFINE_GRAD
+    }
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        (0..5).map(|_| OperatorInput::required(T::TYPE))
+    }
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(T::TYPE)]
+    }
+    fn infer_shape(&self, ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
+        same_as_input(ctx, 0)
+    }
+    fn create_kernel<'a>(&self, kctx: &KernelContext<'a>) -> ort::Result<BoxedKernel<'a>> {
+        let axes: Vec<i64> = kctx
+            .get("axes")
+            .ok_or_else(|| err(NORM_AFFINE_GRAD, "no axes"))?;
+        Ok(Box::new(move |ctx: &ComputeContext| {
+            let node = NORM_AFFINE_GRAD;
+            let (shape, dy) = input::<T>(ctx, 0, node)?;
+            let (xshape, x) = input::<T>(ctx, 1, node)?;
+            let (_, mean) = input::<T>(ctx, 2, node)?;
+            let (_, inv) = input::<T>(ctx, 3, node)?;
+            let (_, gamma) = input::<T>(ctx, 4, node)?;
+            let (rows, len) = row_split(&shape, &axes, node)?;
+            let c = channels(rows, gamma.len(), gamma.len(), node)?;
+            if xshape != shape || mean.len() != rows || inv.len() != rows {
+                return Err(err(
+                    node,
+                    format!(
+                        "dY {shape:?}, x {xshape:?}, {} means and {} σ⁻¹ disagree",
+                        mean.len(),
+                        inv.len()
+                    ),
+                ));
+            }
+            let dx = output::<T>(ctx, 0, shape.clone(), node)?;
+            let tasks = batches(rows, len);
+            let per = rows.div_ceil(tasks);
+            ctx.par_for(tasks, tasks, |t| {
+                for r in t * per..((t + 1) * per).min(rows) {
+                    let s = r * len..(r + 1) * len;
+                    // SAFETY: row r of dx belongs to this task alone.
+                    let o = unsafe { dx.rows(r * len, len) };
+                    norm_affine_grad_row(&dy[s.clone()], &x[s], mean[r], inv[r], gamma[r % c], o);
+                }
+            })
+        }))
+    }
+}
+
 /// The `ai.gradalign` domain with every kernel in f32 and f64.
 pub fn domain() -> ort::Result<OperatorDomain> {
     OperatorDomain::new(DOMAIN)?
@@ -378,6 +536,10 @@ pub fn domain() -> ort::Result<OperatorDomain> {
         .add(Standardize::<f64>(Default::default()))?
         .add(StandardizeGrad::<f32>(Default::default()))?
         .add(StandardizeGrad::<f64>(Default::default()))?
+        .add(NormAffine::<f32>(Default::default()))?
+        .add(NormAffine::<f64>(Default::default()))?
+        .add(NormAffineGrad::<f32>(Default::default()))?
+        .add(NormAffineGrad::<f64>(Default::default()))?
         .add(ReluGrad::<f32>(Default::default()))?
         .add(ReluGrad::<f64>(Default::default()))
 }
@@ -419,6 +581,34 @@ mod tests {
             p[i] += 1e-6;
             m[i] -= 1e-6;
             let fd = (f(&p) - f(&m)) / 2e-6;
+            assert!((fd - dx[i]).abs() < 1e-6, "x[{i}]: {fd} vs {}", dx[i]);
+        }
+    }
+
+    #[test]
+    fn norm_affine_grad_row_is_the_vjp_of_norm_affine() {
+        let x: Vec<f64> = (0..11).map(|i| ((i * 4) % 9) as f64 * 0.3 - 1.1).collect();
+        let w: Vec<f64> = (0..11).map(|i| ((i * 7) % 5) as f64 - 1.5).collect();
+        let (g, b) = (1.7, -0.4);
+        let f = |x: &[f64]| {
+            let mut y = vec![0.0; x.len()];
+            norm_affine_row(x, 1e-5, g, b, &mut y);
+            y.iter().zip(&w).map(|(a, c)| a * c).sum::<f64>()
+        };
+        let mut y = vec![0.0; x.len()];
+        let (m, inv) = norm_affine_row(&x, 1e-5, g, b, &mut y);
+        let mut xh = vec![0.0; x.len()];
+        standardize_row(&x, 1e-5, &mut xh);
+        for (yi, h) in y.iter().zip(&xh) {
+            assert!((yi - (h * g + b)).abs() < 1e-12);
+        }
+        let mut dx = vec![0.0; x.len()];
+        norm_affine_grad_row(&w, &x, m, inv, g, &mut dx);
+        for i in 0..x.len() {
+            let (mut p, mut q) = (x.clone(), x.clone());
+            p[i] += 1e-6;
+            q[i] -= 1e-6;
+            let fd = (f(&p) - f(&q)) / 2e-6;
             assert!((fd - dx[i]).abs() < 1e-6, "x[{i}]: {fd} vs {}", dx[i]);
         }
     }

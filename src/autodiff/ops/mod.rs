@@ -7,9 +7,11 @@ pub mod conv;
 pub mod elementwise;
 pub mod linear;
 pub mod norm;
+pub mod norm_affine;
 pub mod pool;
 pub mod reduce;
 pub mod shape;
+pub mod standardize;
 pub mod window;
 
 use std::sync::OnceLock;
@@ -31,6 +33,7 @@ pub fn registry() -> &'static Registry {
             elementwise::OPS,
             linear::OPS,
             norm::OPS,
+            norm_affine::OPS,
             pool::OPS,
             reduce::OPS,
             shape::OPS,

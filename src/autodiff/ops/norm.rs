@@ -8,12 +8,13 @@
 use anyhow::{bail, Result};
 
 use super::norm_axis;
+use super::standardize::{expand_backward, expand_forward};
 use crate::autodiff::backward::Backward;
 use crate::autodiff::emit::Emitter;
 use crate::autodiff::rules::Lowering;
 use crate::autodiff::rules::{arity, OpDef, Slot, MANY, OP};
 use crate::autodiff::{BnMode, Kind};
-use crate::onnx::{attr, DType, HostTensor, Node};
+use crate::onnx::{attr, HostTensor, Node};
 
 struct Seq<'l, 'a> {
     lw: &'l mut Lowering<'a>,
@@ -48,6 +49,41 @@ impl Seq<'_, '_> {
         let ys = self.op("Mul", vec![xh, scale], None, vec![])?;
         self.op("Add", vec![ys, bias], Some(node.outputs[0].clone()), vec![])?;
         Ok(())
+    }
+    /// `(x − mean)/σ · scale + bias` with the node's per-channel scale and bias, statistics
+    /// over the trailing `axes` of each (sample, channel): one `GaNormAffine` node.
+    fn standardise_affine(
+        &mut self,
+        node: &Node,
+        axes: &[usize],
+        eps: f64,
+        shape_c: String,
+    ) -> Result<()> {
+        let scale = self.op(
+            "Reshape",
+            vec![node.inputs[1].clone(), shape_c.clone()],
+            None,
+            vec![],
+        )?;
+        let bias = self.op(
+            "Reshape",
+            vec![node.inputs[2].clone(), shape_c],
+            None,
+            vec![],
+        )?;
+        let outs = [
+            node.outputs[0].clone(),
+            self.lw.fresh("mean"),
+            self.lw.fresh("inv_std"),
+        ];
+        let n = super::norm_affine::node(
+            &self.base,
+            [&node.inputs[0], &scale, &bias],
+            outs,
+            axes,
+            eps,
+        );
+        self.lw.add(n)
     }
     /// `(x - mean) / sqrt(var + eps)` over `axes`, as one `GaStandardize` node whose gradient
     /// is the fused formula (see [`backward`]).
@@ -180,49 +216,6 @@ pub fn emit_forward(em: &mut Emitter, node: &Node) {
     );
 }
 
-/// `GaStandardize` in standard ops: two-pass mean and biased variance, outputs `x̂` and `1/σ`.
-pub fn expand_forward(
-    em: &mut Emitter,
-    name: &str,
-    x: &str,
-    outputs: &[String],
-    axes: &[usize],
-    eps: f64,
-) {
-    let mean = em.reduce_mean(x, axes, true);
-    let xc = em.sub(x, &mean);
-    let var = if em.float == DType::F64 {
-        // tract rewrites mean(x·x) into a mean-of-squares reduction that it evaluates in f32;
-        // -mean(x·(-x)) is the same number and stays in f64.
-        let neg = em.neg(&xc);
-        let sq = em.mul(&xc, &neg);
-        let m = em.reduce_mean(&sq, axes, true);
-        em.neg(&m)
-    } else {
-        let sq = em.mul(&xc, &xc);
-        em.reduce_mean(&sq, axes, true)
-    };
-    let e = em.scalar(eps);
-    let ve = em.add(&var, &e);
-    let sd = em.op("Sqrt", &[&ve], vec![]);
-    let one = em.scalar(1.0);
-    let inv = em.div(&one, &sd);
-    em.nodes.push(crate::onnx::pb::NodeProto {
-        input: vec![inv.clone()],
-        output: vec![outputs[1].clone()],
-        name: format!("{name}/inv"),
-        op_type: "Identity".into(),
-        ..Default::default()
-    });
-    em.nodes.push(crate::onnx::pb::NodeProto {
-        input: vec![xc, inv],
-        output: vec![outputs[0].clone()],
-        name: format!("{name}/xhat"),
-        op_type: "Mul".into(),
-        ..Default::default()
-    });
-}
-
 /// PyTorch's fused normalisation gradient, per sample and channel:
 /// `dx = (1/σ)·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))`, means over the normalised axes.
 pub fn backward(
@@ -255,17 +248,6 @@ pub fn backward(
         return Ok(vec![dx.into_iter().next()]);
     }
     Ok(vec![Some(expand_backward(b.em, &dxh, &xh, &inv, &axes))])
-}
-
-/// The gradient of `GaStandardize` in standard ops (see [`backward`]).
-pub fn expand_backward(em: &mut Emitter, dxh: &str, xh: &str, inv: &str, axes: &[usize]) -> String {
-    let m1 = em.reduce_mean(dxh, axes, true);
-    let p = em.mul(dxh, xh);
-    let m2 = em.reduce_mean(&p, axes, true);
-    let t = em.mul(xh, &m2);
-    let u = em.sub(dxh, &m1);
-    let v = em.sub(&u, &t);
-    em.mul(&v, inv)
 }
 
 pub fn lower_batch_norm(lw: &mut Lowering, node: Node) -> Result<()> {
@@ -320,7 +302,7 @@ pub fn lower_batch_norm(lw: &mut Lowering, node: Node) -> Result<()> {
                 );
             }
             let axes: Vec<usize> = (2..r).collect();
-            s.standardise(&node.inputs[0], &axes, eps)?
+            return s.standardise_affine(&node, &axes, eps, shape_c);
         }
         BnMode::Batch => {
             let mut axes = vec![0];
@@ -400,9 +382,10 @@ pub fn lower_instance_group_norm(lw: &mut Lowering, node: Node) -> Result<()> {
         lw,
         base: node.name.clone(),
     };
+    let shape_c = s.lw.konst(HostTensor::i64_vec(&chan));
     let xh = if groups == c {
         let axes: Vec<usize> = (2..r).collect();
-        s.standardise(&node.inputs[0], &axes, eps)?
+        return s.standardise_affine(&node, &axes, eps, shape_c);
     } else {
         let grouped = s.lw.konst(HostTensor::i64_vec(&[
             n,
@@ -420,7 +403,6 @@ pub fn lower_instance_group_norm(lw: &mut Lowering, node: Node) -> Result<()> {
         let back = s.lw.konst(HostTensor::i64_vec(&back));
         s.op("Reshape", vec![hg, back], None, vec![])?
     };
-    let shape_c = s.lw.konst(HostTensor::i64_vec(&chan));
     s.channel_affine(&node, xh, shape_c)
 }
 
