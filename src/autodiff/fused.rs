@@ -8,7 +8,7 @@
 //! | `GaStandardizeGrad` (axes) | dx̂, x̂, 1/σ → dx | ReduceMean ×2, Mul ×3, Sub ×2 |
 //! | `GaNormAffine` (axes, epsilon) | x, γ, β → y, mean, 1/σ | as `GaStandardize`, then Mul, Add |
 //! | `GaNormAffineGrad` (axes) | dY, x, mean, 1/σ, γ → dx | Sub, Mul (x̂), Mul (dY·γ), then as `GaStandardizeGrad` |
-//! | `GaReluGrad` | x, dY → dY·[x > 0] | Greater, Cast, Mul |
+//! | `GaReluGrad` | y = Relu(x), dY → dY·[y > 0] | Greater, Cast, Mul |
 //!
 //! The builder always writes the fused form (statistics over trailing axes only, one
 //! contiguous row per statistic). ONNX Runtime on the CPU runs it with the kernels registered

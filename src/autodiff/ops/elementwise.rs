@@ -39,10 +39,11 @@ const PIECEWISE: OpDef = OpDef {
     ..OP
 };
 
-/// Fused kernel: Relu's input gradient `dY · [x > 0]` from `x` and `dY`, in one pass.
+/// Fused kernel: Relu's input gradient `dY · [y > 0]` from `y = Relu(x)` (positive exactly
+/// where x is) and `dY`, in one pass.
 pub const RELU_GRAD: &str = "GaReluGrad";
 
-/// `GaReluGrad` in standard ops: dY times the {0, 1} mask of x > 0. The same numbers as
+/// `GaReluGrad` in standard ops: dY times the {0, 1} mask of y > 0. The same numbers as
 /// Where(x > 0, dY, 0) for finite dY and markedly cheaper in ONNX Runtime; a non-finite dY
 /// stays non-finite instead of being masked, and is reported as such.
 pub fn expand_relu_grad(em: &mut crate::autodiff::emit::Emitter, x: &str, dy: &str) -> String {
@@ -647,8 +648,10 @@ pub fn backward(
         "Equal" | "Greater" | "Less" => {}
         _ if n0 => {
             let g = match op {
+                // The mask from Relu's output (y > 0 exactly where x > 0): then nothing but
+                // the Relu reads x, whose buffer the runtime can hand to y.
                 "Relu" => {
-                    b.em.fused(RELU_GRAD, &[&x, &dy], vec![], 1)
+                    b.em.fused(RELU_GRAD, &[&y, &dy], vec![], 1)
                         .pop()
                         .expect("one output")
                 }

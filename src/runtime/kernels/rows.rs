@@ -132,9 +132,10 @@ pub fn norm_affine_grad_row<T: Float>(dy: &[T], x: &[T], m: T, inv: T, g: T, dx:
     }
 }
 
-/// `GaReluGrad` on a stretch: `dY · [x > 0]` (a product, so a non-finite dY stays non-finite).
-pub fn relu_grad<T: Float>(x: &[T], dy: &[T], out: &mut [T]) {
-    for ((o, &v), &g) in out.iter_mut().zip(x).zip(dy) {
+/// `GaReluGrad` on a stretch: `dY · [y > 0]` with `y = Relu(x)` (a product, so a non-finite dY
+/// stays non-finite).
+pub fn relu_grad<T: Float>(y: &[T], dy: &[T], out: &mut [T]) {
+    for ((o, &v), &g) in out.iter_mut().zip(y).zip(dy) {
         *o = g.mul(if v > T::ZERO { T::ONE } else { T::ZERO });
     }
 }
