@@ -42,6 +42,26 @@ fn conv_strided_padded_with_bias() {
     check(&g, &z, 3, BnMode::Sample, ParamSelect::All);
 }
 
+/// A weight computed in the graph (here scaled by a constant) has no value while building, so
+/// the input gradient flips it with graph ops instead of in Rust; a grouped second layer
+/// exercises the per-group transpose of that path.
+#[test]
+fn conv_with_a_computed_weight() {
+    let mut g = GraphSpec::new(&[2, 6, 6], 21);
+    let w1 = g.param("c1.w", &[4, 2, 3, 3], 0.5);
+    let c1 = g.node("Conv", &["x", &w1], vec![a_ints("pads", &[1, 1, 1, 1])]);
+    let w2 = g.param("c2.w", &[4, 2, 3, 2], 0.5);
+    let half = g.tensor("half", HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), 0.5)));
+    let w2s = g.node("Mul", &[&w2, &half], vec![]);
+    let c2 = g.node(
+        "Conv",
+        &[&c1, &w2s],
+        vec![a_i("group", 2), a_ints("pads", &[1, 0, 1, 1])],
+    );
+    let z = head(&mut g, &c2, 4 * 6 * 6, 3);
+    check(&g, &z, 3, BnMode::Sample, ParamSelect::Weights);
+}
+
 #[test]
 fn conv_grouped_dilated_asymmetric_pads() {
     let mut g = GraphSpec::new(&[4, 6, 6], 2);

@@ -12,6 +12,8 @@ use crate::onnx::Node;
 pub struct Backward<'a> {
     pub em: &'a mut Emitter,
     pub infos: &'a HashMap<String, Info>,
+    /// Values of the model's parameters (the initializers being differentiated).
+    pub params: &'a HashMap<String, crate::onnx::HostTensor>,
     /// Tensors through which a selected parameter reaches the loss.
     pub needs: &'a HashSet<String>,
     /// Probe batch size.
@@ -25,6 +27,14 @@ pub struct Backward<'a> {
 impl<'a> Backward<'a> {
     pub fn info(&self, name: &str) -> &Info {
         &self.infos[name]
+    }
+    /// The value of `name` when it is known while building: a folded constant or a parameter's
+    /// initial value (the graph is built for these values and never sees others).
+    pub fn value(&self, name: &str) -> Option<&crate::onnx::HostTensor> {
+        self.infos
+            .get(name)
+            .and_then(|i| i.value.as_ref())
+            .or_else(|| self.params.get(name))
     }
     pub fn shape(&self, name: &str) -> Vec<usize> {
         self.infos[name].shape.clone()

@@ -35,6 +35,7 @@ pub fn reverse_sweep(
     let mut b = Backward {
         em,
         infos: &an.infos,
+        params: &an.param_values,
         needs,
         n: an.n,
         first_element,

@@ -160,16 +160,43 @@ fn input_grad(
     // [Cout, Cin/g, k..] → [g, Cout/g, Cin/g, k..] → [g, Cin/g, Cout/g, k..] → [Cin, Cout/g, k..]
     let mut s5 = vec![gr, cout / gr, cin_g];
     s5.extend(&g.kernel);
-    let wr = b.em.reshape(w, &s5);
     let mut perm = vec![0, 2, 1];
     perm.extend(3..3 + d);
-    let wt = b.em.transpose(&wr, &perm);
     let mut s4 = vec![cin_g * gr, cout / gr];
     s4.extend(&g.kernel);
-    let wt = b.em.reshape(&wt, &s4);
-    let axes: Vec<i64> = (2..2 + d as i64).collect();
-    let wf =
-        b.em.slice(&wt, &vec![-1; d], &vec![i64::MIN; d], &axes, &vec![-1; d]);
+    // A known weight (the usual case: an initializer) is transposed and flipped here, once,
+    // rather than as four graph nodes the runtime folds at every session's creation.
+    let known = b.value(w).map(|v| {
+        let a = v.to_f64();
+        let a = a
+            .into_shape_with_order(ndarray::IxDyn(&s5))
+            .expect("weight of the inferred shape");
+        let mut a = a
+            .permuted_axes(ndarray::IxDyn(&perm))
+            .as_standard_layout()
+            .into_owned();
+        for ax in 3..3 + d {
+            a.invert_axis(ndarray::Axis(ax));
+        }
+        let a = a.as_standard_layout().into_owned();
+        a.into_shape_with_order(ndarray::IxDyn(&s4))
+            .expect("same size")
+    });
+    let wf = match known {
+        Some(a) => {
+            let name = b.em.fresh("w_flipped");
+            let t = crate::onnx::HostTensor::F64(a).cast(b.em.float);
+            b.em.initializer(&name, &t);
+            name
+        }
+        None => {
+            let wr = b.em.reshape(w, &s5);
+            let wt = b.em.transpose(&wr, &perm);
+            let wt = b.em.reshape(&wt, &s4);
+            let axes: Vec<i64> = (2..2 + d as i64).collect();
+            b.em.slice(&wt, &vec![-1; d], &vec![i64::MIN; d], &axes, &vec![-1; d])
+        }
+    };
     let mut flipped = g.clone();
     for i in 0..d {
         flipped.pads[i] = reach[i] - g.pads[i];
