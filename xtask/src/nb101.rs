@@ -212,6 +212,8 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
             "hash,params,inputs_seconds,scorers_seconds,process_seconds,peak_rss_mib",
         )?;
         let mut errors_file = append_with_header(o.out.join("errors.csv"), "hash,scorer,error")?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads_per_job = (cores / o.jobs.max(1)).max(1);
         let work = |k: usize| -> Result<(String, String, String)> {
             let c = todo[k];
             let cell = gradalign::tools::zoo::nb101::Nb101Cell::parse(&c.adjacency, &c.ops)?;
@@ -227,6 +229,11 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
                 .args(["--backend", &o.backend, "--format", "json"]);
             if let Some(m) = &o.max_memory {
                 cmd.args(["--max-memory", m]);
+            }
+            // Each `score` process alone would take every core (and spin on them): side by
+            // side they share them, as `rank --jobs` does.
+            if std::env::var_os("GRADALIGN_THREADS").is_none() {
+                cmd.env("GRADALIGN_THREADS", threads_per_job.to_string());
             }
             let out = cmd.output();
             std::fs::remove_file(&path).ok();

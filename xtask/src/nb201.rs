@@ -90,6 +90,11 @@ pub fn run_jobs<R>(
     work: impl Fn(usize) -> Result<R> + Sync,
     commit: impl FnMut(R) -> Result<()> + Send,
 ) -> Result<()> {
+    // In-process sweeps: the runtime gives each job its share of the cores (no spinning
+    // workers fighting over them) and every session draws from one shared arena, as `rank`
+    // does.
+    gradalign::runtime::set_parallel_jobs(jobs.max(1));
+    gradalign::runtime::set_shared_arena(true);
     let commit = Mutex::new(commit);
     let next = AtomicUsize::new(0);
     let finished = AtomicUsize::new(0);
