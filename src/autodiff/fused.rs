@@ -50,6 +50,13 @@ fn ints(node: &pb::NodeProto, name: &str) -> Result<Vec<usize>> {
         .ok_or_else(|| anyhow!("fused node '{}' has no attribute '{name}'", node.name))
 }
 
+fn epsilon(node: &pb::NodeProto) -> f64 {
+    node.attribute
+        .iter()
+        .find(|a| a.name == "epsilon")
+        .map_or(1e-5, |a| a.f as f64)
+}
+
 /// `model` with every fused node written out in standard ONNX ops (a copy; `model` itself when
 /// it has none).
 pub fn to_standard_ops(model: &pb::ModelProto, float: DType) -> Result<pb::ModelProto> {
@@ -76,11 +83,7 @@ pub fn to_standard_ops(model: &pb::ModelProto, float: DType) -> Result<pb::Model
         };
         let result = match node.op_type.as_str() {
             norm::STANDARDIZE => {
-                let eps = node
-                    .attribute
-                    .iter()
-                    .find(|a| a.name == "epsilon")
-                    .map_or(1e-5, |a| a.f as f64);
+                let eps = epsilon(&node);
                 let axes = ints(&node, "axes")?;
                 standardize::expand_forward(
                     &mut em,
@@ -93,11 +96,7 @@ pub fn to_standard_ops(model: &pb::ModelProto, float: DType) -> Result<pb::Model
                 continue;
             }
             norm_affine::NORM_AFFINE => {
-                let eps = node
-                    .attribute
-                    .iter()
-                    .find(|a| a.name == "epsilon")
-                    .map_or(1e-5, |a| a.f as f64);
+                let eps = epsilon(&node);
                 let axes = ints(&node, "axes")?;
                 if node.input.len() != 3 || node.output.len() != 3 {
                     bail!("fused node '{}' needs 3 inputs and 3 outputs", node.name);

@@ -31,9 +31,8 @@ impl Seq<'_, '_> {
     ) -> Result<String> {
         self.lw.emit(&self.base, op, ins, out, attrs)
     }
-    /// `x̂ · scale + bias` with the node's per-channel scale (input 1) and bias (input 2)
-    /// reshaped to `shape_c` ([C, 1, …]), written to the node's output.
-    fn channel_affine(&mut self, node: &Node, xh: String, shape_c: String) -> Result<()> {
+    /// The node's per-channel scale (input 1) and bias (input 2) reshaped to `shape_c`.
+    fn channel_params(&mut self, node: &Node, shape_c: String) -> Result<(String, String)> {
         let scale = self.op(
             "Reshape",
             vec![node.inputs[1].clone(), shape_c.clone()],
@@ -46,6 +45,12 @@ impl Seq<'_, '_> {
             None,
             vec![],
         )?;
+        Ok((scale, bias))
+    }
+    /// `x̂ · scale + bias` with the node's per-channel scale (input 1) and bias (input 2)
+    /// reshaped to `shape_c` ([C, 1, …]), written to the node's output.
+    fn channel_affine(&mut self, node: &Node, xh: String, shape_c: String) -> Result<()> {
+        let (scale, bias) = self.channel_params(node, shape_c)?;
         let ys = self.op("Mul", vec![xh, scale], None, vec![])?;
         self.op("Add", vec![ys, bias], Some(node.outputs[0].clone()), vec![])?;
         Ok(())
@@ -59,18 +64,7 @@ impl Seq<'_, '_> {
         eps: f64,
         shape_c: String,
     ) -> Result<()> {
-        let scale = self.op(
-            "Reshape",
-            vec![node.inputs[1].clone(), shape_c.clone()],
-            None,
-            vec![],
-        )?;
-        let bias = self.op(
-            "Reshape",
-            vec![node.inputs[2].clone(), shape_c],
-            None,
-            vec![],
-        )?;
+        let (scale, bias) = self.channel_params(node, shape_c)?;
         let outs = [
             node.outputs[0].clone(),
             self.lw.fresh("mean"),

@@ -93,11 +93,21 @@ fn kept_shape(shape: &[i64], k: usize) -> Vec<i64> {
         .collect()
 }
 
-/// Rows per parallel task: a few thousand elements each, so that small tensors stay on one
-/// thread.
-fn batches(rows: usize, row_len: usize) -> usize {
+/// Runs `row(r)` for every row over the session's intra-op threads, a few thousand elements
+/// per task so that small tensors stay on one thread.
+fn for_rows(
+    ctx: &ComputeContext,
+    rows: usize,
+    row_len: usize,
+    row: impl Fn(usize) + Sync + Send,
+) -> ort::Result<()> {
     let per = (16_384 / row_len.max(1)).max(1);
-    rows.div_ceil(per).max(1)
+    let tasks = rows.div_ceil(per).max(1);
+    ctx.par_for(tasks, tasks, |t| {
+        for r in t * per..((t + 1) * per).min(rows) {
+            row(r);
+        }
+    })
 }
 
 /// Output `out` has input 0's type and shape. Declared shapes let ONNX Runtime's memory planner
@@ -173,14 +183,10 @@ impl<T: Float + PrimitiveTensorElementType> Operator for Standardize<T> {
             let kept = kept_shape(&shape, axes.len());
             let xh = output::<T>(ctx, 0, shape.clone(), STANDARDIZE)?;
             let inv = output::<T>(ctx, 1, kept, STANDARDIZE)?;
-            let tasks = batches(rows, len);
-            let per = rows.div_ceil(tasks);
-            ctx.par_for(tasks, tasks, |t| {
-                for r in t * per..((t + 1) * per).min(rows) {
-                    // SAFETY: row r of x̂ and entry r of 1/σ belong to this task alone.
-                    let (o, s) = unsafe { (xh.rows(r * len, len), inv.rows(r, 1)) };
-                    s[0] = standardize_row(&x[r * len..(r + 1) * len], eps, o);
-                }
+            for_rows(ctx, rows, len, |r| {
+                // SAFETY: row r of x̂ and entry r of 1/σ belong to this task alone.
+                let (o, s) = unsafe { (xh.rows(r * len, len), inv.rows(r, 1)) };
+                s[0] = standardize_row(&x[r * len..(r + 1) * len], eps, o);
             })
         }))
     }
@@ -220,15 +226,11 @@ impl<T: Float + PrimitiveTensorElementType> Operator for StandardizeGrad<T> {
                 ));
             }
             let dx = output::<T>(ctx, 0, shape.clone(), STANDARDIZE_GRAD)?;
-            let tasks = batches(rows, len);
-            let per = rows.div_ceil(tasks);
-            ctx.par_for(tasks, tasks, |t| {
-                for r in t * per..((t + 1) * per).min(rows) {
-                    let s = r * len..(r + 1) * len;
-                    // SAFETY: row r of dx belongs to this task alone.
-                    let o = unsafe { dx.rows(r * len, len) };
-                    standardize_grad_row(&dxh[s.clone()], &xh[s], inv[r], o);
-                }
+            for_rows(ctx, rows, len, |r| {
+                let s = r * len..(r + 1) * len;
+                // SAFETY: row r of dx belongs to this task alone.
+                let o = unsafe { dx.rows(r * len, len) };
+                standardize_grad_row(&dxh[s.clone()], &xh[s], inv[r], o);
             })
         }))
     }
@@ -253,23 +255,23 @@ impl<T: Float + PrimitiveTensorElementType> Operator for ReluGrad<T> {
     }
     fn create_kernel<'a>(&self, _: &KernelContext<'a>) -> ort::Result<BoxedKernel<'a>> {
         Ok(Box::new(move |ctx: &ComputeContext| {
-            let (shape, x) = input::<T>(ctx, 0, RELU_GRAD)?;
+            let (shape, y) = input::<T>(ctx, 0, RELU_GRAD)?;
             let (dshape, dy) = input::<T>(ctx, 1, RELU_GRAD)?;
             if dshape != shape {
                 return Err(err(
                     RELU_GRAD,
-                    format!("x {shape:?} and dY {dshape:?} differ"),
+                    format!("y {shape:?} and dY {dshape:?} differ"),
                 ));
             }
             let out = output::<T>(ctx, 0, shape, RELU_GRAD)?;
+            // Stretches of CHUNK elements are the "rows" here.
             const CHUNK: usize = 16_384;
-            let n = x.len();
-            let tasks = n.div_ceil(CHUNK).max(1);
-            ctx.par_for(tasks, tasks, |t| {
+            let n = y.len();
+            for_rows(ctx, n.div_ceil(CHUNK), CHUNK, |t| {
                 let s = (t * CHUNK).min(n)..((t + 1) * CHUNK).min(n);
                 // SAFETY: this stretch of the output belongs to this task alone.
                 let o = unsafe { out.rows(s.start, s.len()) };
-                relu_grad(&x[s.clone()], &dy[s], o);
+                relu_grad(&y[s.clone()], &dy[s], o);
             })
         }))
     }
@@ -328,16 +330,11 @@ impl<T: Float + PrimitiveTensorElementType> Operator for NormAffine<T> {
             let y = output::<T>(ctx, 0, shape.clone(), NORM_AFFINE)?;
             let mean = output::<T>(ctx, 1, kept.clone(), NORM_AFFINE)?;
             let inv = output::<T>(ctx, 2, kept, NORM_AFFINE)?;
-            let tasks = batches(rows, len);
-            let per = rows.div_ceil(tasks);
-            ctx.par_for(tasks, tasks, |t| {
-                for r in t * per..((t + 1) * per).min(rows) {
-                    // SAFETY: row r of y and entry r of the statistics belong to this task.
-                    let (o, m, s) =
-                        unsafe { (y.rows(r * len, len), mean.rows(r, 1), inv.rows(r, 1)) };
-                    let row = &x[r * len..(r + 1) * len];
-                    (m[0], s[0]) = norm_affine_row(row, eps, gamma[r % c], beta[r % c], o);
-                }
+            for_rows(ctx, rows, len, |r| {
+                // SAFETY: row r of y and entry r of the statistics belong to this task.
+                let (o, m, s) = unsafe { (y.rows(r * len, len), mean.rows(r, 1), inv.rows(r, 1)) };
+                let row = &x[r * len..(r + 1) * len];
+                (m[0], s[0]) = norm_affine_row(row, eps, gamma[r % c], beta[r % c], o);
             })
         }))
     }
@@ -381,15 +378,11 @@ impl<T: Float + PrimitiveTensorElementType> Operator for NormAffineGrad<T> {
                 ));
             }
             let dx = output::<T>(ctx, 0, shape.clone(), node)?;
-            let tasks = batches(rows, len);
-            let per = rows.div_ceil(tasks);
-            ctx.par_for(tasks, tasks, |t| {
-                for r in t * per..((t + 1) * per).min(rows) {
-                    let s = r * len..(r + 1) * len;
-                    // SAFETY: row r of dx belongs to this task alone.
-                    let o = unsafe { dx.rows(r * len, len) };
-                    norm_affine_grad_row(&dy[s.clone()], &x[s], mean[r], inv[r], gamma[r % c], o);
-                }
+            for_rows(ctx, rows, len, |r| {
+                let s = r * len..(r + 1) * len;
+                // SAFETY: row r of dx belongs to this task alone.
+                let o = unsafe { dx.rows(r * len, len) };
+                norm_affine_grad_row(&dy[s.clone()], &x[s], mean[r], inv[r], gamma[r % c], o);
             })
         }))
     }
