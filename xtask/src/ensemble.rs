@@ -10,10 +10,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use gradalign::results::ensemble::{log_rank_sum, EnsembleScore, DEFAULT_MEMBERS};
-use gradalign::rng::Rng;
-use gradalign::tools::stats::{kendall_tau_b, spearman};
+use gradalign::tools::stats::spearman;
 
-use crate::nb201::load_archs;
+use crate::nb201::{load_archs, tau_ci};
 
 pub struct Options {
     pub members: String,
@@ -22,11 +21,14 @@ pub struct Options {
     pub out: PathBuf,
     /// How the members were chosen, when not the default set (said in the report's header).
     pub provenance: Option<String>,
+    /// Score tables to join instead of the committed 1,000-architecture ones (`--tables`),
+    /// e.g. the full-space run's `docs/results/nb201-all/scores.csv`.
+    pub tables: Option<Vec<String>>,
 }
 
 /// The score tables the NB201 benchmark committed, joined by architecture index: the main run
 /// and the later runs of added scorers on the same architectures and weights.
-const TABLES: [&str; 5] = [
+pub const TABLES: [&str; 5] = [
     "docs/results/nb201/scores.csv",
     "docs/results/nb201/swap/scores.csv",
     "docs/results/nb201/features/scores.csv",
@@ -47,12 +49,17 @@ pub struct NbScores {
 }
 
 pub fn load_scores(root: &Path) -> Result<NbScores> {
+    load_tables(root, &TABLES)
+}
+
+pub fn load_tables(root: &Path, tables: &[impl AsRef<str>]) -> Result<NbScores> {
     let mut out = NbScores {
         columns: vec![],
         order: vec![],
         by_index: BTreeMap::new(),
     };
-    for (k, t) in TABLES.iter().enumerate() {
+    for (k, t) in tables.iter().enumerate() {
+        let t = t.as_ref();
         let path = root.join(t);
         let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
         let mut lines = text.lines();
@@ -85,29 +92,6 @@ pub fn load_scores(root: &Path) -> Result<NbScores> {
     Ok(out)
 }
 
-/// τ-b with its bootstrap 95 % interval (percentiles of `reps` resamples of the architectures).
-fn tau_ci(score: &[f64], acc: &[f64], reps: usize, seed: u64) -> Option<(f64, f64, f64)> {
-    let tau = kendall_tau_b(score, acc)?;
-    let mut rng = Rng(seed);
-    let n = score.len();
-    let mut taus: Vec<f64> = (0..reps)
-        .filter_map(|_| {
-            let idx: Vec<usize> = (0..n)
-                .map(|_| (rng.next_u64() % n as u64) as usize)
-                .collect();
-            let s: Vec<f64> = idx.iter().map(|&i| score[i]).collect();
-            let a: Vec<f64> = idx.iter().map(|&i| acc[i]).collect();
-            kendall_tau_b(&s, &a)
-        })
-        .collect();
-    taus.sort_by(f64::total_cmp);
-    if taus.is_empty() {
-        return None;
-    }
-    let q = |p: f64| taus[((p * (taus.len() - 1) as f64).round() as usize).min(taus.len() - 1)];
-    Some((tau, q(0.025), q(0.975)))
-}
-
 pub fn run(root: &Path, o: &Options) -> Result<()> {
     let members: Vec<String> = o
         .members
@@ -115,7 +99,11 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect();
-    let scores = load_scores(root)?.by_index;
+    let tables: Vec<String> = o
+        .tables
+        .clone()
+        .unwrap_or_else(|| TABLES.map(String::from).to_vec());
+    let scores = load_tables(root, &tables)?.by_index;
     let acc: BTreeMap<usize, [f64; 3]> = load_archs(root)?
         .into_iter()
         .map(|a| (a.index, a.acc))
@@ -123,8 +111,8 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
     for m in &members {
         if !scores.values().any(|r| r.contains_key(m)) {
             bail!(
-                "no committed NB201 table has a '{m}' column (tables: {})",
-                TABLES.join(", ")
+                "no NB201 score table has a '{m}' column (tables: {})",
+                tables.join(", ")
             );
         }
     }
@@ -183,27 +171,39 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
     }
     let mut md = format!(
         "# The `ensemble` ranking on NAS-Bench-201\n\n\
-         {} of the 1,000 sampled architectures of [report.md](report.md) (those every member \
+         {} {} (those every member \
          scored), N = 64 shipped CIFAR-10 probe, per-sample BatchNorm, f32. Ensemble: \
          Σ_members ln(rank / M) over these M architectures ([semantics.md](../../semantics.md#ensemble)), \
          members `{}`, {}. τ-b and \
          Spearman ρ against 200-epoch test accuracy; [lo, hi] = bootstrap 95 % interval of τ-b \
          ({} resamples of the architectures, seed {}). Every number is recomputed from the \
-         committed score tables ({}) by `cargo xtask ensemble{} --reps {} --seed {}`.\n\n\
+         committed score tables ({}) by `cargo xtask ensemble{}{} --reps {} --seed {}`.\n\n\
          | ranking |",
         idx.len(),
+        if o.tables.is_some() {
+            "architectures of the score tables named below"
+        } else {
+            "of the 1,000 sampled architectures of [report.md](report.md)"
+        },
         members.join(","),
         o.provenance
             .as_deref()
             .unwrap_or("chosen before these tables were read and not fitted to them"),
         o.reps,
         o.seed,
-        TABLES.map(|t| format!("`{t}`")).join(", "),
+        tables
+            .iter()
+            .map(|t| format!("`{t}`"))
+            .collect::<Vec<_>>()
+            .join(", "),
         if o.members == default_members() {
             String::new()
         } else {
             format!(" --members {}", o.members)
         },
+        o.tables
+            .as_ref()
+            .map_or(String::new(), |t| format!(" --tables {}", t.join(","))),
         o.reps,
         o.seed
     );

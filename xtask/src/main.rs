@@ -348,7 +348,14 @@ fn known_flags(cmd: &str, sub: Option<&str>) -> Option<&'static [&'static str]> 
         ("bench-grads", _) => &["--n", "--repeat", "--backends", "--out"],
         ("fetch-ort", _) => &["--gpu"],
         ("gen-resnet50", _) => &["--out", "--input"],
-        ("gen-nb201", _) => &["--out", "--count", "--seed", "--channels", "--cells"],
+        ("gen-nb201", _) => &[
+            "--out",
+            "--count",
+            "--seed",
+            "--index",
+            "--channels",
+            "--cells",
+        ],
         ("gen-nb101", _) => &["--out", "--hash", "--sample", "--seed", "--input"],
         ("fuzz", _) => &[
             "--execs",
@@ -371,7 +378,7 @@ fn known_flags(cmd: &str, sub: Option<&str>) -> Option<&'static [&'static str]> 
             "--report-only",
         ],
         ("select", _) => &["--reps", "--seed", "--out"],
-        ("ensemble", _) => &["--members", "--reps", "--seed", "--out"],
+        ("ensemble", _) => &["--members", "--reps", "--seed", "--out", "--tables"],
         ("ensemble-tune", _) => &[
             "--candidates",
             "--max-members",
@@ -413,6 +420,7 @@ fn known_flags(cmd: &str, sub: Option<&str>) -> Option<&'static [&'static str]> 
             "--jobs",
             "--out",
             "--init",
+            "--report-only",
         ],
         _ => return None,
     })
@@ -480,13 +488,26 @@ fn main() -> Result<()> {
             let out = get("--out").map(PathBuf::from).context("gen-nb201 needs --out DIR")?;
             std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
             let archs = nb201::load_archs(&root())?;
-            for i in nb201::sample(archs.len(), count, seed) {
+            // --index exports named architectures (e.g. one row of a `bench nb201` table) with
+            // the weights that run gave them, instead of a seeded sample.
+            let picked: Vec<usize> = match get("--index") {
+                Some(list) => list
+                    .split(',')
+                    .map(|v| {
+                        let i: usize = v.trim().parse().with_context(|| format!("--index: '{v}' is not an architecture index"))?;
+                        anyhow::ensure!(i < archs.len(), "--index {i}: NB201 has {} architectures (0..{})", archs.len(), archs.len() - 1);
+                        Ok(i)
+                    })
+                    .collect::<Result<_>>()?,
+                None => nb201::sample(archs.len(), count, seed),
+            };
+            for &i in &picked {
                 let a = &archs[i];
                 let proto = gradalign::tools::zoo::nb201_model(&a.arch, nb201::weight_seed(seed, a.index), c, cells)?;
                 let path = out.join(format!("nb201-{:05}.onnx", a.index));
                 std::fs::write(&path, proto.encode_to_vec()).with_context(|| format!("cannot write {}", path.display()))?;
             }
-            eprintln!("wrote {count} NB201 models (C = {c}, {cells} cells per stage, seed {seed}) to {}", out.display());
+            eprintln!("wrote {} NB201 models (C = {c}, {cells} cells per stage, seed {seed}) to {}", picked.len(), out.display());
             Ok(())
         }
         Some("gen-nb101") => {
@@ -584,6 +605,7 @@ fn main() -> Result<()> {
             seed: get("--seed").map(|v| v.parse()).transpose()?.unwrap_or(0),
             out: get("--out").map(PathBuf::from).unwrap_or_else(|| root().join("docs/results/nb201/ensemble.md")),
             provenance: None,
+            tables: get("--tables").map(|t| t.split(',').map(|s| s.trim().to_string()).collect()),
         }),
         Some("ensemble-tune") => tune::run(&root(), &tune::Options {
             candidates: get("--candidates").unwrap_or_default(),
@@ -653,6 +675,7 @@ fn main() -> Result<()> {
                     Some("kaiming-normal") => gradalign::tools::zoo::Init::KaimingNormalFanIn,
                     Some(v) => bail!("--init {v}: expected pytorch or kaiming-normal"),
                 },
+                report_only: args.iter().any(|a| a == "--report-only"),
                 sample_desc: if args[1] == "naslib-check" {
                     args[2..].join(" ")
                 } else {
@@ -666,6 +689,6 @@ fn main() -> Result<()> {
                 nb201::run(&root(), &o)
             }
         }
-        _ => bail!("usage: cargo xtask gen-resnet50 [--out FILE] [--input 32] | cargo xtask gen-nb201 --out DIR [--count 40] [--seed 0] [--channels 16] [--cells 5] | cargo xtask gen-nb101 --out DIR (--hash H[,H…] | --sample K) [--seed 0] [--input 32] | cargo xtask fuzz [--execs 1000000] [--seconds 1800] [--seed S] [--jobs J] [--corpus DIR|LIST] [--crashes DIR] | cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] [--init pytorch|kaiming-normal] | cargo xtask bench throughput [--count 24] [--seed 0] [--n 64] [--threads T] [--out FILE] | cargo xtask select [--reps 500] [--seed 0] [--out FILE] | cargo xtask ensemble [--members a,b] [--reps 1000] [--seed 0] [--out FILE] | cargo xtask ensemble-tune [--candidates a,b] [--max-members 6] [--min-gain 0.005] [--reps 1000] [--seed 0] [--out FILE] | cargo xtask bench nb101 [--pool test|val] [--sample 1000] [--seed 0] [--n 64] [--scorers a,b] [--backend …] [--jobs J] [--max-memory SIZE] [--out DIR] [--report-only] | cargo xtask bench seeds [--sample 200] [--seeds 5] [--probes 3] [--n 64] [--scorers a,b] [--backend …] [--jobs J] [--out DIR] [--report-only] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR] [--report-only]"),
+        _ => bail!("usage: cargo xtask gen-resnet50 [--out FILE] [--input 32] | cargo xtask gen-nb201 --out DIR [--count 40 | --index I,J] [--seed 0] [--channels 16] [--cells 5] | cargo xtask gen-nb101 --out DIR (--hash H[,H…] | --sample K) [--seed 0] [--input 32] | cargo xtask fuzz [--execs 1000000] [--seconds 1800] [--seed S] [--jobs J] [--corpus DIR|LIST] [--crashes DIR] | cargo xtask bench-grads [--n 64] [--repeat R] [--backends tract,ort] [--out FILE] | cargo xtask fetch-ort [--gpu] | cargo xtask bench nb201 [--sample K --seed S | --all] [--n 64] [--scorers a,b] [--backend auto|tract|ort] [--jobs J] [--out DIR] [--init pytorch|kaiming-normal] [--report-only] | cargo xtask bench throughput [--count 24] [--seed 0] [--n 64] [--threads T] [--out FILE] | cargo xtask select [--reps 500] [--seed 0] [--out FILE] | cargo xtask ensemble [--members a,b] [--tables A.csv,B.csv] [--reps 1000] [--seed 0] [--out FILE] | cargo xtask ensemble-tune [--candidates a,b] [--max-members 6] [--min-gain 0.005] [--reps 1000] [--seed 0] [--out FILE] | cargo xtask bench nb101 [--pool test|val] [--sample 1000] [--seed 0] [--n 64] [--scorers a,b] [--backend …] [--jobs J] [--max-memory SIZE] [--out DIR] [--report-only] | cargo xtask bench seeds [--sample 200] [--seeds 5] [--probes 3] [--n 64] [--scorers a,b] [--backend …] [--jobs J] [--out DIR] [--report-only] | cargo xtask bench linear-regions [--sample 200] [--seed 0] [--n 64] [--repeats 3] [--sigmas 1e-4,1e-3,1e-2] [--backend …] [--jobs J] [--out DIR] [--report-only]"),
     }
 }

@@ -64,6 +64,8 @@ pub struct Options {
     pub sample_desc: String,
     /// How the generator draws the weights (`--init pytorch|kaiming-normal`).
     pub init: gradalign::tools::zoo::Init,
+    /// Write the report from the scores already in `out` without scoring anything.
+    pub report_only: bool,
 }
 
 /// The progress line: bar, count, seconds per architecture and ETA.
@@ -191,6 +193,9 @@ pub fn weight_seed(seed: u64, index: usize) -> u64 {
 
 pub fn run(root: &Path, o: &Options) -> Result<()> {
     let archs = load_archs(root)?;
+    if o.report_only {
+        return report(root, o, &archs, None);
+    }
     std::fs::create_dir_all(&o.out)?;
     let reg = Registry::builtin();
     let scorers = reg.select(&o.scorers)?;
@@ -300,6 +305,31 @@ fn read_scores(path: &Path) -> Result<Table> {
     Ok(Table { names, rows })
 }
 
+const BOOTSTRAP_REPS: usize = 1000;
+
+/// τ-b with its bootstrap 95 % interval (percentiles of `reps` resamples of the architectures).
+pub fn tau_ci(score: &[f64], acc: &[f64], reps: usize, seed: u64) -> Option<(f64, f64, f64)> {
+    let tau = kendall_tau_b(score, acc)?;
+    let mut rng = gradalign::rng::Rng(seed);
+    let n = score.len();
+    let mut taus: Vec<f64> = (0..reps)
+        .filter_map(|_| {
+            let idx: Vec<usize> = (0..n)
+                .map(|_| (rng.next_u64() % n as u64) as usize)
+                .collect();
+            let s: Vec<f64> = idx.iter().map(|&i| score[i]).collect();
+            let a: Vec<f64> = idx.iter().map(|&i| acc[i]).collect();
+            kendall_tau_b(&s, &a)
+        })
+        .collect();
+    taus.sort_by(f64::total_cmp);
+    if taus.is_empty() {
+        return None;
+    }
+    let q = |p: f64| taus[((p * (taus.len() - 1) as f64).round() as usize).min(taus.len() - 1)];
+    Some((tau, q(0.025), q(0.975)))
+}
+
 /// Fraction of the scorer's top k that is in the ground truth's top k.
 pub fn hit_rate(score: &[f64], acc: &[f64], k: usize) -> f64 {
     let top = |v: &[f64]| {
@@ -344,7 +374,7 @@ fn report(root: &Path, o: &Options, archs: &[Arch], peak: Option<f64>) -> Result
         },
         o.seed
     );
-    md += "| scorer | archs | τ-b C10 | ρ C10 | τ-b C100 | ρ C100 | τ-b IN16 | ρ IN16 | top-10 hit (C10) | top-1% hit (C10) |\n|---|---|---|---|---|---|---|---|---|---|\n";
+    md += "| scorer | archs | τ-b C10 [95 % CI] | ρ C10 | τ-b C100 [95 % CI] | ρ C100 | τ-b IN16 [95 % CI] | ρ IN16 | top-10 hit (C10) | top-1% hit (C10) |\n|---|---|---|---|---|---|---|---|---|---|\n";
     let mut taus = vec![];
     for (j, name) in t.names.iter().enumerate() {
         let pts: Vec<(f64, &Arch)> = t
@@ -356,11 +386,13 @@ fn report(root: &Path, o: &Options, archs: &[Arch], peak: Option<f64>) -> Result
         let mut cells = vec![];
         for d in 0..3 {
             let acc: Vec<f64> = pts.iter().map(|p| p.1.acc[d]).collect();
-            let tau = kendall_tau_b(&s, &acc);
+            let tau = tau_ci(&s, &acc, BOOTSTRAP_REPS, o.seed.wrapping_add(d as u64));
             if d == 0 {
-                taus.push((name.clone(), tau.unwrap_or(f64::NAN)));
+                taus.push((name.clone(), tau.map_or(f64::NAN, |t| t.0)));
             }
-            cells.push(tau.map_or("—".into(), |v| format!("{v:.3}")));
+            cells.push(tau.map_or("—".into(), |(t, lo, hi)| {
+                format!("{t:.3} [{lo:.3}, {hi:.3}]")
+            }));
             cells.push(spearman(&s, &acc).map_or("—".into(), |v| format!("{v:.3}")));
         }
         let acc10: Vec<f64> = pts.iter().map(|p| p.1.acc[0]).collect();
@@ -380,20 +412,79 @@ fn report(root: &Path, o: &Options, archs: &[Arch], peak: Option<f64>) -> Result
     }
     plot_bars(&o.out.join("kendall_tau.svg"), &taus)?;
     md += &format!(
-        "\nTop-k hit rate: fraction of the scorer's k best architectures that are among the k most \
-         accurate ones (k = 10, and k = 1% of the sample).\n\n\
+        "\n[lo, hi]: bootstrap 95 % interval of τ-b ({BOOTSTRAP_REPS} resamples of the \
+         architectures, seed {} + dataset). Top-k hit rate: fraction of the scorer's k best \
+         architectures that are among the k most accurate ones (k = 10, and k = 1% of the \
+         architectures scored).\n\n\
          Seconds per architecture (mean, this machine): inputs (graph generation, gradients and \
          extra passes) {:.3} s, scorers {:.3} s. Peak resident memory of the benchmark process: {}.\n\n",
+        o.seed,
         mean(&tg),
         mean(&ts),
         peak.map_or("—".into(), |m| format!("{m:.0} MiB"))
     );
+    md += &agreement(root, o, &t)?;
     md += &torch_comparison(root, o, &t, archs, mean(&tg) + mean(&ts));
     md += "\nPlots: `kendall_tau.svg` (τ-b against CIFAR-10 test accuracy per scorer) and \
            `scatter_<scorer>.svg` (CIFAR-10 test accuracy against the score's rank percentile).\n";
     std::fs::write(o.out.join("report.md"), &md)?;
     println!("{md}");
     Ok(())
+}
+
+/// The committed 1,000-architecture sample gives each architecture the same weights as any
+/// other run (`weight_seed`), so the rows both runs scored must agree up to f32 arithmetic:
+/// a check that the engine's changes between the runs did not move the scores.
+fn agreement(root: &Path, o: &Options, t: &Table) -> Result<String> {
+    let reference = root.join("docs/results/nb201/scores.csv");
+    let same_dir = std::fs::canonicalize(&o.out).ok()
+        == reference
+            .parent()
+            .and_then(|p| std::fs::canonicalize(p).ok());
+    if same_dir || !reference.exists() {
+        return Ok(String::new());
+    }
+    let r = read_scores(&reference)?;
+    let theirs: BTreeMap<usize, &Vec<Option<f64>>> = r.rows.iter().map(|(i, v)| (*i, v)).collect();
+    let mut lines = vec![];
+    for (j, name) in t.names.iter().enumerate() {
+        let Some(k) = r.names.iter().position(|n| n == name) else {
+            continue;
+        };
+        let pairs: Vec<(f64, f64)> = t
+            .rows
+            .iter()
+            .filter_map(|(i, v)| Some((v[j]?, theirs.get(i)?[k]?)))
+            .collect();
+        if pairs.len() < 10 {
+            continue;
+        }
+        let rel: Vec<f64> = pairs
+            .iter()
+            .map(|(a, b)| (a - b).abs() / b.abs().max(f64::MIN_POSITIVE))
+            .collect();
+        let mut sorted = rel.clone();
+        sorted.sort_by(f64::total_cmp);
+        let (a, b): (Vec<f64>, Vec<f64>) = pairs.iter().copied().unzip();
+        lines.push(format!(
+            "| {name} | {} | {:.1e} | {:.1e} | {} |",
+            pairs.len(),
+            sorted[sorted.len() / 2],
+            sorted[sorted.len() - 1],
+            kendall_tau_b(&a, &b).map_or("—".into(), |v| format!("{v:.4}"))
+        ));
+    }
+    if lines.is_empty() {
+        return Ok(String::new());
+    }
+    Ok(format!(
+        "Agreement with the committed 1,000-architecture sample (`docs/results/nb201/scores.csv`, \
+         same weights per architecture, scored by an earlier build): relative difference of each \
+         score on the architectures both runs scored, and τ-b between the two columns.\n\n\
+         | scorer | archs in both | median rel. diff | max rel. diff | τ-b between runs |\n\
+         |---|---|---|---|---|\n{}\n\n",
+        lines.join("\n")
+    ))
 }
 
 /// PyTorch's batch-of-one loop on the first three architectures of the run, when torch is
@@ -561,6 +652,7 @@ pub fn naslib_check(root: &Path, o: &Options) -> Result<()> {
         jobs: o.jobs,
         sample_desc: o.sample_desc.clone(),
         init: o.init,
+        report_only: o.report_only,
     };
     run(root, &run_opts)?;
     let t = read_scores(&o.out.join("scores.csv"))?;
@@ -620,7 +712,30 @@ pub fn naslib_check(root: &Path, o: &Options) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::sample;
+    use super::{sample, tau_ci};
+
+    #[test]
+    fn bootstrap_interval_brackets_tau() {
+        // A perfect ranking stays perfect under any resample.
+        let x: Vec<f64> = (0..200).map(f64::from).collect();
+        assert_eq!(tau_ci(&x, &x, 200, 0), Some((1.0, 1.0, 1.0)));
+        // A noisy one: the interval holds the point estimate, has width, and narrows with n.
+        let mut rng = gradalign::rng::Rng(3);
+        let noisy = |n: usize, rng: &mut gradalign::rng::Rng| -> (Vec<f64>, Vec<f64>) {
+            let a: Vec<f64> = (0..n).map(|i| i as f64).collect();
+            let s = a
+                .iter()
+                .map(|v| v + n as f64 * (rng.next_u64() as f64 / u64::MAX as f64))
+                .collect();
+            (s, a)
+        };
+        let (s, a) = noisy(300, &mut rng);
+        let (t, lo, hi) = tau_ci(&s, &a, 500, 1).unwrap();
+        assert!(lo < t && t < hi && hi - lo > 0.02, "{lo} {t} {hi}");
+        let (s4, a4) = noisy(1200, &mut rng);
+        let (_, lo4, hi4) = tau_ci(&s4, &a4, 500, 1).unwrap();
+        assert!(hi4 - lo4 < 0.75 * (hi - lo), "{} vs {}", hi4 - lo4, hi - lo);
+    }
 
     #[test]
     fn sample_is_the_committed_draw() {

@@ -198,6 +198,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
                  {} cells), never on these tables",
                 cells.len()
             )),
+            tables: None,
         },
     )
 }
