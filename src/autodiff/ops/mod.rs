@@ -91,6 +91,16 @@ pub fn macs(node: &Node, ins: &[Option<&Info>], out: &Info) -> f64 {
 
 // ---- helpers shared by the families ----
 
+/// A node's `axes` attribute as indices (empty when absent): the standardising ops, fused and
+/// standard, carry the normalised axes this way.
+pub fn node_axes(node: &Node) -> Vec<usize> {
+    node.attr_ints("axes")
+        .unwrap_or_default()
+        .iter()
+        .map(|&a| a as usize)
+        .collect()
+}
+
 pub fn input_info<'a>(node: &Node, ins: &[Option<&'a Info>], i: usize) -> Result<&'a Info> {
     match ins.get(i).copied().flatten() {
         Some(x) => Ok(x),

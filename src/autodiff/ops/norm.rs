@@ -159,17 +159,9 @@ fn bn_slots(_: &Node, slot: usize, _: usize) -> Slot {
     }
 }
 
-fn std_axes(node: &Node) -> Vec<usize> {
-    node.attr_ints("axes")
-        .unwrap_or_default()
-        .iter()
-        .map(|&a| a as usize)
-        .collect()
-}
-
 pub fn infer(node: &Node, ins: &[Option<&crate::autodiff::Info>]) -> Result<super::Shapes> {
     let x = super::input_info(node, ins, 0)?;
-    let axes = std_axes(node);
+    let axes = super::node_axes(node);
     let kept: Vec<usize> = x
         .shape
         .iter()
@@ -188,7 +180,7 @@ fn trailing(node: &Node) -> bool {
 pub fn emit_forward(em: &mut Emitter, node: &Node) {
     let eps = node.attr_f("epsilon").unwrap_or(1e-5) as f64;
     if trailing(node) {
-        let axes: Vec<i64> = std_axes(node).iter().map(|&a| a as i64).collect();
+        let axes: Vec<i64> = super::node_axes(node).iter().map(|&a| a as i64).collect();
         em.fused(
             STANDARDIZE,
             &[&node.inputs[0]],
@@ -205,7 +197,7 @@ pub fn emit_forward(em: &mut Emitter, node: &Node) {
         &node.name,
         &node.inputs[0],
         &node.outputs,
-        &std_axes(node),
+        &super::node_axes(node),
         eps,
     );
 }
@@ -229,7 +221,7 @@ pub fn backward(
     if !b.needs_input(node, 0) {
         return Ok(vec![None]);
     }
-    let axes = std_axes(node);
+    let axes = super::node_axes(node);
     let (xh, inv) = (node.outputs[0].clone(), node.outputs[1].clone());
     if trailing(node) {
         let a: Vec<i64> = axes.iter().map(|&v| v as i64).collect();

@@ -31,22 +31,14 @@ pub const OPS: &[OpDef] = &[OpDef {
     ..OP
 }];
 
-fn axes(node: &Node) -> Vec<usize> {
-    node.attr_ints("axes")
-        .unwrap_or_default()
-        .iter()
-        .map(|&a| a as usize)
-        .collect()
-}
-
-fn axes_attr(axes: &[usize]) -> crate::onnx::pb::AttributeProto {
+fn axes_attribute(axes: &[usize]) -> crate::onnx::pb::AttributeProto {
     let a: Vec<i64> = axes.iter().map(|&v| v as i64).collect();
     attr::ints("axes", &a)
 }
 
 fn infer(node: &Node, ins: &[Option<&crate::autodiff::Info>]) -> Result<super::Shapes> {
     let x = super::input_info(node, ins, 0)?;
-    let axes = axes(node);
+    let axes = super::node_axes(node);
     let r = x.shape.len();
     if axes.is_empty() || !axes.iter().copied().eq(r - axes.len()..r) || axes[0] < 2 {
         bail!(
@@ -73,7 +65,7 @@ pub fn node(base: &str, ins: [&str; 3], outs: [String; 3], axes: &[usize], eps: 
         ins.iter().map(|s| s.to_string()).collect(),
         outs.to_vec(),
     )
-    .with_attr(axes_attr(axes))
+    .with_attr(axes_attribute(axes))
     .with_attr(attr::f("epsilon", eps as f32))
 }
 
@@ -82,7 +74,10 @@ pub fn emit_forward(em: &mut Emitter, node: &Node) {
     em.fused(
         NORM_AFFINE,
         &[&node.inputs[0], &node.inputs[1], &node.inputs[2]],
-        vec![axes_attr(&axes(node)), attr::f("epsilon", eps)],
+        vec![
+            axes_attribute(&super::node_axes(node)),
+            attr::f("epsilon", eps),
+        ],
         0,
     );
     let fused = em.nodes.last_mut().expect("just emitted");
@@ -150,7 +145,7 @@ fn backward(b: &mut Backward, node: &Node, dys: &[Option<String>]) -> Result<Vec
     let Some(dy) = dys[0].clone() else {
         return Ok(out);
     };
-    let axes = axes(node);
+    let axes = super::node_axes(node);
     let (x, scale, bias) = (&node.inputs[0], &node.inputs[1], &node.inputs[2]);
     let (mean, inv) = (&node.outputs[1], &node.outputs[2]);
     if b.needs_input(node, 0) {
@@ -158,7 +153,7 @@ fn backward(b: &mut Backward, node: &Node, dys: &[Option<String>]) -> Result<Vec
             b.em.fused(
                 NORM_AFFINE_GRAD,
                 &[&dy, x, mean, inv, scale],
-                vec![axes_attr(&axes)],
+                vec![axes_attribute(&axes)],
                 1,
             )
             .pop();
