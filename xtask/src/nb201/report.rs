@@ -338,17 +338,27 @@ fn torch_comparison(root: &Path, o: &Options, t: &Table, archs: &[Arch], ours: f
     )
 }
 
+/// Most points a scatter plot draws: beyond it every k-th point is drawn (ranks and τ are still
+/// over all of them), so the full space's plots stay ~200 KB instead of ~1.7 MB each.
+const MAX_SCATTER_POINTS: usize = 2000;
+
 pub fn plot_scatter(path: &Path, name: &str, score: &[f64], acc: &[f64]) -> Result<()> {
     use plotters::prelude::*;
     let ranks = gradalign::tools::stats::average_ranks(score);
     let n = score.len().max(1) as f64;
+    let step = score.len().div_ceil(MAX_SCATTER_POINTS).max(1);
     let root = SVGBackend::new(path, (480, 360)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!(
-                "{name} (τ-b {:.3})",
-                kendall_tau_b(score, acc).unwrap_or(f64::NAN)
+                "{name} (τ-b {:.3}){}",
+                kendall_tau_b(score, acc).unwrap_or(f64::NAN),
+                if step > 1 {
+                    format!(", every {step}th of {} shown", score.len())
+                } else {
+                    String::new()
+                }
             ),
             ("sans-serif", 18),
         )
@@ -365,6 +375,7 @@ pub fn plot_scatter(path: &Path, name: &str, score: &[f64], acc: &[f64]) -> Resu
         ranks
             .iter()
             .zip(acc)
+            .step_by(step)
             .map(|(r, a)| Circle::new((r / n, *a), 2, BLUE.mix(0.4).filled())),
     )?;
     root.present()?;
