@@ -75,9 +75,25 @@ pub fn load_tables(root: &Path, tables: &[impl AsRef<str>]) -> Result<NbScores> 
                 out.columns.push(name.to_string());
             }
         }
-        for l in lines {
+        for (ln, l) in lines.enumerate() {
             let f: Vec<&str> = l.split(',').collect();
-            let index: usize = f[0].parse()?;
+            if l.trim().is_empty() {
+                continue;
+            }
+            // A short line is a row still being written (or torn): not read, rather than
+            // taken as "not scored" by the members it lacks.
+            if f.len() != head.len() {
+                eprintln!(
+                    "{t}:{}: {} fields where the header has {}: line skipped",
+                    ln + 2,
+                    f.len(),
+                    head.len()
+                );
+                continue;
+            }
+            let index: usize = f[0]
+                .parse()
+                .with_context(|| format!("{t}:{}: index '{}' is not a number", ln + 2, f[0]))?;
             if k == 0 {
                 out.order.push(index);
             }
@@ -119,10 +135,11 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
     // The architectures every member scored: the ensemble and every row below use exactly these.
     let idx: Vec<usize> = scores
         .iter()
-        .filter(|(_, r)| {
-            members
-                .iter()
-                .all(|m| r.get(m).copied().flatten().is_some_and(f64::is_finite))
+        .filter(|(i, r)| {
+            acc.contains_key(i)
+                && members
+                    .iter()
+                    .all(|m| r.get(m).copied().flatten().is_some_and(f64::is_finite))
         })
         .map(|(&i, _)| i)
         .collect();
@@ -177,7 +194,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
          members `{}`, {}. τ-b and \
          Spearman ρ against 200-epoch test accuracy; [lo, hi] = bootstrap 95 % interval of τ-b \
          ({} resamples of the architectures, seed {}). Every number is recomputed from the \
-         committed score tables ({}) by `cargo xtask ensemble{}{} --reps {} --seed {}`.\n\n\
+         score tables ({}) by `cargo xtask ensemble{}{} --reps {} --seed {}`.\n\n\
          | ranking |",
         idx.len(),
         if o.tables.is_some() {

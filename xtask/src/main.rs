@@ -490,6 +490,9 @@ fn main() -> Result<()> {
             let archs = nb201::load_archs(&root())?;
             // --index exports named architectures (e.g. one row of a `bench nb201` table) with
             // the weights that run gave them, instead of a seeded sample.
+            if get("--index").is_some() && get("--count").is_some() {
+                bail!("gen-nb201: --index names the architectures; --count draws a sample: give one of them");
+            }
             let picked: Vec<usize> = match get("--index") {
                 Some(list) => list
                     .split(',')
@@ -599,6 +602,9 @@ fn main() -> Result<()> {
             seed: get("--seed").map(|v| v.parse()).transpose()?.unwrap_or(0),
             out: get("--out").map(PathBuf::from).unwrap_or_else(|| root().join("docs/results/selection.md")),
         }),
+        Some("ensemble") if get("--tables").is_some() && get("--out").is_none() => {
+            bail!("ensemble --tables: give --out FILE too (the default, docs/results/nb201/ensemble.md, is the committed report of the default tables)")
+        }
         Some("ensemble") => ensemble::run(&root(), &ensemble::Options {
             members: get("--members").unwrap_or_else(ensemble::default_members),
             reps: get("--reps").map(|v| v.parse()).transpose()?.unwrap_or(1000),

@@ -276,6 +276,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
     let commit = commit_rows(&mut scores_file, &mut times_file, &mut errors_file);
     run_jobs(todo.len(), o.jobs, work, commit)?;
     let peak = gradalign::inputs::memory::peak_rss_mib();
+    report::write_run_info(o, peak)?;
     report(root, o, &archs, peak)
 }
 

@@ -16,7 +16,11 @@ pub(super) struct Table {
 }
 
 pub(super) fn read_scores(path: &Path) -> Result<Table> {
-    let text = std::fs::read_to_string(path)?;
+    let mut text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    // A last line without its newline may be a row still being written: not read.
+    if !text.ends_with('\n') {
+        text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
+    }
     let mut lines = text.lines();
     let names: Vec<String> = lines
         .next()
@@ -35,7 +39,8 @@ pub(super) fn read_scores(path: &Path) -> Result<Table> {
             .iter()
             .map(|v| v.parse::<f64>().ok().filter(|x| x.is_finite()))
             .collect();
-        rows.push((f[0].parse()?, vals));
+        let Ok(index) = f[0].parse() else { continue };
+        rows.push((index, vals));
     }
     Ok(Table { names, rows })
 }
@@ -77,7 +82,83 @@ pub fn hit_rate(score: &[f64], acc: &[f64], k: usize) -> f64 {
     a.intersection(&b).count() as f64 / k as f64
 }
 
+/// What a scoring run was, as recorded in `run.json` beside its scores, so that `--report-only`
+/// describes that run rather than the flags of the command that rewrote the report.
+struct RunInfo {
+    desc: String,
+    n: usize,
+    backend: String,
+    init: gradalign::tools::zoo::Init,
+    seed: u64,
+    peak: Option<f64>,
+}
+
+fn init_name(init: gradalign::tools::zoo::Init) -> &'static str {
+    match init {
+        gradalign::tools::zoo::Init::PyTorch => "pytorch",
+        gradalign::tools::zoo::Init::KaimingNormalFanIn => "kaiming-normal",
+    }
+}
+
+/// Records the run's flags and peak memory for later `--report-only` reports.
+pub(super) fn write_run_info(o: &Options, peak: Option<f64>) -> Result<()> {
+    let v = serde_json::json!({
+        "command": o.sample_desc,
+        "n": o.n,
+        "backend": format!("{:?}", o.backend),
+        "init": init_name(o.init),
+        "seed": o.seed,
+        "peak_rss_mib": peak,
+    });
+    let path = o.out.join("run.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&v)? + "\n")
+        .with_context(|| path.display().to_string())
+}
+
+fn run_info(o: &Options, peak: Option<f64>) -> RunInfo {
+    let from_flags = RunInfo {
+        desc: o.sample_desc.clone(),
+        n: o.n,
+        backend: format!("{:?}", o.backend),
+        init: o.init,
+        seed: o.seed,
+        peak,
+    };
+    if !o.report_only {
+        return from_flags;
+    }
+    let recorded = std::fs::read_to_string(o.out.join("run.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    let Some(v) = recorded else {
+        return RunInfo {
+            desc: format!(
+                "{} (no run.json beside the scores: the flags of the --report-only command, \
+                 which may differ from the run's)",
+                o.sample_desc
+            ),
+            ..from_flags
+        };
+    };
+    RunInfo {
+        desc: format!(
+            "{} (report rewritten by --report-only)",
+            v["command"].as_str().unwrap_or("?")
+        ),
+        n: v["n"].as_u64().map_or(o.n, |n| n as usize),
+        backend: v["backend"].as_str().unwrap_or("?").to_string(),
+        init: match v["init"].as_str() {
+            Some("kaiming-normal") => gradalign::tools::zoo::Init::KaimingNormalFanIn,
+            _ => gradalign::tools::zoo::Init::PyTorch,
+        },
+        seed: v["seed"].as_u64().unwrap_or(o.seed),
+        peak: v["peak_rss_mib"].as_f64(),
+    }
+}
+
 pub(super) fn report(root: &Path, o: &Options, archs: &[Arch], peak: Option<f64>) -> Result<()> {
+    let info = run_info(o, peak);
+    let peak = info.peak;
     let t = read_scores(&o.out.join("scores.csv"))?;
     let times = std::fs::read_to_string(o.out.join("timings.csv"))?;
     let mut tg = vec![];
@@ -98,16 +179,16 @@ pub(super) fn report(root: &Path, o: &Options, archs: &[Arch], peak: Option<f64>
          three datasets' rankings), per-sample BatchNorm, f32, backend `{:?}`, weights: Rust \
          generator ({}) seeded {}. Ground truth: \
          `data/nb201_accuracies.csv` (200-epoch test accuracy).\n\n",
-        o.sample_desc,
+        info.desc,
         t.rows.len(),
-        o.n,
-        o.backend,
-        match o.init {
+        info.n,
+        info.backend,
+        match info.init {
             gradalign::tools::zoo::Init::PyTorch => "PyTorch default initialisation distributions",
             gradalign::tools::zoo::Init::KaimingNormalFanIn =>
                 "Kaiming-normal fan-in weights, zero Linear bias: the re-initialisation of VKDNW's and AZ-NAS's code",
         },
-        o.seed
+        info.seed
     );
     md += "| scorer | archs | τ-b C10 [95 % CI] | ρ C10 | τ-b C100 [95 % CI] | ρ C100 | τ-b IN16 [95 % CI] | ρ IN16 | top-10 hit (C10) | top-1% hit (C10) |\n|---|---|---|---|---|---|---|---|---|---|\n";
     let mut taus = vec![];
@@ -123,7 +204,7 @@ pub(super) fn report(root: &Path, o: &Options, archs: &[Arch], peak: Option<f64>
         let mut point = [None; 6];
         for d in 0..3 {
             let acc: Vec<f64> = pts.iter().map(|p| p.1.acc[d]).collect();
-            let tau = tau_ci(&s, &acc, BOOTSTRAP_REPS, o.seed.wrapping_add(d as u64));
+            let tau = tau_ci(&s, &acc, BOOTSTRAP_REPS, info.seed.wrapping_add(d as u64));
             if d == 0 {
                 taus.push((name.clone(), tau.map_or(f64::NAN, |t| t.0)));
             }
@@ -159,12 +240,12 @@ pub(super) fn report(root: &Path, o: &Options, archs: &[Arch], peak: Option<f64>
          architectures scored).\n\n\
          Seconds per architecture (mean, this machine): inputs (graph generation, gradients and \
          extra passes) {:.3} s, scorers {:.3} s. Peak resident memory of the benchmark process: {}.\n\n",
-        o.seed,
+        info.seed,
         mean(&tg),
         mean(&ts),
         peak.map_or("—".into(), |m| format!("{m:.0} MiB"))
     );
-    md += &agreement(root, o, &t)?;
+    md += &agreement(root, o, &info, &t)?;
     md += &published(root, &ours)?;
     md += &torch_comparison(root, o, &t, archs, mean(&tg) + mean(&ts));
     md += "\nPlots: `kendall_tau.svg` (τ-b against CIFAR-10 test accuracy per scorer) and \
@@ -177,7 +258,7 @@ pub(super) fn report(root: &Path, o: &Options, archs: &[Arch], peak: Option<f64>
 /// The committed 1,000-architecture sample gives each architecture the same weights as any
 /// other run (`weight_seed`), so the rows both runs scored must agree up to f32 arithmetic:
 /// a check that the engine's changes between the runs did not move the scores.
-fn agreement(root: &Path, o: &Options, t: &Table) -> Result<String> {
+fn agreement(root: &Path, o: &Options, info: &RunInfo, t: &Table) -> Result<String> {
     let reference = root.join("docs/results/nb201/scores.csv");
     let same_dir = std::fs::canonicalize(&o.out).ok()
         == reference
@@ -185,6 +266,17 @@ fn agreement(root: &Path, o: &Options, t: &Table) -> Result<String> {
             .and_then(|p| std::fs::canonicalize(p).ok());
     if same_dir || !reference.exists() {
         return Ok(String::new());
+    }
+    // The committed sample is seed 0, PyTorch initialisation, N = 64: other runs gave the same
+    // architecture other weights or images, and a difference would not mean anything.
+    if info.seed != 0 || info.n != 64 || !matches!(info.init, gradalign::tools::zoo::Init::PyTorch)
+    {
+        return Ok(
+            "Agreement with the committed 1,000-architecture sample: not compared (this run's \
+             seed, N or initialisation differs from that run's seed 0, N = 64, PyTorch \
+             initialisation).\n\n"
+                .into(),
+        );
     }
     let r = read_scores(&reference)?;
     let theirs: BTreeMap<usize, &Vec<Option<f64>>> = r.rows.iter().map(|(i, v)| (*i, v)).collect();
@@ -203,7 +295,7 @@ fn agreement(root: &Path, o: &Options, t: &Table) -> Result<String> {
         }
         let rel: Vec<f64> = pairs
             .iter()
-            .map(|(a, b)| (a - b).abs() / b.abs().max(f64::MIN_POSITIVE))
+            .map(|(a, b)| (a - b).abs() / a.abs().max(b.abs()).max(f64::MIN_POSITIVE))
             .collect();
         let mut sorted = rel.clone();
         sorted.sort_by(f64::total_cmp);
@@ -222,7 +314,8 @@ fn agreement(root: &Path, o: &Options, t: &Table) -> Result<String> {
     Ok(format!(
         "Agreement with the committed 1,000-architecture sample (`docs/results/nb201/scores.csv`, \
          same weights per architecture, scored by an earlier build): relative difference of each \
-         score on the architectures both runs scored, and τ-b between the two columns.\n\n\
+         score (|a − b| / max(|a|, |b|)) on the architectures both runs scored, and τ-b between \
+         the two columns.\n\n\
          | scorer | archs in both | median rel. diff | max rel. diff | τ-b between runs |\n\
          |---|---|---|---|---|\n{}\n\n",
         lines.join("\n")
@@ -241,27 +334,28 @@ fn published(root: &Path, ours: &[(String, usize, [Option<f64>; 6])]) -> Result<
     let cell = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.3}"));
     // Published values are shown as their sources print them (0.46 stays 0.46).
     let mut rows: Vec<(String, String, String, Vec<String>)> = vec![];
+    // A bad line is named in the report and left out rather than failing a report that may
+    // come at the end of an hours-long run.
+    let mut bad = vec![];
     for (k, l) in text.lines().enumerate().skip(1) {
+        if l.trim().is_empty() {
+            continue;
+        }
         let f: Vec<&str> = l.split(',').collect();
         if f.len() != 9 {
-            anyhow::bail!(
-                "{}:{}: expected 9 fields, found {}",
-                path.display(),
-                k + 1,
-                f.len()
-            );
+            bad.push(format!("line {}: {} fields, not 9", k + 1, f.len()));
+            continue;
         }
-        let mut v = vec![];
-        for x in &f[3..] {
-            let x = x.trim();
-            if x.is_empty() {
-                v.push("—".to_string());
-            } else {
-                x.parse::<f64>().with_context(|| {
-                    format!("{}:{}: '{x}' is not a number", path.display(), k + 1)
-                })?;
-                v.push(x.to_string());
-            }
+        let v: Vec<String> = f[3..]
+            .iter()
+            .map(|x| match x.trim() {
+                "" => "—".to_string(),
+                x => x.to_string(),
+            })
+            .collect();
+        if let Some(x) = v.iter().find(|x| *x != "—" && x.parse::<f64>().is_err()) {
+            bad.push(format!("line {}: '{x}' is not a number", k + 1));
+            continue;
         }
         rows.push((f[0].into(), f[1].into(), f[2].into(), v));
     }
@@ -299,6 +393,13 @@ fn published(root: &Path, ours: &[(String, usize, [Option<f64>; 6])]) -> Result<
         for (name, src, archs, pv) in others {
             md += &format!("| {name} | {src} | {archs} | {} |\n", pv.join(" | "));
         }
+    }
+    if !bad.is_empty() {
+        md += &format!(
+            "\nWARNING: {} left out of this section: {}.\n",
+            path.display(),
+            bad.join("; ")
+        );
     }
     Ok(md + "\n")
 }
@@ -355,7 +456,7 @@ pub fn plot_scatter(path: &Path, name: &str, score: &[f64], acc: &[f64]) -> Resu
                 "{name} (τ-b {:.3}){}",
                 kendall_tau_b(score, acc).unwrap_or(f64::NAN),
                 if step > 1 {
-                    format!(", every {step}th of {} shown", score.len())
+                    format!(", 1 in {step} of {} drawn", score.len())
                 } else {
                     String::new()
                 }
