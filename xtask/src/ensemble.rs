@@ -190,7 +190,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         "# The `ensemble` ranking on NAS-Bench-201\n\n\
          {} {} (those every member \
          scored), N = 64 shipped CIFAR-10 probe, per-sample BatchNorm, f32. Ensemble: \
-         Σ_members ln(rank / M) over these M architectures ([semantics.md](../../semantics.md#ensemble)), \
+         Σ_members ln(rank / M) over these M architectures ([semantics.md]({}#ensemble)), \
          members `{}`, {}. τ-b and \
          Spearman ρ against 200-epoch test accuracy; [lo, hi] = bootstrap 95 % interval of τ-b \
          ({} resamples of the architectures, seed {}). Every number is recomputed from the \
@@ -202,6 +202,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         } else {
             "of the 1,000 sampled architectures of [report.md](report.md)"
         },
+        docs_link(root, &o.out, "semantics.md"),
         members.join(","),
         o.provenance
             .as_deref()
@@ -247,6 +248,18 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
     std::fs::write(&o.out, &md).with_context(|| o.out.display().to_string())?;
     println!("{md}");
     Ok(())
+}
+
+/// A relative link from the report at `out` to `docs/<file>` (reports are written at several
+/// depths under docs/results/).
+fn docs_link(root: &Path, out: &Path, file: &str) -> String {
+    let docs = root.join("docs");
+    let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let dir = out.parent().map(abs).unwrap_or_default();
+    match dir.strip_prefix(abs(&docs)) {
+        Ok(rel) => format!("{}{file}", "../".repeat(rel.components().count())),
+        Err(_) => docs.join(file).display().to_string(),
+    }
 }
 
 pub fn default_members() -> String {

@@ -150,7 +150,10 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
          | step | best addition (τ-b of the ensemble with it) | runner-up | third |\n|---|---|---|---|\n",
         cells.len(),
         crate::nb101::SCORE_TABLES
+            .iter()
+            .filter(|t| root.join(t).exists())
             .map(|t| format!("`{t}`"))
+            .collect::<Vec<_>>()
             .join(", "),
         o.min_gain,
         o.max_members,
