@@ -176,7 +176,7 @@ pub(super) fn report(root: &Path, o: &Options, archs: &[Arch], peak: Option<f64>
         "# NAS-Bench-201: training-free scores vs ground truth\n\n\
          Run: `cargo xtask bench nb201` with {} — {} architectures, N = {} CIFAR-10 probe \
          images (the shipped class-balanced test-set probe; the same CIFAR-10 probe is used for all \
-         three datasets' rankings), per-sample BatchNorm, f32, backend `{:?}`, weights: Rust \
+         three datasets' rankings), per-sample BatchNorm, f32, backend `{}`, weights: Rust \
          generator ({}) seeded {}. Ground truth: \
          `data/nb201_accuracies.csv` (200-epoch test accuracy).\n\n",
         info.desc,
