@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy.stats import kendalltau, spearmanr
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import nb201  # noqa: E402
 from make_fixtures import ROOT, cifar_probe  # noqa: E402
+from protocol_check import protocol_rows  # noqa: E402
 
 LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -133,9 +133,6 @@ def main():
 
 
 def report(rows, out, a):
-    acc = np.array([float(r["cifar10_test"]) for r in rows])
-    rng = np.random.default_rng(1)
-    boots = [rng.integers(0, len(rows), len(rows)) for _ in range(1000)]
     lines = [
         "# grad_norm and snip: per-sample vs batch BatchNorm",
         "",
@@ -153,12 +150,7 @@ def report(rows, out, a):
              ("grad_norm_batch", "grad_norm", "zero-cost-nas: batch BN over 64"),
              ("snip_ours", "snip", "ours: Σ of 64 per-sample gradients, per-sample BN"),
              ("snip_batch", "snip", "zero-cost-nas: batch BN over 64")]
-    for col, name, what in names:
-        v = np.array([float(r[col]) for r in rows])
-        tau = kendalltau(v, acc, variant="b")[0]
-        bs = sorted(kendalltau(v[b], acc[b], variant="b")[0] for b in boots)
-        rho = spearmanr(v, acc)[0]
-        lines.append(f"| {name} | {what} | {tau:.3f} | {bs[25]:.3f}–{bs[974]:.3f} | {rho:.3f} |")
+    lines += protocol_rows(rows, names)
     with open(out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
